@@ -1,0 +1,74 @@
+"""The toy-face benchmark: determinism, the 2N-identities prefix property, the .bin format."""
+import hashlib
+import json
+import os
+import pickle
+
+import numpy as np
+from PIL import Image
+
+from conftest import run_script
+import toy_faces
+
+
+def digest(path):
+    with open(path, "rb") as f:
+        return hashlib.sha1(f.read()).hexdigest()
+
+
+def test_layout_and_bin_format(tiny_toy):
+    ids = sorted(os.listdir(tiny_toy / "train"))
+    assert ids == [f"id{i:05d}" for i in range(6)]
+    assert all(len(os.listdir(tiny_toy / "train" / i)) == 6 for i in ids)
+    assert sorted(os.listdir(tiny_toy / "heldout")) == ids
+    img = np.asarray(Image.open(tiny_toy / "train" / ids[0] / "0000.png"))
+    assert img.shape == (32, 32, 3) and img.dtype == np.uint8
+    for name in toy_faces.BENCHMARKS:
+        with open(tiny_toy / "bench" / f"{name}.bin", "rb") as f:
+            bins, issame = pickle.load(f, encoding="bytes")
+        assert len(bins) == 2 * len(issame) == 80 and sum(issame) == 20
+        # each of the 10 contiguous folds holds as many positives as negatives
+        assert all(sum(issame[k * 4:(k + 1) * 4]) == 2 for k in range(10))
+        assert isinstance(bins[0], bytes) and bins[0][:4] == b"\x89PNG"
+    meta = json.loads((tiny_toy / "meta.json").read_text())
+    assert meta["train_images"] == 36
+
+
+def test_doubling_identities_keeps_first_ones_and_benchmarks(tiny_toy, tmp_path):
+    r = run_script("toy_faces.py", "--out", tmp_path, "--identities", 12, "--per-identity", 6,
+                   "--test-identities", 12, "--pairs", 40, "--heldout", 2, "--seed", 0)
+    assert r.returncode == 0, r.stderr
+    for i in range(6):
+        for k in (0, 5):
+            rel = os.path.join("train", f"id{i:05d}", f"{k:04d}.png")
+            assert digest(tiny_toy / rel) == digest(tmp_path / rel)
+    for name in toy_faces.BENCHMARKS:
+        rel = os.path.join("bench", f"{name}.bin")
+        assert digest(tiny_toy / rel) == digest(tmp_path / rel)
+    assert len(os.listdir(tmp_path / "train")) == 12
+
+
+def test_render_is_deterministic_and_identity_changes_the_face():
+    rng = np.random.default_rng(0)
+    people = [toy_faces.random_identity(rng) for _ in range(8)]
+    a = toy_faces.draw(people[0], np.random.default_rng(5), 32)
+    assert np.array_equal(a, toy_faces.draw(people[0], np.random.default_rng(5), 32))
+    # same nuisances (same seed), other identities: the centre of the image (the face) changes
+    for p in people[1:]:
+        b = toy_faces.draw(p, np.random.default_rng(5), 32)
+        assert np.abs(a[8:24, 8:24].astype(int) - b[8:24, 8:24]).mean() > 5
+
+
+def test_lookalike_is_close_but_not_identical():
+    rng = np.random.default_rng(1)
+    p = toy_faces.random_identity(rng)
+    q = toy_faces.lookalike(p, rng, jitter=0.25, keep=1.0)
+    assert q != p
+    for k, (lo, hi) in toy_faces.CONTINUOUS.items():
+        assert abs(q[k] - p[k]) <= 0.25 * (hi - lo) + 1e-12
+    assert all(q[k] == p[k] for k in toy_faces.DISCRETE)
+
+
+def test_bad_arguments_give_one_clear_error(tmp_path):
+    r = run_script("toy_faces.py", "--out", tmp_path, "--resolution", 4)
+    assert r.returncode != 0 and "--resolution" in r.stderr and "Traceback" not in r.stderr
