@@ -263,7 +263,7 @@ def draw(p, rng, resolution, strength=1.0, **fixed):
 # ----------------------------------------------------------------------------------------------
 # Benchmarks: LFW-style pairs, pickled as (list of PNG bytes, list of bool)
 
-def bench_pair(name, i, same, test_ids, seed, resolution, jitter, keep):
+def bench_pair(name, i, same, test_ids, seed, resolution, jitter, keep, age_gap):
     """The two images of pair i of benchmark `name` (its own seed: benchmarks never change)."""
     rng = rng_for(seed, STREAM_BENCH, BENCHMARKS.index(name) * 10_000_000 + i)
     p = test_ids[rng.integers(len(test_ids))]
@@ -282,9 +282,9 @@ def bench_pair(name, i, same, test_ids, seed, resolution, jitter, keep):
     elif name == "toy_cplfw":  # pose gap in positives; negatives at random poses
         kw1, kw2 = ({"yaw": rng.normal(0, 0.1)}, {"yaw": sign * rng.uniform(0.6, 1.0)}) if same else ({}, {})
     elif name == "toy_agedb":  # a large age gap in every pair
-        kw1, kw2 = {"age": -0.25}, {"age": 0.25}
+        kw1, kw2 = {"age": -age_gap / 2}, {"age": age_gap / 2}
     elif name == "toy_calfw":  # age gap in positives
-        kw1, kw2 = ({"age": -0.25}, {"age": 0.25}) if same else ({}, {})
+        kw1, kw2 = ({"age": -age_gap / 2}, {"age": age_gap / 2}) if same else ({}, {})
     else:
         kw1, kw2 = {}, {}
     return draw(p, rng, resolution, **kw1), draw(q, rng, resolution, **kw2)
@@ -327,6 +327,8 @@ def main():
                         help="look-alike negatives: continuous parameters move by up to this share of their range")
     parser.add_argument("--lookalike-keep", type=float, default=0.6,
                         help="look-alike negatives: probability of keeping each discrete attribute")
+    parser.add_argument("--age-gap", type=float, default=0.5, help="age difference inside toy_agedb pairs and "
+                        "toy_calfw positives (ages run 0..1; training images drift by about 0.07)")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     args = parser.parse_args()
     if not 8 <= args.resolution <= 112:
@@ -363,7 +365,7 @@ def main():
     for name in BENCHMARKS:
         bins = []
         for i, same in enumerate(tqdm(issame, desc=f"{name:10s}", unit="pair")):
-            a, b = bench_pair(name, i, same, test_ids, args.seed, R, args.lookalike_jitter, args.lookalike_keep)
+            a, b = bench_pair(name, i, same, test_ids, args.seed, R, args.lookalike_jitter, args.lookalike_keep, args.age_gap)
             bins += [png_bytes(a), png_bytes(b)]
         # 4 positive and 4 negative pairs of each benchmark for the preview
         pos = [i for i, s in enumerate(issame) if s][:4]

@@ -1,0 +1,554 @@
+"""Evaluate face-recognition backbones: 1:1 verification, IJB-B/C TAR@FAR, rank-1 identification.
+
+Verification (.bin, PROTOCOLS.md section 4): each LFW-style file is a pickle of (2N encoded images,
+N booleans), pair i = images (2i, 2i+1). An image's embedding is f(x) + f(flip x), L2-normalised;
+a pair's distance is the squared L2 distance (in [0, 4]). 10-fold accuracy: thresholds
+np.arange(0, 4, 0.01), 10 contiguous unshuffled folds; each fold is scored at the threshold that is
+best on the other nine (predict "same" when dist < thr, first maximum wins); we report mean +-
+population std over the folds, and TAR at FAR 1e-3 / 1e-4 from the ROC of the pairs' cosine scores.
+
+IJB-B / IJB-C 1:1 (--ijb DIR): DIR/meta/<name>_face_tid_mid.txt (image template media),
+DIR/meta/<name>_template_pair_label.txt (t1 t2 label), DIR/meta/<name>_name_5pts_score.txt
+(image x1 y1 ... x5 y5 score), images in DIR/loose_crop/. Faces are aligned by a 5-point similarity
+transform (Umeyama) to the 112x112 ArcFace template; an image's feature is (f(x) + f(flip x)) * score;
+a template's is the mean over each media's images, summed over media, L2-normalised; cosine scores;
+TAR at the ROC point whose FAR is closest to 1e-6 ... 1e-1 (ties to the larger TAR; the ROC keeps
+every distinct score as a threshold).
+
+Rank-1 identification (--identification DIR, TinyFace-style):
+    DIR/gallery/<identity>/*.png   labelled gallery images
+    DIR/probe/<identity>/*.png     probes; identity names match the gallery's folder names
+    DIR/distractor/*.png           optional: unlabelled images that join the gallery
+A probe is a hit when its most similar gallery image (cosine) has the probe's identity.
+
+Generator checks (--consistency): class centres (mean of L2-normalised embeddings, re-normalised)
+of the real identity folders REAL_DIR/<identity>/; identity consistency = share of the images under
+SAMPLES_DIR/<identity>/ (identities also in REAL_DIR) whose nearest centre is their own class;
+cleanliness = mean absolute difference between neighbouring pixels (grey levels), samples over real.
+
+Under torchrun only rank 0 works (evaluation is single-process).
+
+Usage: python evaluate.py --model RUN/model.pt [RUN2/model.pt ...] --bin FILE.bin ... --out results.json
+       python evaluate.py --model RUN/model.pt --ijb IJB_C --identification tinyface --out results.json
+       python evaluate.py --consistency SAMPLES_DIR [...] --data REAL_DIR --model RUN/model.pt --out c.json
+"""
+import argparse
+import glob
+import io
+import json
+import os
+import pickle
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from train_arcface import DataError, decode_image, load_backbone, load_images, open_datasets, resize_uint8
+
+THRESHOLDS = np.arange(0, 4, 0.01)  # the reference's float values, e.g. 0.35000000000000003
+BIN_FARS = (1e-3, 1e-4)
+IJB_FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+PROGRESS = sys.stderr.isatty()  # progress bars on a terminal only: logs and error lines stay clean
+ARCFACE_TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
+                             [41.5493, 92.3655], [70.7299, 92.2041]])
+
+# -----------------------------------------------------------------------------
+# Metrics
+
+
+def fold_slices(n, n_folds):
+    """Contiguous unshuffled folds as sklearn's KFold(shuffle=False): the first n % k get one more."""
+    sizes = np.full(n_folds, n // n_folds)
+    sizes[: n % n_folds] += 1
+    ends = np.cumsum(sizes)
+    return [slice(e - s, e) for s, e in zip(sizes, ends)]
+
+
+def verification_accuracy(embeddings, issame, n_folds=10):
+    """Per-fold held-out accuracies of the 10-fold protocol on L2-normalised pair embeddings [2N, d].
+
+    Vectorised over thresholds: per fold, the count of pairs with dist < thr comes from a
+    searchsorted on the fold's sorted distances, so it equals the reference's threshold loop exactly.
+    """
+    emb = np.asarray(embeddings, dtype=np.float64)
+    issame = np.asarray(issame, dtype=bool)
+    if emb.ndim != 2 or emb.shape[0] != 2 * issame.size:
+        raise ValueError(f"need embeddings [2N, d] for N = {issame.size} pairs, got {emb.shape}")
+    if issame.size < n_folds:
+        raise ValueError(f"{issame.size} pairs cannot make {n_folds} folds")
+    norms = np.sqrt(np.einsum("ij,ij->i", emb, emb))
+    if not np.allclose(norms[np.isfinite(norms)], 1.0, atol=1e-3):  # NaN rows (a diverged model) count as wrong
+        raise ValueError("embeddings must be L2-normalised rows")
+    dist = np.sum(np.square(emb[0::2] - emb[1::2]), 1)
+    folds = fold_slices(issame.size, n_folds)
+    # correct[f, t]: pairs of fold f classified correctly at threshold t (same & dist<t, or diff & not)
+    correct = np.empty((n_folds, THRESHOLDS.size), dtype=np.int64)
+    for f, sl in enumerate(folds):
+        d, s = dist[sl], issame[sl]
+        tp = np.searchsorted(np.sort(d[s]), THRESHOLDS, side="left")  # count of d < thr
+        fp = np.searchsorted(np.sort(d[~s]), THRESHOLDS, side="left")
+        correct[f] = tp + (np.count_nonzero(~s) - fp)
+    total = correct.sum(0)
+    acc = np.empty(n_folds)
+    for f, sl in enumerate(folds):
+        best = np.argmax(total - correct[f])  # best on the other folds, first maximum
+        acc[f] = correct[f, best] / (sl.stop - sl.start)
+    return acc
+
+
+def roc_curve(scores, labels):
+    """(fpr, tpr) at every distinct score threshold, descending, starting at (0, 0) (all points kept)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels, dtype=bool)
+    order = np.argsort(-scores, kind="mergesort")
+    s, y = scores[order], labels[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), s.size - 1]  # last index of each distinct score
+    tps = np.cumsum(y)[last]
+    fps = last + 1 - tps
+    positives, negatives = max(y.sum(), 1), max((~y).sum(), 1)
+    return np.r_[0, fps] / negatives, np.r_[0, tps] / positives
+
+
+def tar_at_far(scores, labels, fars):
+    """TAR at the ROC point whose FAR is closest to each target FAR (ties to the larger TAR)."""
+    fpr, tpr = roc_curve(scores, labels)
+    out = []
+    for far in fars:
+        gap = np.abs(fpr - far)
+        out.append(tpr[gap == gap.min()].max())
+    return np.array(out)
+
+
+# -----------------------------------------------------------------------------
+# Embedding
+
+
+@torch.no_grad()
+def embed(model, images, batch_size=256, device=None, flip=True, amp=False, normalize=True):
+    """uint8 images [N,3,H,W] or [N,H,W,3] (numpy or torch) -> float32 numpy [N, d].
+
+    Resizes to model.input_size (bilinear, antialiased) when needed, normalises (x/255 - 0.5)/0.5,
+    sums f(x) + f(flip x) (one batched forward pass) and L2-normalises (unless normalize=False).
+    """
+    device = torch.device(device) if device is not None else next(model.parameters(), torch.empty(0)).device
+    images = torch.as_tensor(images)
+    if len(images) == 0:
+        raise ValueError("no images to embed")
+    if images.ndim != 4 or 3 not in (images.shape[1], images.shape[-1]):
+        raise ValueError(f"need uint8 images [N,3,H,W] or [N,H,W,3], got {tuple(images.shape)}")
+    if images.shape[1] != 3:
+        images = images.permute(0, 3, 1, 2)
+    size = getattr(model, "input_size", None)
+    use_amp = amp and device.type == "cuda"
+    dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    was_training = model.training
+    model.eval()
+    feats = []
+    batches = range(0, len(images), batch_size)
+    for i in tqdm(batches, desc="embed", leave=False, disable=True if len(batches) == 1 else None):
+        x = images[i:i + batch_size].to(device).float()
+        if size and tuple(x.shape[-2:]) != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        x = (x / 255 - 0.5) / 0.5
+        if flip:
+            x = torch.cat([x, x.flip(3)])
+        with torch.autocast("cuda", dtype=dtype, enabled=use_amp):
+            f = model(x).float()
+        if flip:
+            f = f[: len(f) // 2] + f[len(f) // 2:]
+        feats.append(f.cpu())
+    model.train(was_training)
+    feats = torch.cat(feats)
+    return (F.normalize(feats, dim=1) if normalize else feats).numpy()
+
+
+def class_centres(model, data, labels=None, num_classes=None, batch_size=256, device=None, amp=False):
+    """Class centres [C, d] (float32, L2-normalised): mean of L2-normalised embeddings, re-normalised.
+
+    `data` is a dataset (train_arcface reader: `.classes`, `ds[i] -> (uint8 [3,H,W], label)`), or
+    uint8 images with `labels` [N] (then C = num_classes, default max label + 1). A class with no
+    image gets a zero centre.
+    """
+    if labels is None:
+        num_classes = len(data.classes) if num_classes is None else num_classes
+        data, labels = load_images(data, getattr(model, "input_size", None), PROGRESS)
+    labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+    num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
+    emb = torch.from_numpy(embed(model, data, batch_size=batch_size, device=device, amp=amp))
+    sums = torch.zeros(num_classes, emb.shape[1]).index_add_(0, labels, emb)
+    return F.normalize(sums, dim=1).numpy()
+
+
+# -----------------------------------------------------------------------------
+# Data: .bin files (safe unpickling), image folders, IJB alignment
+
+
+class RefusedGlobal(pickle.UnpicklingError):
+    """A .bin asked for a global outside the allow-list (it could run code)."""
+
+
+class _BinUnpickler(pickle.Unpickler):
+    """Admits only numpy array/scalar reconstruction and py2 bytes; a .bin holds nothing else."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def __init__(self, file, path):
+        super().__init__(file, encoding="bytes")  # py2 str -> bytes
+        self.path = path
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise RefusedGlobal(f"{self.path}: refused to load global '{module}.{name}' "
+                                "(a .bin may only hold encoded images and booleans)")
+        if module.startswith("numpy.core."):  # numpy 2 renamed numpy.core to numpy._core
+            try:
+                return super().find_class("numpy._core." + module[len("numpy.core."):], name)
+            except (ImportError, AttributeError):
+                pass
+        return super().find_class(module, name)
+
+
+def load_bin(path):
+    """LFW-style .bin -> (images uint8 [2N,H,W,3] RGB, issame bool [N]); raises ValueError if invalid."""
+    with open(path, "rb") as f:  # a missing file raises FileNotFoundError as usual
+        data = f.read()
+    try:
+        obj = _BinUnpickler(io.BytesIO(data), path).load()
+    except RefusedGlobal:
+        raise
+    except Exception as e:  # truncated or foreign files fail in many ways; report them as one
+        raise ValueError(f"{path}: not a readable .bin pickle ({type(e).__name__}: {e})") from None
+    if not (isinstance(obj, (tuple, list)) and len(obj) == 2):
+        raise ValueError(f"{path}: expected a pickled (bins, issame_list), got {type(obj).__name__}")
+    bins, issame = obj
+    issame = np.asarray(issame, dtype=bool).reshape(-1)
+    if len(bins) != 2 * issame.size or issame.size == 0:
+        raise ValueError(f"{path}: {len(bins)} images for {issame.size} pairs (need 2 per pair)")
+    images = []
+    for i, b in enumerate(tqdm(bins, desc=os.path.basename(path), leave=False, disable=None)):
+        b = b.tobytes() if isinstance(b, np.ndarray) else b  # some .bin files hold arrays of the bytes
+        if not isinstance(b, (bytes, bytearray)):
+            raise ValueError(f"{path}: image {i} is a {type(b).__name__}, not encoded bytes")
+        images.append(decode_image(bytes(b), f"{path} image {i}").permute(1, 2, 0).numpy())
+    if len({im.shape for im in images}) != 1:
+        raise ValueError(f"{path}: images differ in size")
+    return np.stack(images), issame
+
+
+def read_image_files(paths, size=None):
+    """Image files -> uint8 [N,3,H,W] RGB (resized to size x size if given, antialiased bilinear)."""
+    images = [decode_image(p, p) for p in paths]
+    return torch.stack([resize_uint8(im, size) if size else im for im in images])
+
+
+def umeyama(src, dst):
+    """Least-squares similarity transform (Umeyama 1991) mapping points src [n,2] to dst: 2x3 matrix."""
+    mu_s, mu_d = src.mean(0), dst.mean(0)
+    s, d = src - mu_s, dst - mu_d
+    U, S, Vt = np.linalg.svd(d.T @ s / len(src))
+    sign = np.ones(2)
+    if np.linalg.det(U) * np.linalg.det(Vt) < 0:  # reflection: flip the smallest singular direction
+        sign[-1] = -1
+    R = U @ np.diag(sign) @ Vt
+    scale = (S * sign).sum() / s.var(0).sum()
+    return np.hstack([scale * R, (mu_d - scale * R @ mu_s)[:, None]])
+
+
+def warp_affine(image, M, size):
+    """Bilinear warp of uint8 [H,W,3] by the 2x3 matrix M (source pixel -> output pixel, pixel-index
+    coordinates as in cv2.warpAffine), output size x size, zeros outside."""
+    A = np.vstack([M, [0, 0, 1]])
+    inv = np.linalg.inv(A)
+    v, u = np.mgrid[0:size, 0:size].astype(np.float64)
+    x = inv[0, 0] * u + inv[0, 1] * v + inv[0, 2]
+    y = inv[1, 0] * u + inv[1, 1] * v + inv[1, 2]
+    h, w = image.shape[:2]
+    padded = np.pad(image.astype(np.float64), ((1, 1), (1, 1), (0, 0)))  # zero border
+    x0, y0 = np.floor(x), np.floor(y)
+    fx, fy = (x - x0)[..., None], (y - y0)[..., None]
+    xi = np.clip(x0.astype(np.int64) + 1, 0, w + 1)
+    yi = np.clip(y0.astype(np.int64) + 1, 0, h + 1)
+    xj, yj = np.clip(xi + 1, 0, w + 1), np.clip(yi + 1, 0, h + 1)
+    out = (padded[yi, xi] * (1 - fx) * (1 - fy) + padded[yi, xj] * fx * (1 - fy)
+           + padded[yj, xi] * (1 - fx) * fy + padded[yj, xj] * fx * fy)
+    outside = (x < -1) | (x > w) | (y < -1) | (y > h)
+    out[outside] = 0
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def align_face(image, landmarks, size=112):
+    """Align an RGB uint8 face to the ArcFace 112x112 template from its 5 landmarks [5, 2]."""
+    template = ARCFACE_TEMPLATE * (size / 112.0)
+    return warp_affine(image, umeyama(np.asarray(landmarks, np.float64).reshape(5, 2), template), size)
+
+
+def template_features(feats, templates, medias):
+    """Per-template features: mean over each media's images, summed over media, L2-normalised.
+    Returns (sorted unique template ids, features [T, d])."""
+    media_keys, media_of = np.unique(np.stack([templates, medias], 1), axis=0, return_inverse=True)
+    media_of = media_of.reshape(-1)
+    media_sum = np.zeros((len(media_keys), feats.shape[1]))
+    np.add.at(media_sum, media_of, feats)
+    media_mean = media_sum / np.bincount(media_of)[:, None]
+    tids, template_of = np.unique(media_keys[:, 0], return_inverse=True)
+    out = np.zeros((len(tids), feats.shape[1]))
+    np.add.at(out, template_of.reshape(-1), media_mean)
+    return tids, out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+
+
+def read_ijb_meta(root, name=None):
+    """IJB metadata -> (name, images, template ids, media ids, landmarks [n,10], face scores, pairs [m,3])."""
+    meta = os.path.join(root, "meta")
+    if name is None:
+        found = sorted(glob.glob(os.path.join(meta, "*_face_tid_mid.txt")))
+        if len(found) != 1:
+            raise ValueError(f"{meta}: found {len(found)} *_face_tid_mid.txt files; pass --ijb-name")
+        name = os.path.basename(found[0])[: -len("_face_tid_mid.txt")]
+    files = []
+    for kind in ("face_tid_mid", "template_pair_label", "name_5pts_score"):
+        path = os.path.join(meta, f"{name}_{kind}.txt")
+        path = path if os.path.isfile(path) else os.path.join(meta, f"{name.lower()}_{kind}.txt")
+        if not os.path.isfile(path):
+            raise ValueError(f"IJB metadata file missing: {path}")
+        files.append(path)
+    tid_mid = np.loadtxt(files[0], dtype=str, ndmin=2)
+    pairs = np.loadtxt(files[1], dtype=np.int64, ndmin=2)
+    lmk = np.loadtxt(files[2], dtype=str, ndmin=2)
+    if not np.array_equal(tid_mid[:, 0], lmk[:, 0]):
+        raise ValueError(f"{files[0]} and {files[2]} list different images")
+    if not np.isin(pairs[:, :2], tid_mid[:, 1].astype(np.int64)).all():
+        raise ValueError(f"{files[1]} names templates that {files[0]} does not have")
+    return (name.upper(), lmk[:, 0], tid_mid[:, 1].astype(np.int64), tid_mid[:, 2].astype(np.int64),
+            lmk[:, 1:11].astype(np.float64), lmk[:, 11].astype(np.float64), pairs)
+
+
+def ijb_tar(models, root, name=None, batch_size=256, device=None, amp=False):
+    """IJB-B/C 1:1 verification -> (benchmark name, one {"tar_at_far_1e-6": fraction, ...} per model).
+    Each image is read and aligned once, then embedded by every model."""
+    name, images, templates, medias, landmarks, scores, pairs = read_ijb_meta(root, name)
+    feats = [[] for _ in models]
+    for i in tqdm(range(0, len(images), batch_size), desc=f"{name} images", disable=None):
+        crops = []
+        for j in range(i, min(i + batch_size, len(images))):
+            path = os.path.join(root, "loose_crop", images[j])
+            crops.append(align_face(decode_image(path, path).permute(1, 2, 0).numpy(), landmarks[j]))
+        crops = np.stack(crops)
+        for k, model in enumerate(models):  # (f(x) + f(flip x)) unnormalised, weighted by the face score
+            raw = embed(model, crops, batch_size, device, amp=amp, normalize=False)
+            feats[k].append(raw * scores[i:i + len(crops), None])
+    results = []
+    for f in feats:
+        tids, tf = template_features(np.concatenate(f).astype(np.float64), templates, medias)
+        a, b = np.searchsorted(tids, pairs[:, 0]), np.searchsorted(tids, pairs[:, 1])
+        sims = np.concatenate([np.einsum("ij,ij->i", tf[a[s:s + 65536]], tf[b[s:s + 65536]])
+                               for s in range(0, len(pairs), 65536)])
+        tars = tar_at_far(sims, pairs[:, 2] == 1, IJB_FARS)
+        results.append({f"tar_at_far_{far:.0e}".replace("e-0", "e-"): t for far, t in zip(IJB_FARS, tars)})
+    return name, results
+
+
+def rank1_identification(model, root, batch_size=256, device=None, amp=False):
+    """Share of probes whose most similar gallery image (gallery + distractors) has their identity."""
+    size = getattr(model, "input_size", None)
+    gallery, probe = open_datasets([os.path.join(root, "gallery")]), open_datasets([os.path.join(root, "probe")])
+    g_images, g_labels = load_images(gallery, size, PROGRESS)
+    p_images, p_labels = load_images(probe, size, PROGRESS)
+    g_names = np.array(gallery.classes)[np.asarray(g_labels)]
+    distractors = sorted(glob.glob(os.path.join(root, "distractor", "*")))
+    distractors = [p for p in distractors if p.lower().endswith((".png", ".jpg", ".jpeg"))]
+    g = embed(model, g_images, batch_size, device, amp=amp)
+    if distractors:
+        g = np.concatenate([g, embed(model, read_image_files(distractors, size), batch_size, device, amp=amp)])
+        g_names = np.concatenate([g_names, np.full(len(distractors), None)])
+    p = embed(model, p_images, batch_size, device, amp=amp)
+    top1 = np.concatenate([np.argmax(p[s:s + 4096] @ g.T, 1) for s in range(0, len(p), 4096)])
+    return float(np.mean(g_names[top1] == np.array(probe.classes)[np.asarray(p_labels)]))
+
+
+def neighbour_difference(images):
+    """Mean absolute difference (grey levels, ITU-R 601 luma) over all horizontally and vertically
+    neighbouring pixel pairs of uint8 images [N,3,H,W] or [N,H,W,3]."""
+    x = torch.as_tensor(images).float()
+    if x.shape[1] != 3:
+        x = x.permute(0, 3, 1, 2)
+    grey = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
+    h, v = (grey[:, :, 1:] - grey[:, :, :-1]).abs(), (grey[:, 1:] - grey[:, :-1]).abs()
+    return float((h.sum() + v.sum()) / (h.numel() + v.numel()))
+
+
+def _named_images(folder, class_names):
+    """All images under folder/<identity>/ -> (uint8 images, index of the identity in class_names or -1)."""
+    ds = open_datasets([folder])
+    images, labels = load_images(ds, progress=PROGRESS)
+    index = {c: i for i, c in enumerate(class_names)}
+    return images, np.array([index.get(c, -1) for c in ds.classes])[np.asarray(labels)]
+
+
+def _own_centre_share(model, images, labels, centres, batch_size=256, device=None, amp=False):
+    """Share of the images with a class (label >= 0) whose nearest centre is that class; NaN if none."""
+    keep = labels >= 0
+    if not keep.any():
+        return float("nan")
+    emb = embed(model, images[torch.from_numpy(keep)], batch_size, device, amp=amp)
+    return float(np.mean(np.argmax(emb @ centres.T, 1) == labels[keep]))
+
+
+def identity_consistency(model, samples_dir, real_dir, batch_size=256, device=None, amp=False):
+    """Share of the images in samples_dir/<identity>/ (identities also in real_dir; others are
+    ignored) whose nearest real class centre (cosine, top-1) is their own class; NaN if none match."""
+    real = open_datasets([real_dir])
+    centres = class_centres(model, real, batch_size=batch_size, device=device, amp=amp)
+    images, labels = _named_images(samples_dir, real.classes)
+    return _own_centre_share(model, images, labels, centres, batch_size, device, amp)
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def write_json(obj, path):
+    """Atomic JSON write (temp file + os.replace)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def model_names(paths, names):
+    """--names, or each model's run folder name, made unique with -2, -3 ..."""
+    names = names or [os.path.basename(os.path.dirname(os.path.abspath(p))) for p in paths]
+    out = []
+    for n in names:
+        unique, k = n, 2
+        while unique in out:
+            unique, k = f"{n}-{k}", k + 1
+        out.append(unique)
+    return out
+
+
+def run_consistency(args, model):
+    """Identity consistency and neighbour-difference ratio of each --consistency folder."""
+    real = open_datasets([args.data])
+    real_images, real_labels = load_images(real, progress=PROGRESS)
+    centres = class_centres(model, real_images, real_labels, len(real.classes), args.batch_size, args.device, args.amp)
+    real_nd = neighbour_difference(real_images)
+    rows = {}
+    for d in args.consistency:
+        images, labels = _named_images(d, real.classes)
+        c = _own_centre_share(model, images, labels, centres, args.batch_size, args.device, args.amp)
+        nd = neighbour_difference(images)
+        rows[d] = {"consistency": None if np.isnan(c) else 100 * c, "images": len(images),
+                   "neighbour_difference": nd, "neighbour_ratio": nd / real_nd}
+    print(f"\nreal {args.data}: neighbour difference {real_nd:.2f} grey levels\n")
+    print("| Samples | Consistency (%) | Neighbour diff | Ratio to real |\n|---|---|---|---|")
+    for d, r in rows.items():
+        c = "n/a" if r["consistency"] is None else f"{r['consistency']:.1f}"
+        print(f"| {d} | {c} | {r['neighbour_difference']:.2f} | {r['neighbour_ratio']:.2f} |")
+    return {"model": args.model[0], "data": args.data, "real_neighbour_difference": real_nd, "samples": rows}
+
+
+def print_table(results, names):
+    """Markdown: one row per model; .bin columns as mean +- std, Avg, then IJB TARs and rank-1."""
+    cols = []
+    for bench, r in results[names[0]].items():
+        if "std" in r or "accuracy" in r:
+            cols.append(("Avg" if bench == "avg" else bench, bench, "accuracy"))
+        else:
+            cols += [(f"{bench} {k.replace('tar_at_far_', 'TAR@')}", bench, k) for k in r]
+    print("\n| Model | " + " | ".join(c[0] for c in cols) + " |")
+    print("|---" * (len(cols) + 1) + "|")
+    for name in names:
+        cells = []
+        for _, bench, key in cols:
+            r = results[name][bench]
+            cells.append(f"{r[key]:.2f} +- {r['std']:.2f}" if "std" in r else f"{r[key]:.2f}")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+def run_benchmarks(args, models, names):
+    """Every benchmark for every model -> {"models": {name: {bench: {metric: percent}}}}."""
+    results = {n: {} for n in names}
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in args.bin]
+    for path, bench in zip(args.bin, stems):
+        images, issame = load_bin(path)  # decoded once, shared by all models
+        for name, model in zip(names, models):
+            emb = embed(model, images, args.batch_size, args.device, amp=args.amp)
+            acc = verification_accuracy(emb, issame)
+            tars = tar_at_far(np.sum(emb[0::2] * emb[1::2], 1), issame, BIN_FARS)
+            results[name][bench] = {"accuracy": 100 * acc.mean(), "std": 100 * acc.std(),
+                                    "tar_at_far_1e-3": 100 * tars[0], "tar_at_far_1e-4": 100 * tars[1]}
+        del images
+    if args.bin:
+        for name in names:
+            results[name]["avg"] = {"accuracy": float(np.mean([results[name][b]["accuracy"] for b in stems]))}
+    if args.ijb:
+        bench, tars = ijb_tar(models, args.ijb, args.ijb_name, args.batch_size, args.device, args.amp)
+        for name, t in zip(names, tars):
+            results[name][bench] = {k: 100 * v for k, v in t.items()}
+    if args.identification:
+        bench = os.path.basename(os.path.normpath(args.identification))
+        for name, model in zip(names, models):
+            rank1 = rank1_identification(model, args.identification, args.batch_size, args.device, args.amp)
+            results[name][bench] = {"rank1": 100 * rank1}
+    print_table(results, names)
+    return {"models": {n: {b: {k: float(v) for k, v in r.items()} for b, r in res.items()}
+                       for n, res in results.items()}}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = parser.add_argument
+    a("--model", nargs="+", required=True, metavar="MODEL.pt", help="backbone checkpoints (RUN/model.pt)")
+    a("--names", nargs="+", metavar="NAME", help="row names, one per model; None: the run folder names")
+    a("--bin", nargs="*", default=[], metavar="FILE.bin", help="LFW-style verification .bin files")
+    a("--ijb", metavar="DIR", help="IJB-B/C root folder holding meta/ and loose_crop/")
+    a("--ijb-name", metavar="NAME", help="IJB metadata prefix (ijbb, ijbc); None: the one found in DIR/meta")
+    a("--identification", metavar="DIR", help="rank-1 identification folder: gallery/<id>/, probe/<id>/, "
+                                              "optional distractor/")
+    a("--consistency", nargs="+", metavar="SAMPLES_DIR", help="sample folders <identity>/*.png to check "
+                                                              "against the class centres of --data")
+    a("--data", metavar="REAL_DIR", help="real identity folders (the training images) for --consistency")
+    a("--out", metavar="FILE.json", help="write the results as JSON here")
+    a("--batch-size", type=int, default=256, help="images per forward pass")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    a("--amp", action="store_true", help="autocast (bf16, else fp16) on CUDA")
+    args = parser.parse_args(argv)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    if args.names and len(args.names) != len(args.model):
+        parser.error(f"--names has {len(args.names)} entries for {len(args.model)} models")
+    for p in args.model + args.bin:
+        if not os.path.isfile(p):
+            parser.error(f"no such file: {p}")
+    for d in [args.ijb, args.identification, args.data] + (args.consistency or []):
+        if d and not os.path.isdir(d):
+            parser.error(f"no such folder: {d}")
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in args.bin]
+    if len(set(stems)) != len(stems):
+        parser.error("two --bin files share a name")
+    if args.consistency:
+        if not args.data or len(args.model) != 1:
+            parser.error("--consistency needs --data REAL_DIR and exactly one --model")
+    elif not (args.bin or args.ijb or args.identification):
+        parser.error("nothing to evaluate: give --bin, --ijb, --identification or --consistency")
+    try:
+        models = [load_backbone(p, device=args.device) for p in args.model]
+        if args.consistency:
+            out = run_consistency(args, models[0])
+        else:
+            out = run_benchmarks(args, models, model_names(args.model, args.names))
+    except (DataError, ValueError, OSError, pickle.UnpicklingError, KeyError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
+    if args.out:
+        write_json(out, args.out)
+        print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,295 @@
+"""Tests for train_arcface.py: IResNet shapes and sizes, margin logits, data readers, the training CLI."""
+import io
+import json
+import math
+import os
+import re
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, run_script
+from train_arcface import (CombinedMarginLoss, DataError, ImageFolderDataset, RecordIODataset, iresnet,
+                           load_backbone, load_images, lr_at, open_datasets)
+
+MAGIC = 0xCED7230A
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+TINY = ["--width", "0.125", "--embedding-size", "16", "--input-size", "32", "--batch-size", "8", "--lr", "0.05"]
+
+
+def png_bytes(array):
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def random_image(rng, label, size=32):
+    """A noisy image whose mean colour depends on the label (so a tiny net can learn it)."""
+    base = np.array([(label * 70) % 256, (label * 130 + 40) % 256, (label * 200 + 90) % 256])
+    return np.clip(base + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+
+
+def make_folder(root, names, per=6, size=32, seed=0):
+    rng = np.random.default_rng(seed)
+    for label, name in enumerate(names):
+        os.makedirs(os.path.join(root, name))
+        for k in range(per):
+            Image.fromarray(random_image(rng, label, size)).save(os.path.join(root, name, f"{k}.png"))
+    return str(root)
+
+
+# --------------------------------------------------------------------------- a RecordIO writer of our own
+
+
+def write_chunks(f, payload):
+    """MXNet's writer: split the payload at every 4-aligned occurrence of the magic word."""
+    magic = struct.pack("<I", MAGIC)
+    cuts = [i for i in range(0, len(payload) - 3, 4) if payload[i:i + 4] == magic]
+    starts, ends = [0] + [c + 4 for c in cuts], cuts + [len(payload)]
+    pieces = [payload[a:b] for a, b in zip(starts, ends)]
+    for j, piece in enumerate(pieces):
+        cflag = 0 if len(pieces) == 1 else 1 if j == 0 else 3 if j == len(pieces) - 1 else 2
+        f.write(struct.pack("<II", MAGIC, (cflag << 29) | len(piece)) + piece + b"\0" * ((-len(piece)) % 4))
+    return len(pieces)
+
+
+def write_rec(prefix, records):
+    """records: list of (key, payload) in file order -> prefix.rec / prefix.idx."""
+    chunk_counts = []
+    with open(prefix + ".rec", "wb") as f, open(prefix + ".idx", "w") as idx:
+        for key, payload in records:
+            idx.write(f"{key}\t{f.tell()}\n")
+            chunk_counts.append(write_chunks(f, payload))
+    return prefix + ".rec", chunk_counts
+
+
+def header(flag, label, id_=0, extra=()):
+    return struct.pack("<IfQQ", flag, label, id_, 0) + struct.pack(f"<{len(extra)}f", *extra)
+
+
+def insightface_rec(tmp_path, per_class=(2, 3, 1)):
+    """Images keys 1..N, identity records N+1..N+C holding (first, end) key ranges, record 0 written last."""
+    rng = np.random.default_rng(1)
+    images, records, key = [], [], 1
+    ranges = []
+    for label, count in enumerate(per_class):
+        ranges.append((key, key + count))
+        for _ in range(count):
+            image = random_image(rng, label)
+            payload = header(0, label) + png_bytes(image)
+            if key == 2:  # the magic word at aligned offsets: in the id field and after the image
+                payload = header(0, label, id_=MAGIC) + png_bytes(image)
+                payload += b"\0" * ((-len(payload)) % 4) + struct.pack("<I", MAGIC) + b"tail"
+            records.append((key, payload))
+            images.append((image, label))
+            key += 1
+    first = key
+    for a, b in ranges:
+        records.append((key, header(2, 0, extra=(a, b))))
+        key += 1
+    records.append((0, header(2, 0, extra=(first, key))))
+    rec, chunks = write_rec(str(tmp_path / "train"), records)
+    return rec, images, chunks
+
+
+# --------------------------------------------------------------------------- model and margin
+
+
+def test_parameter_counts_match_reference():
+    expected = {18: 24_025_600, 50: 43_590_848, 100: 65_156_160}
+    for depth, count in expected.items():
+        with torch.device("meta"):
+            net = iresnet(depth)
+        assert sum(p.numel() for p in net.parameters()) == count
+    keys = net.state_dict().keys()
+    for k in ("conv1.weight", "bn1.running_mean", "prelu.weight", "layer1.0.bn1.weight", "layer1.0.conv1.weight",
+              "layer1.0.bn2.weight", "layer1.0.prelu.weight", "layer1.0.conv2.weight", "layer1.0.bn3.weight",
+              "layer1.0.downsample.0.weight", "layer1.0.downsample.1.weight", "layer4.2.conv2.weight",
+              "bn2.weight", "fc.weight", "features.weight", "features.running_var"):
+        assert k in keys
+    assert not net.features.weight.requires_grad
+
+
+def test_tiny_width_and_input_size():
+    net = iresnet(18, width=0.25, embedding_size=128, input_size=32).eval()
+    assert net.fc.in_features == 128 * 2 * 2 and net.conv1.out_channels == 16
+    assert net(torch.randn(3, 3, 32, 32)).shape == (3, 128)
+
+
+def test_arcface_logits_match_textbook_formula_and_carry_its_gradient():
+    torch.manual_seed(0)
+    cos = torch.empty(16, 10).uniform_(-0.95, 0.95).requires_grad_()
+    labels = torch.randint(0, 10, (16,))
+    logits = CombinedMarginLoss(64, 1.0, 0.5, 0.0)(cos, labels)
+    theta = torch.acos(cos.detach())
+    expected = 64 * cos.detach().clone()
+    rows = torch.arange(16)
+    t = theta[rows, labels]
+    expected[rows, labels] = 64 * torch.where(t + 0.5 <= math.pi, torch.cos(t + 0.5),
+                                              torch.cos(t) - 0.5 * math.sin(0.5))
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-4)
+    # d/dcos of s*cos(theta + m) = s*(cos m + sin m * cos(theta)/sin(theta)) on the target entries
+    logits.sum().backward()
+    inside = t + 0.5 <= math.pi
+    grad = 64 * (math.cos(0.5) + math.sin(0.5) * torch.cos(t) / torch.sin(t))
+    torch.testing.assert_close(cos.grad[rows, labels][inside], grad[inside], rtol=1e-4, atol=1e-3)
+
+
+def test_arcface_threshold_keeps_the_target_logit_monotone():
+    cos = torch.linspace(-1, 1, 401)[:, None]
+    logits = CombinedMarginLoss(1.0, 1.0, 0.5, 0.0)(cos, torch.zeros(401, dtype=torch.long))[:, 0]
+    assert (logits[1:] - logits[:-1] >= -1e-6).all()
+
+
+def test_cosface_logits_match_textbook_formula():
+    torch.manual_seed(1)
+    cos = torch.empty(8, 5).uniform_(-1, 1)
+    labels = torch.randint(0, 5, (8,))
+    expected = 64 * cos.clone()
+    expected[torch.arange(8), labels] -= 64 * 0.4
+    torch.testing.assert_close(CombinedMarginLoss(64, 1.0, 0.0, 0.4)(cos, labels), expected)
+
+
+def test_lr_decays_linearly_to_zero_after_warmup():
+    assert lr_at(0, 100, 10, 1.0) == pytest.approx(0.1)
+    assert lr_at(10, 100, 10, 1.0) == pytest.approx(1.0)
+    assert lr_at(55, 100, 10, 1.0) == pytest.approx(0.5)
+    assert lr_at(100, 100, 10, 1.0) == 0.0
+
+
+# --------------------------------------------------------------------------- data
+
+
+def test_recordio_round_trip_with_split_records(tmp_path):
+    rec, images, chunks = insightface_rec(tmp_path)
+    assert max(chunks) == 3  # the record with two aligned magic words was split into 3 chunks
+    ds = RecordIODataset(rec)
+    assert len(ds) == len(images) and ds.classes == ["0", "1", "2"]
+    assert list(ds.targets) == [label for _, label in images]
+    for i, (image, label) in enumerate(images):
+        got, got_label = ds[i]
+        assert got.dtype == torch.uint8 and got_label == label
+        assert torch.equal(got, torch.from_numpy(image).permute(2, 0, 1))
+    batch, labels = load_images(ds, progress=False)
+    assert batch.shape == (len(images), 3, 32, 32) and labels.tolist() == ds.targets
+
+
+def test_recordio_flag0_layout_means_every_key_is_an_image(tmp_path):
+    rng = np.random.default_rng(2)
+    labels = [5, 3, 5, 9]
+    records = [(k, header(0, lab) + png_bytes(random_image(rng, lab))) for k, lab in enumerate(labels)]
+    records[1] = (1, header(1, 0, extra=(3,)) + png_bytes(random_image(rng, 3)))  # label given as an array
+    ds = RecordIODataset(write_rec(str(tmp_path / "flat"), records)[0])
+    assert len(ds) == 4 and ds.classes == ["3", "5", "9"] and list(ds.targets) == [1, 0, 1, 2]
+
+
+def test_truncated_recordio_names_the_file(tmp_path):
+    rec, _, _ = insightface_rec(tmp_path)
+    with open(rec, "r+b") as f:
+        f.truncate(os.path.getsize(rec) // 2)
+    with pytest.raises(DataError, match="truncated or corrupt .*train.rec"):
+        load_images(RecordIODataset(rec), progress=False)
+    r = run_script("train_arcface.py", "--data", rec, "--out", tmp_path / "run", env=ENV)
+    assert r.returncode != 0 and "train.rec" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_two_sources_append_classes_and_merge_by_name(tmp_path):
+    a = make_folder(tmp_path / "a", ["alice", "bob"], per=2)
+    b = make_folder(tmp_path / "b", ["bob", "carol"], per=3)
+    ds = open_datasets([a, b])
+    assert ds.classes == ["alice", "bob", "bob.1", "carol"] and len(ds) == 10
+    assert list(ds.targets) == [0, 0, 1, 1, 2, 2, 2, 3, 3, 3] and ds[9][1] == 3
+    merged = open_datasets([a, b], merge_by_name=True)
+    assert merged.classes == ["alice", "bob", "carol"]
+    assert list(merged.targets) == [0, 0, 1, 1, 1, 1, 1, 2, 2, 2] and merged[5][1] == 1
+    images, labels = load_images(merged, size=16, progress=False)
+    assert images.shape == (10, 3, 16, 16) and labels.tolist() == list(merged.targets)
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "corrupt"])
+def test_bad_input_gives_one_clear_error_line(tmp_path, case):
+    root = make_folder(tmp_path / "data", ["a", "b"], per=2)
+    if case == "missing":
+        root, needle = str(tmp_path / "nowhere"), "nowhere"
+    elif case == "empty":
+        os.makedirs(os.path.join(root, "c")), None
+        needle = os.path.join(root, "c")
+    else:
+        with open(os.path.join(root, "b", "1.png"), "wb") as f:
+            f.write(b"\x89PNG not really")
+        needle = os.path.join(root, "b", "1.png")
+    if case != "missing":
+        with pytest.raises(DataError):
+            load_images(ImageFolderDataset(root), progress=False)
+    r = run_script("train_arcface.py", "--data", root, "--out", tmp_path / "run", *TINY, env=ENV)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert needle in r.stderr and r.stderr.strip().splitlines()[-1].startswith("error:")
+
+
+# --------------------------------------------------------------------------- training CLI
+
+
+def test_cli_smoke_run_with_validation(tiny_toy, tmp_path):
+    out = tmp_path / "run"
+    bins = [str(tiny_toy / "bench" / f) for f in ("toy_lfw.bin", "toy_cfp_fp.bin")]
+    r = run_script("train_arcface.py", "--data", tiny_toy / "train", "--out", out, *TINY, "--steps", "6",
+                   "--val", *bins, "--val-every", "5", env=ENV)
+    assert r.returncode == 0, r.stderr
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [e["step"] for e in log] == [4, 6] and all(math.isfinite(e["loss"]) for e in log)
+    assert set(log[-1]["val"]) == {"toy_lfw", "toy_cfp_fp"} and 0 <= log[-1]["val_mean"] <= 100
+    assert os.path.exists(out / "val-epoch002.json") and json.load(open(out / "config.json"))["steps"] == 6
+    net = load_backbone(out / "model.pt")
+    assert net.input_size == 32 and not net.training and len(net.class_names) == 6
+    assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 16)
+    r = run_script("train_arcface.py", "--data", tiny_toy / "train", "--out", out, *TINY, "--steps", "6", env=ENV)
+    assert r.returncode == 0 and "already finished" in r.stdout
+
+
+def test_resumed_run_and_dataloader_path_give_bit_identical_weights(tmp_path):
+    """Straight through with DataLoader workers vs in memory, interrupted after one epoch and resumed."""
+    data = make_folder(tmp_path / "data", ["a", "b", "c", "d"], per=6, size=48)  # resized to 32 on the fly
+    args = ["--data", data, *TINY, "--epochs", "2", "--warmup-epochs", "0.5"]
+    r = run_script("train_arcface.py", *args, "--out", tmp_path / "straight", "--workers", "1", env=ENV)
+    assert r.returncode == 0, r.stderr
+    r = run_script("train_arcface.py", *args, "--out", tmp_path / "resumed", "--stop-after-epochs", "1", env=ENV)
+    assert r.returncode == 0, r.stderr
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    r = run_script("train_arcface.py", *args, "--out", tmp_path / "resumed", env=ENV)
+    assert r.returncode == 0 and "resuming" in r.stdout, r.stderr
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
+    assert a["step"] == b["step"] == 6
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert len(open(tmp_path / "resumed" / "log.jsonl").readlines()) == 2
+
+
+def test_nan_loss_stops_with_a_message_naming_the_step(tmp_path):
+    data = make_folder(tmp_path / "data", ["a", "b"], per=8)
+    r = run_script("train_arcface.py", "--data", data, "--out", tmp_path / "run", *TINY, "--lr", "1e12", env=ENV)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert re.search(r"error: loss is (nan|inf) at step \d+", r.stderr.strip().splitlines()[-1])
+    assert not os.path.exists(tmp_path / "run" / "model.pt")
+
+
+def test_two_process_run_keeps_ranks_identical(tmp_path):
+    data = make_folder(tmp_path / "data", ["a", "b", "c", "d"], per=4)
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train_arcface.py"), "--data", data, "--out", str(out), *TINY, "--epochs", "2",
+           "--debug-rank-weights"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    w0 = torch.load(out / "rank0-weights.pt", weights_only=True)
+    w1 = torch.load(out / "rank1-weights.pt", weights_only=True)
+    assert w0.keys() == w1.keys()
+    for k in w0:
+        assert torch.equal(w0[k], w1[k]), k
+    assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == [2, 4]
+    assert load_backbone(out / "model.pt").input_size == 32

@@ -1,0 +1,635 @@
+"""Train the face-recognition discriminator: an IResNet with a margin softmax (ArcFace / CosFace).
+
+The backbone f maps an aligned face to an embedding; a class weight matrix W (one row per identity)
+gives cos(theta_j) = <f(x)/|f(x)|, W_j/|W_j|>, and the target logit gets a margin (PROTOCOLS.md 3):
+    ArcFace: s*cos(theta_y + m2)  (s=64, m2=0.5)        CosFace: s*(cos(theta_y) - m3)  (m3=0.4)
+trained with SGD, linear lr decay and horizontal flips, as in insightface's arcface_torch recipe.
+This file also holds the data readers (image folders, MXNet RecordIO without mxnet) and the small
+run helpers (distributed setup, atomic saves, autocast) that the later stages import.
+
+    python train_arcface.py --data toy/train --out runs/baseline --val toy/bench/*.bin
+    torchrun --nproc_per_node=8 train_arcface.py --data faces_webface/train.rec --out runs/r50 \
+        --network r50 --width 1 --embedding-size 512 --input-size 112 --batch-size 1024 --epochs 20 --amp
+"""
+import argparse
+import io
+import json
+import math
+import os
+import struct
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+# ----------------------------------------------------------------------------- model
+
+BLOCKS = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 14, 3], 100: [3, 13, 30, 3]}
+
+
+def conv3x3(cin, cout, stride=1):
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+
+
+class IBasicBlock(nn.Module):
+    """BN, conv3x3, BN, PReLU, conv3x3(stride), BN, plus shortcut; no activation after the sum."""
+
+    def __init__(self, cin, cout, stride=1):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin, eps=1e-5)
+        self.conv1 = conv3x3(cin, cout)
+        self.bn2 = nn.BatchNorm2d(cout, eps=1e-5)
+        self.prelu = nn.PReLU(cout)
+        self.conv2 = conv3x3(cout, cout, stride)
+        self.bn3 = nn.BatchNorm2d(cout, eps=1e-5)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False),
+                                            nn.BatchNorm2d(cout, eps=1e-5))
+
+    def forward(self, x):
+        out = self.bn3(self.conv2(self.prelu(self.bn2(self.conv1(self.bn1(x))))))
+        return out + (x if self.downsample is None else self.downsample(x))
+
+
+class IResNet(nn.Module):
+    def __init__(self, layers, width=1.0, embedding_size=512, input_size=112, dropout=0.0, fp16=False):
+        super().__init__()
+        if input_size % 16:
+            raise ValueError(f"input_size must be a multiple of 16 (four stride-2 stages), got {input_size}")
+        c = [max(1, int(round(w * width))) for w in (64, 64, 128, 256, 512)]  # stem, stages 1-4
+        self.fp16, self.input_size = fp16, input_size
+        self.conv1, self.bn1, self.prelu = conv3x3(3, c[0]), nn.BatchNorm2d(c[0], eps=1e-5), nn.PReLU(c[0])
+        for i, n in enumerate(layers):  # stride 2 on the first block of every stage
+            blocks = [IBasicBlock(c[i], c[i + 1], 2)] + [IBasicBlock(c[i + 1], c[i + 1]) for _ in range(n - 1)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+        self.bn2 = nn.BatchNorm2d(c[4], eps=1e-5)
+        self.dropout = nn.Dropout(p=dropout, inplace=True)
+        self.fc = nn.Linear(c[4] * (input_size // 16) ** 2, embedding_size)
+        self.features = nn.BatchNorm1d(embedding_size, eps=1e-5)
+        nn.init.constant_(self.features.weight, 1.0)
+        self.features.weight.requires_grad = False  # reference: the embedding BN has no learned scale
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0, 0.1)  # insightface's init
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, dtype=torch.float16, enabled=self.fp16):
+            x = self.prelu(self.bn1(self.conv1(x)))
+            x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+            x = self.dropout(torch.flatten(self.bn2(x), 1))
+        return self.features(self.fc(x.float() if self.fp16 else x))
+
+
+def iresnet(depth=50, width=1.0, embedding_size=512, input_size=112, dropout=0.0, fp16=False):
+    """IResNet-{18,34,50,100}; defaults are the 112-px, 512-d reference model."""
+    if depth not in BLOCKS:
+        raise ValueError(f"depth must be one of {sorted(BLOCKS)}, got {depth}")
+    return IResNet(BLOCKS[depth], width, embedding_size, input_size, dropout, fp16)
+
+
+class CombinedMarginLoss(nn.Module):
+    """Target logit s*(cos(m1*theta + m2) - m3), other logits s*cos(theta_j).
+
+    ArcFace keeps the gradient through the margin (the textbook d/dtheta cos(theta+m)): that is the
+    loss the paper writes down, so the reported loss and its gradient agree. insightface applies
+    the margin under no_grad, which scales the target gradient by sin(theta)/sin(theta+m), a
+    speed trick we do not need at this size. Past theta + m2 > pi, cos(theta + m2) would rise again
+    and reward moving away from the class, so there we use the reference fallback
+    cos(theta) - m2*sin(m2) (monotone, continuous at theta = pi - m2)."""
+
+    def __init__(self, s=64.0, m1=1.0, m2=0.5, m3=0.0):
+        super().__init__()
+        self.s, self.m1, self.m2, self.m3 = s, m1, m2, m3
+
+    def forward(self, cosine, labels):
+        cosine = cosine.float()
+        t = cosine.gather(1, labels[:, None])
+        if self.m1 == 1.0 and self.m2 == 0.0:
+            target = t - self.m3  # CosFace (and plain normalised softmax for m3 = 0)
+        else:
+            theta = torch.acos(t.clamp(-1 + 1e-7, 1 - 1e-7))
+            angle = self.m1 * theta + self.m2
+            target = torch.where(angle <= math.pi, torch.cos(angle) - self.m3,
+                                 t - self.m3 - self.m2 * math.sin(self.m2))
+        return self.s * cosine.scatter(1, labels[:, None], target)
+
+
+MARGINS = {"arcface": (1.0, 0.5, 0.0), "cosface": (1.0, 0.0, 0.4)}
+
+
+class MarginHead(nn.Module):
+    """Class weights W [C, E] (kept apart from the backbone: not clipped, not saved in model.pt)."""
+
+    def __init__(self, embedding_size, num_classes, s=64.0, margin="arcface"):
+        super().__init__()
+        self.weight = nn.Parameter(torch.normal(0, 0.01, (num_classes, embedding_size)))
+        self.margin = CombinedMarginLoss(s, *MARGINS[margin])
+
+    def forward(self, emb, labels):
+        cosine = F.linear(F.normalize(emb.float()), F.normalize(self.weight.float()))
+        return F.cross_entropy(self.margin(cosine.clamp(-1, 1), labels), labels)
+
+
+class FaceTrainer(nn.Module):
+    """Backbone + margin head in one module, so that DDP averages the gradients of both."""
+
+    def __init__(self, backbone, head):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, x, labels):
+        return self.head(self.backbone(x), labels)
+
+
+def load_backbone(path, device="cpu"):
+    """A model.pt written by this script -> IResNet in eval mode with .input_size and .class_names."""
+    ckpt = torch.load(path, map_location=device, weights_only=True)
+    cfg = ckpt["config"]
+    net = iresnet(cfg["depth"], cfg["width"], cfg["embedding_size"], cfg["input_size"])
+    net.load_state_dict(ckpt["state_dict"])
+    net.input_size, net.class_names = cfg["input_size"], ckpt.get("class_names")
+    return net.to(device).eval()
+
+# ----------------------------------------------------------------------------- data
+
+
+class DataError(Exception):
+    """Bad input data; the CLI prints the message as one line."""
+
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+
+
+def decode_image(data, name):
+    """Encoded bytes (or a path) -> uint8 tensor [3,H,W] RGB; DataError naming the file if corrupt."""
+    try:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
+            arr = np.asarray(im.convert("RGB"))
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError ... for broken files
+        raise DataError(f"corrupt image {name}: {e}") from None
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """root/<identity>/<image>.{png,jpg,jpeg}; classes are the sorted folder names."""
+
+    def __init__(self, root):
+        if not os.path.isdir(root):
+            raise DataError(f"data source not found: {root}")
+        self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
+        if not self.classes:
+            raise DataError(f"no identity folders in {root}")
+        self.files, self.targets = [], []
+        for label, name in enumerate(self.classes):
+            files = sorted(f for f in os.listdir(os.path.join(root, name)) if f.lower().endswith(IMAGE_EXTS))
+            if not files:
+                raise DataError(f"identity folder {os.path.join(root, name)} has no images")
+            self.files += [os.path.join(root, name, f) for f in files]
+            self.targets += [label] * len(files)
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        return decode_image(self.files[i], self.files[i]), self.targets[i]
+
+
+RECORD_MAGIC = 0xCED7230A
+
+
+class RecordIODataset(torch.utils.data.Dataset):
+    """MXNet RecordIO train.rec + train.idx read without mxnet (PROTOCOLS.md 5).
+
+    The file is opened lazily once per process, so DataLoader workers (fork) each get their own."""
+
+    def __init__(self, rec_path):
+        self.rec_path, idx_path = rec_path, os.path.splitext(rec_path)[0] + ".idx"
+        for p in (rec_path, idx_path):
+            if not os.path.isfile(p):
+                raise DataError(f"data source not found: {p}")
+        self._file, self._pid = None, None
+        try:
+            with open(idx_path) as f:
+                self.offsets = {int(k): int(v) for k, v in (ln.split("\t") for ln in f if ln.strip())}
+        except ValueError:
+            raise DataError(f"corrupt index {idx_path}: expected lines 'key<TAB>offset'") from None
+        size = os.path.getsize(rec_path)
+        if any(o + 8 > size for o in self.offsets.values()):
+            raise DataError(f"truncated or corrupt {rec_path}: the index points past its end ({size} bytes)")
+        self.keys, labels = sorted(self.offsets), {}
+        flag, head, image = self.read_header(0) if 0 in self.offsets else (0, None, None)
+        if flag > 0 and not image:  # insightface: record 0 holds (first identity record, end), no image
+            first, end = int(head[0]), int(head[1])
+            self.keys = [k for k in self.keys if 0 < k < first]
+            for k in range(first, end):  # identity records hold their image-key range (a, b)
+                a, b = (int(v) for v in self.read_header(k)[1][:2]) if k in self.offsets else (0, 0)
+                if a in self.offsets:
+                    labels.update(dict.fromkeys(range(a, b), int(self.read_header(a)[1][0])))
+        if any(k not in labels for k in self.keys):  # no ranges (or flag-0 layout): read every header
+            labels = {k: int(self.read_header(k)[1][0]) for k in self.keys}
+        names = sorted(set(labels[k] for k in self.keys))
+        self.classes = [str(n) for n in names]
+        index = {n: i for i, n in enumerate(names)}
+        self.targets = [index[labels[k]] for k in self.keys]
+
+    def __getstate__(self):
+        return {**self.__dict__, "_file": None, "_pid": None}
+
+    def read_record(self, key):
+        """The payload of record `key`, joining split chunks (cflag 1/2/3) around the magic word."""
+        if self._file is None or self._pid != os.getpid():
+            self._file, self._pid = open(self.rec_path, "rb"), os.getpid()
+        f, parts = self._file, []
+        f.seek(self.offsets[key])
+        while True:
+            head = f.read(8)
+            magic, lrec = struct.unpack("<II", head) if len(head) == 8 else (None, 0)
+            length = lrec & ((1 << 29) - 1)
+            data = f.read(length)
+            if magic != RECORD_MAGIC or len(data) != length:
+                raise DataError(f"truncated or corrupt {self.rec_path} (record {key})")
+            parts.append(data)
+            f.seek((-length) % 4, 1)
+            if lrec >> 29 in (0, 3):
+                return struct.pack("<I", RECORD_MAGIC).join(parts)
+
+    def read_header(self, key, payload=None):
+        """(flag, labels as a float list, image bytes) of record `key`."""
+        payload = self.read_record(key) if payload is None else payload
+        if len(payload) < 24:
+            raise DataError(f"truncated or corrupt {self.rec_path} (record {key} header)")
+        flag, label, _, _ = struct.unpack("<IfQQ", payload[:24])
+        if flag > 0:
+            return flag, list(struct.unpack(f"<{flag}f", payload[24:24 + 4 * flag])), payload[24 + 4 * flag:]
+        return flag, [label], payload[24:]
+
+    def __len__(self):
+        return len(self.keys)
+
+    def __getitem__(self, i):
+        key = self.keys[i]
+        return decode_image(self.read_header(key)[2], f"{self.rec_path} record {key}"), self.targets[i]
+
+
+def resize_uint8(image, size):
+    """uint8 [...,3,H,W] -> uint8 [...,3,size,size] (antialiased bilinear), unchanged if already there."""
+    if image.shape[-2:] == (size, size):
+        return image
+    x = F.interpolate(image.reshape(-1, *image.shape[-3:]).float(), size=(size, size), mode="bilinear",
+                      antialias=True, align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8).reshape(*image.shape[:-2], size, size)
+
+
+class MergedDataset(torch.utils.data.Dataset):
+    """Several sources as one: later sources' identities become new classes (or join by name).
+
+    Without merge_by_name, a name already taken gets the source's index as suffix (`bob.1`)."""
+
+    def __init__(self, datasets, merge_by_name=False, size=None):
+        self.datasets, self.size, self.classes, self.targets, self.remaps = datasets, size, [], [], []
+        where = {}
+        for s, ds in enumerate(datasets):
+            remap = []
+            for name in ds.classes:
+                if not (merge_by_name and name in where):
+                    if name in where:  # same name, different identity: keep names unique
+                        name = f"{name}.{s}"
+                    where[name] = len(self.classes)
+                    self.classes.append(name)
+                remap.append(where[name])
+            self.targets += [remap[t] for t in ds.targets]
+            self.remaps.append(remap)
+        self.starts = np.cumsum([0] + [len(ds) for ds in datasets])
+
+    def __len__(self):
+        return int(self.starts[-1])
+
+    def __getitem__(self, i):
+        s = int(np.searchsorted(self.starts, i, side="right")) - 1
+        image, label = self.datasets[s][i - int(self.starts[s])]
+        return image if self.size is None else resize_uint8(image, self.size), self.remaps[s][label]
+
+
+def open_dataset(source):
+    if source.endswith(".rec"):
+        return RecordIODataset(source)
+    if os.path.isfile(os.path.join(source, "train.rec")):  # insightface's folders: train.rec, train.idx, *.bin
+        return RecordIODataset(os.path.join(source, "train.rec"))
+    if os.path.isdir(source):
+        return ImageFolderDataset(source)
+    raise DataError(f"data source not found: {source} (expected an image folder or a train.rec)")
+
+
+def open_datasets(sources, merge_by_name=False, size=None):
+    """Image folders and/or .rec files -> one dataset with .classes and .targets (images resized to `size`)."""
+    sources = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
+    return MergedDataset([open_dataset(str(s)) for s in sources], merge_by_name, size)
+
+
+def load_images(dataset, size=None, progress=True):
+    """Decode a whole dataset once -> (uint8 [N,3,H,W], int64 labels [N]), resized to `size` if given."""
+    n = len(dataset)
+    images, labels = None, torch.empty(n, dtype=torch.int64)
+    for i in tqdm(range(n), desc="decoding images", disable=not progress, leave=False):
+        image, labels[i] = dataset[i]
+        if size is not None:
+            image = resize_uint8(image, size)
+        if images is None:
+            images = torch.empty((n, *image.shape), dtype=torch.uint8)
+        if image.shape != images.shape[1:]:
+            raise DataError(f"images differ in size ({tuple(image.shape)} at item {i} vs "
+                            f"{tuple(images.shape[1:])}); give a size to resize them")
+        images[i] = image
+    if images is None:
+        raise DataError("the dataset is empty")
+    return images, labels
+
+
+# ----------------------------------------------------------------------------- run helpers
+
+
+def seed_for(*values):
+    """A 63-bit seed from a tuple such as (seed, rank, epoch); resuming re-derives the same ones."""
+    return int(np.random.SeedSequence(list(values)).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def epoch_order(n, batch_size, seed, epoch):
+    """The global item order of one epoch (same on every rank), cut to whole batches."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed_for(seed, epoch)))
+    return perm[:max(1, n // batch_size) * batch_size]
+
+
+def setup_distributed(device=None):
+    """-> (rank, local_rank, world_size, device). DDP when RANK is set (torchrun), else one process."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if "RANK" not in os.environ:
+        return 0, 0, 1, torch.device(device)
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if torch.device(device).type == "cuda":
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+        return rank, local_rank, world, torch.device("cuda", local_rank)
+    dist.init_process_group("gloo")
+    return rank, local_rank, world, torch.device(device)
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file beside `path`, then rename (a kill never leaves half a file)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_text_atomic(text, path):
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def autocast_context(device, amp):
+    """-> (ctx, scaler): bf16 autocast on CUDA (fp16 + GradScaler if bf16 is missing); no-ops on CPU."""
+    device = torch.device(device)
+    if not amp or device.type != "cuda":
+        return nullcontext(), torch.amp.GradScaler("cpu", enabled=False)
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype), torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+
+# ----------------------------------------------------------------------------- training
+
+
+def lr_at(step, total, warmup, base):
+    """Linear warm-up over `warmup` steps, then linear decay to 0 at `total` (stepped per iteration)."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * max(0.0, 1 - (step - warmup) / max(1, total - warmup))
+
+
+def validate(run, model_path, bins, epoch):
+    """Run evaluate.py on model.pt (the later stage's own command) -> {"val": {bench: %}, "val_mean": %}."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "evaluate.py")
+    out = os.path.join(run, f"val-epoch{epoch:03d}.json")
+    env = {k: v for k, v in os.environ.items()  # the evaluation is a separate single-process job
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    try:
+        r = subprocess.run([sys.executable, script, "--model", model_path, "--bin", *bins, "--out", out],
+                           capture_output=True, text=True, env=env)
+        if r.returncode != 0:
+            raise RuntimeError((r.stderr.strip().splitlines() or ["failed"])[-1])
+        with open(out) as f:
+            scores = next(iter(json.load(f)["models"].values()))
+    except Exception as e:
+        print(f"warning: validation at epoch {epoch} failed: {e}", file=sys.stderr)
+        return {}
+    acc = {bench: v["accuracy"] for bench, v in scores.items() if bench != "avg"}
+    return {"val": acc, "val_mean": sum(acc.values()) / max(1, len(acc))}
+
+
+def train(args):
+    rank, local_rank, world, device = setup_distributed(args.device)
+    master = rank == 0
+    if args.batch_size % world:
+        raise DataError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
+    for path in args.val:
+        if not os.path.isfile(path):
+            raise DataError(f"validation file not found: {path}")
+    ds = open_datasets(args.data, args.merge_by_name)
+    n, classes, batch = len(ds), ds.classes, args.batch_size
+    steps_per_epoch = max(1, n // batch)
+    total = args.steps or args.epochs * steps_per_epoch
+    epochs, warmup = math.ceil(total / steps_per_epoch), round(args.warmup_epochs * steps_per_epoch)
+    ckpt_path, model_path = os.path.join(args.out, "checkpoint.pt"), os.path.join(args.out, "model.pt")
+
+    torch.manual_seed(args.seed)  # identical initialisation on every rank
+    backbone = iresnet(int(args.network[1:]), args.width, args.embedding_size, args.input_size, args.dropout)
+    trainer = FaceTrainer(backbone, MarginHead(args.embedding_size, len(classes), args.scale, args.margin))
+    trainer = trainer.to(device, memory_format=torch.channels_last)  # ~1.8x faster convolutions on CPU
+    params = [p for p in trainer.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    ctx, scaler = autocast_context(device, args.amp)
+    start_epoch, step, elapsed = 0, 0, 0.0
+    if os.path.exists(ckpt_path):
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        for k in ("network", "width", "embedding_size", "input_size", "margin"):
+            if ckpt["args"][k] != getattr(args, k):
+                raise DataError(f"{ckpt_path} was trained with --{k.replace('_', '-')} {ckpt['args'][k]}; "
+                                f"use another --out to start a new run")
+        if ckpt["class_names"] != classes:
+            raise DataError(f"{ckpt_path} was trained on other classes; use another --out for new data")
+        trainer.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, step, elapsed = ckpt["epoch"], ckpt["step"], ckpt["elapsed"]
+        if step >= total:
+            if master:
+                print(f"{args.out} already finished ({step} steps, {start_epoch} epochs); nothing to do")
+            return
+        if master:
+            print(f"resuming {args.out} at epoch {start_epoch}, step {step}")
+    if master:
+        os.makedirs(args.out, exist_ok=True)
+        write_text_atomic(json.dumps(vars(args), indent=2) + "\n", os.path.join(args.out, "config.json"))
+        print(f"{n} images, {len(classes)} classes, {sum(p.numel() for p in backbone.parameters()):,} backbone "
+              f"parameters, {steps_per_epoch} steps/epoch x {epochs} epochs, {world} process(es) on {device}")
+
+    in_memory = args.workers == 0 and n * 3 * args.input_size ** 2 <= args.memory_limit * 2 ** 30
+    if in_memory:  # small sets: decode once, batch with tensor indexing (no per-item overhead)
+        images, labels = load_images(ds, args.input_size, progress=master)
+    else:
+        ds.size, workers = args.input_size, args.workers or min(8, max(1, (os.cpu_count() or 1) // world))
+    model = trainer
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(trainer, device_ids=[local_rank] if device.type == "cuda" else None)
+    if args.compile:
+        model = torch.compile(model)
+
+    for epoch in range(start_epoch, epochs):
+        # Everything random in an epoch derives from (seed, rank, epoch): a resumed run repeats it exactly.
+        torch.manual_seed(seed_for(args.seed, rank, epoch))
+        flip_gen = torch.Generator().manual_seed(seed_for(args.seed, rank, epoch, 1))
+        if in_memory:
+            order = epoch_order(n, batch, args.seed, epoch)
+            batches = ((images[i], labels[i]) for i in (order[j:j + batch][rank::world]
+                                                         for j in range(0, len(order), batch)))
+        else:  # the same items per rank as above, decoded by workers
+            order = epoch_order(n, batch, args.seed, epoch)[rank::world].tolist()
+            batches = iter(torch.utils.data.DataLoader(ds, batch_size=batch // world, sampler=order,
+                                                       num_workers=workers, pin_memory=device.type == "cuda"))
+        steps_now = min(steps_per_epoch, total - step)
+        trainer.train()
+        t0, seen, loss_sum = time.time(), 0, 0.0
+        bar = tqdm(total=steps_now, desc=f"epoch {epoch + 1}/{epochs}", disable=not master, leave=False)
+        for _, (x, y) in zip(range(steps_now), batches):
+            flip = torch.rand(len(x), generator=flip_gen) < 0.5  # the recipe's only augmentation
+            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+            x = x.to(device, non_blocking=True).float().div_(127.5).sub_(1)  # (x/255 - 0.5)/0.5
+            x, y = x.contiguous(memory_format=torch.channels_last), y.to(device, non_blocking=True)
+            lr = lr_at(step, total, warmup, args.lr)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            with ctx:
+                loss = model(x, y)
+            mean_loss = loss.detach().clone()
+            if world > 1:
+                dist.all_reduce(mean_loss)
+                mean_loss /= world
+            mean_loss = mean_loss.item()
+            if not math.isfinite(mean_loss):  # stop before the update: checkpoint.pt stays the last good state
+                bar.close()
+                kept = f"{ckpt_path} keeps epoch {epoch}" if epoch else "no checkpoint was written"
+                sys.exit(f"error: loss is {mean_loss} at step {step + 1} (epoch {epoch + 1}); stopped ({kept}); "
+                         f"try a lower --lr or --warmup-epochs")
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            nn.utils.clip_grad_norm_(backbone.parameters(), args.clip_grad)  # backbone only, as in the recipe
+            scaler.step(opt)
+            scaler.update()
+            step, seen, loss_sum = step + 1, seen + len(x) * world, loss_sum + mean_loss
+            bar.update()
+            bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.4f}", img_s=f"{seen / (time.time() - t0):.0f}")
+        bar.close()
+        if world > 1:  # BN running statistics differ per shard: average them so all ranks agree
+            for b in trainer.buffers():
+                if b.is_floating_point():
+                    dist.all_reduce(b)
+                    b /= world
+        dt = time.time() - t0
+        elapsed += dt
+        rec = {"epoch": epoch + 1, "step": step, "loss": loss_sum / max(1, steps_now), "lr": lr,
+               "images_per_s": seen / dt, "time": dt, "elapsed": elapsed}
+        if master:
+            config = {"network": args.network, "depth": int(args.network[1:]), "width": args.width,
+                      "embedding_size": args.embedding_size, "input_size": args.input_size,
+                      "dropout": args.dropout, "margin": args.margin, "epoch": epoch + 1, "step": step}
+            save_atomic({"config": config, "state_dict": backbone.state_dict(), "class_names": classes}, model_path)
+            rng = {"torch": torch.get_rng_state()}  # for inspection: each epoch re-seeds from (seed, rank, epoch)
+            if device.type == "cuda":
+                rng["cuda"] = torch.cuda.get_rng_state(device)
+            save_atomic({"model": trainer.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                         "epoch": epoch + 1, "step": step, "elapsed": elapsed, "args": vars(args),
+                         "class_names": classes, "rng": rng}, ckpt_path)
+            if args.val and ((epoch + 1) % args.val_every == 0 or step >= total):
+                rec.update(validate(args.out, model_path, args.val, epoch + 1))
+            with open(os.path.join(args.out, "log.jsonl"), "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            val = ""
+            if "val" in rec:
+                val = f"  val {rec['val_mean']:.2f} (" + ", ".join(f"{k} {v:.1f}" for k, v in rec["val"].items()) + ")"
+            print(f"epoch {epoch + 1}/{epochs}  step {step}  loss {rec['loss']:.4f}  lr {lr:.5f}  "
+                  f"{rec['images_per_s']:.0f} img/s  {dt:.1f} s{val}", flush=True)
+        if args.stop_after_epochs and epoch + 1 - start_epoch >= args.stop_after_epochs:
+            break
+    if args.debug_rank_weights:
+        save_atomic(trainer.state_dict(), os.path.join(args.out, f"rank{rank}-weights.pt"))
+    if master and step >= total:
+        print(f"done: {step} steps in {elapsed:.0f} s; backbone in {model_path}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--data", nargs="+", required=True, metavar="SRC",
+      help="image folders (one sub-folder per identity) and/or train.rec files; later sources' identities "
+           "are appended as new classes")
+    a("--out", required=True, metavar="RUN", help="run folder (re-running the same command resumes it)")
+    a("--merge-by-name", action="store_true",
+      help="an identity whose name exists in an earlier source joins that class")
+    a("--network", default="r18", choices=["r18", "r34", "r50", "r100"], help="IResNet depth")
+    a("--width", type=float, default=0.25, help="multiplier of the stage widths 64/128/256/512 (1 = reference)")
+    a("--embedding-size", type=int, default=128, help="embedding dimension (reference 512)")
+    a("--input-size", type=int, default=32, help="input resolution in pixels, a multiple of 16 (reference 112); "
+                                                  "images of another size are resized")
+    a("--dropout", type=float, default=0.0, help="dropout before the embedding layer")
+    a("--epochs", type=int, default=24, help="epochs over the data")
+    a("--steps", type=int, default=None, help="total optimiser steps, overriding --epochs (equal-steps controls)")
+    a("--batch-size", type=int, default=128, help="global batch size, split over the processes")
+    a("--lr", type=float, default=0.1, help="peak learning rate (SGD), decayed linearly to 0 per iteration")
+    a("--momentum", type=float, default=0.9, help="SGD momentum")
+    a("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
+    a("--warmup-epochs", type=float, default=0.0, help="linear learning-rate warm-up length in epochs")
+    a("--clip-grad", type=float, default=5.0, help="gradient-norm clip on the backbone")
+    a("--margin", default="arcface", choices=sorted(MARGINS), help="cosface: s(cos - 0.4); arcface: s cos(theta + 0.5)")
+    a("--scale", type=float, default=64.0, help="logit scale s of the margin softmax")
+    a("--val", nargs="*", default=[], metavar="FILE.bin", help="verification .bin files evaluated by evaluate.py")
+    a("--val-every", type=int, default=4, help="validate every this many epochs (and at the end)")
+    a("--seed", type=int, default=0, help="random seed (initialisation, batch order, flips)")
+    a("--amp", action="store_true", help="mixed precision on CUDA (bf16, or fp16 with loss scaling)")
+    a("--compile", action="store_true", help="torch.compile the model")
+    a("--workers", type=int, default=0, help="DataLoader workers per process; 0 decodes the whole set into memory "
+                                             "when it fits in --memory-limit, else uses min(8, cores) workers")
+    a("--memory-limit", type=float, default=8.0, help="GiB of decoded images the in-memory path may hold")
+    a("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    a("--stop-after-epochs", type=int, default=0, help="(testing) stop after this many epochs, as if interrupted")
+    a("--debug-rank-weights", action="store_true", help="(testing) every rank saves its final weights "
+                                                        "to RUN/rank<r>-weights.pt")
+    args = p.parse_args(argv)
+    if args.input_size % 16:
+        p.error(f"--input-size must be a multiple of 16, got {args.input_size}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        train(args)
+    except DataError as e:  # errors re-raised from DataLoader workers carry their traceback: keep the message
+        sys.exit("error: " + str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1])
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
