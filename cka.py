@@ -87,3 +87,95 @@ def mutual_knn(X, Y, k):
     """Mean over rows of |kNN_X(i) & kNN_Y(i)| / k."""
     X, Y = as_float64(X), as_float64(Y)
     return float(np.mean((knn_mask(X @ X.T, k) * knn_mask(Y @ Y.T, k)).sum(axis=1) / k))
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: condition space vs embedding space, discriminator vs discriminator, permutation null
+
+def alignment(X, Y, k):
+    X, Y = l2_normalise(X), l2_normalise(Y)
+    return {"cka": linear_cka(X, Y), "unbiased_cka": unbiased_cka(X, Y), "cknna": cknna(X, Y, k),
+            "mutual_knn": mutual_knn(X, Y, k)}
+
+
+def permutation_null(X, Y, k, permutations, seed=0):
+    """The same metrics with the rows of Y shuffled (class pairing destroyed): mean and std."""
+    rng = np.random.default_rng(seed)
+    runs = [alignment(X, as_float64(Y)[rng.permutation(len(Y))], k) for _ in range(permutations)]
+    return {m: {"mean": float(np.mean([r[m] for r in runs])), "std": float(np.std([r[m] for r in runs]))}
+            for m in runs[0]}
+
+
+def snapshot_kimg(path):
+    m = re.search(r"(\d+)\.pt$", os.path.basename(path))
+    return int(m.group(1)) if m else None
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--generator", nargs="*", default=[], metavar="SNAPSHOT.pt",
+                        help="generator snapshots (their learned class-condition vectors)")
+    parser.add_argument("--fr", nargs="+", required=True, metavar="MODEL.pt", help="discriminators (model.pt)")
+    parser.add_argument("--data", required=True, help="the labelled training images the class centres come from")
+    parser.add_argument("--out", required=True, help="JSON output")
+    parser.add_argument("--k", type=int, default=10, help="neighbours for CKNNA and mutual kNN")
+    parser.add_argument("--permutations", type=int, default=20, help="row shuffles for the null")
+    parser.add_argument("--batch-size", type=int, default=256, help="embedding batch size")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    args = parser.parse_args()
+    for path in args.generator + args.fr + [args.data]:
+        if not os.path.exists(path):
+            parser.error(f"not found: {path}")
+    # imported here so the metrics above stay usable without torch
+    from train_arcface import DataError, load_backbone, open_datasets
+    from evaluate import class_centres
+    from train_diffusion import condition_vectors, load_generator
+
+    try:
+        dataset = open_datasets([args.data])
+    except DataError as e:
+        parser.error(str(e))
+    names = list(dataset.classes)
+    centres = {}
+    for path in args.fr:
+        label = os.path.basename(os.path.dirname(os.path.abspath(path))) or path
+        centres[label] = class_centres(load_backbone(path, args.device or "cpu"), dataset,
+                                       batch_size=args.batch_size, device=args.device)
+    rows, result = [], {"k": args.k, "permutations": args.permutations, "classes": len(names), "pairs": []}
+
+    def add(kind, a, b, X, Y, kimg=None):
+        entry = {"kind": kind, "a": a, "b": b, "kimg": kimg, **alignment(X, Y, args.k),
+                 "null": permutation_null(X, Y, args.k, args.permutations)}
+        result["pairs"].append(entry)
+        rows.append(entry)
+
+    for path in args.generator:
+        net = load_generator(path, "cpu")
+        index = {c: i for i, c in enumerate(net.class_names)}
+        missing = [c for c in names if c not in index]
+        if missing:
+            parser.error(f"{path}: the generator has no class named {missing[0]} (of {len(missing)} missing)")
+        cond = condition_vectors(net).detach().cpu().numpy()[[index[c] for c in names]]
+        for label, C in centres.items():
+            add("condition vs embedding", os.path.basename(path), label, cond, C, snapshot_kimg(path))
+    labels = list(centres)
+    for i in range(len(labels)):
+        for j in range(i + 1, len(labels)):
+            add("embedding vs embedding", labels[i], labels[j], centres[labels[i]], centres[labels[j]])
+
+    print(f"| comparison | a | b | kimg | CKA | unbiased CKA | CKNNA (k={args.k}) | mutual kNN | null CKA | null CKNNA |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        n = r["null"]
+        print(f"| {r['kind']} | {r['a']} | {r['b']} | {'' if r['kimg'] is None else r['kimg']} | {r['cka']:.3f} | "
+              f"{r['unbiased_cka']:.3f} | {r['cknna']:.3f} | {r['mutual_knn']:.3f} | "
+              f"{n['cka']['mean']:.3f} +- {n['cka']['std']:.3f} | {n['cknna']['mean']:.3f} +- {n['cknna']['std']:.3f} |")
+    tmp = args.out + ".tmp"
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(tmp, args.out)
+
+
+if __name__ == "__main__":
+    main()
