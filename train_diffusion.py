@@ -203,7 +203,11 @@ class UNet(nn.Module):
             nn.init.zeros_(self.out_conv.weight), nn.init.zeros_(self.out_conv.bias)
 
     def class_embedding(self, labels):
-        """int64 [B] -> [B, d]: the learned class-condition vectors."""
+        """int64 [B] -> [B, d]: the learned class-condition vectors. Float class weights [B, L] (L =
+        label_dim, or num_classes without the null column) -> weights @ table: condition mixing."""
+        if labels.is_floating_point():
+            weights = F.pad(labels.float(), (0, self.label_dim - labels.shape[1]))
+            return self.emb_label(weights * math.sqrt(self.label_dim)) if self.mp else weights @ self.emb_label.weight
         if self.mp:
             return self.emb_label(F.one_hot(labels, self.label_dim).float() * math.sqrt(self.label_dim))
         return self.emb_label(labels)
@@ -262,7 +266,10 @@ class Denoiser(nn.Module):
             if not self.null_class:
                 raise ValueError("this generator has no null class (train with --label-dropout > 0)")
             class_labels = self.num_classes
-        labels = torch.as_tensor(class_labels, dtype=torch.int64, device=x.device).reshape(-1).expand(b)
+        if torch.is_tensor(class_labels) and class_labels.is_floating_point():  # soft labels [B, L]: class weights
+            labels = class_labels.to(x.device, torch.float32).reshape(-1, class_labels.shape[-1]).expand(b, -1)
+        else:
+            labels = torch.as_tensor(class_labels, dtype=torch.int64, device=x.device).reshape(-1).expand(b)
         c_skip, c_out, c_in, c_noise = edm_precond(sigma.reshape(-1, 1, 1, 1), self.sigma_data)
         x32 = x.to(torch.float32)
         D = c_skip * x32 + c_out * self.unet(c_in * x32, c_noise.flatten(), labels).to(torch.float32)
