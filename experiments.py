@@ -63,6 +63,7 @@ def discriminator_run(group, row, seed, data_dirs, bench_dir, extra=(), note="")
     curve = [{"epoch": e["epoch"], "loss": e["loss"], **e["val"]} for e in log if "val" in e]
     write_json({"group": group, "row": row, "seed": seed, "note": note, "data": data_dirs, "extra": list(extra),
                 "steps": log[-1]["step"], "epochs": log[-1]["epoch"], "train_seconds": round(train_seconds, 1),
+                "train_loop_seconds": round(log[-1]["elapsed"], 1),
                 "accuracy": {b: scores[b]["accuracy"] for b in BENCH},
                 "tar_at_far_1e-3": {b: scores[b]["tar_at_far_1e-3"] for b in BENCH},
                 "avg": float(np.mean([scores[b]["accuracy"] for b in BENCH])), "curve": curve}, result_path)
@@ -80,12 +81,66 @@ def calibration(args):
                           os.path.join(base, "bench"), extra=["--val-every", "2"])
 
 
+def generator(args):
+    """The generator issue's measurements: train the CPU-preset generator once on the default toy set,
+    then for every snapshot sample the real classes (Repro) and measure identity consistency and
+    cleanliness under the baseline discriminator, next to fresh real renders (heldout/)."""
+    data = toy_data(args.identities)
+    baseline = os.path.join(RUNS, "calibration", f"real-n{args.identities}-seed0", "model.pt")
+    if not os.path.exists(baseline):
+        sys.exit("error: run `python experiments.py calibration` first (its seed-0 baseline judges the samples)")
+    run = os.path.join(RUNS, "generator", args.name)
+    t0 = time.time()
+    sh("train_diffusion.py", "--data", os.path.join(data, "train"), "--heldout", os.path.join(data, "heldout"),
+       "--out", run, "--duration", args.kimg, "--snapshot-every", args.snapshot_every, *args.extra)
+    train_seconds = time.time() - t0
+    with open(os.path.join(run, "log.jsonl")) as f:
+        log = [json.loads(line) for line in f]
+    for snap in sorted(glob.glob(os.path.join(run, "network-snapshot-*.pt"))):
+        kimg = int(os.path.basename(snap)[17:23])
+        result_path = os.path.join(RESULTS, "generator", f"{args.name}-kimg{kimg:06d}.json")
+        if os.path.exists(result_path):
+            print(f"skip {result_path} (exists)")
+            continue
+        samples = os.path.join(run, f"repro-{kimg:06d}")
+        t1 = time.time()
+        sh("scoremix_sample.py", "--mode", "repro", "--net", snap, "--per-pair", args.per_class, "--steps", args.steps,
+           "--out", samples)
+        sample_seconds = time.time() - t1
+        sh("evaluate.py", "--consistency", samples, os.path.join(data, "heldout"), "--data", os.path.join(data, "train"),
+           "--model", baseline, "--out", samples + ".json")
+        with open(samples + ".json") as f:
+            cons = json.load(f)["samples"]
+        gen, real = cons[samples], cons[os.path.join(data, "heldout")]
+        denoise = [e for e in log if "denoise_rms" in e and abs(e["kimg"] - kimg) < 1]
+        speed = [e["images_per_s"] for e in log if "images_per_s" in e]
+        write_json({"run": args.name, "kimg": kimg, "snapshot": os.path.relpath(snap, ROOT), "steps": args.steps,
+                    "consistency": gen["consistency"], "real_consistency": real["consistency"],
+                    "neighbour_ratio": gen["neighbour_ratio"], "real_neighbour_ratio": real["neighbour_ratio"],
+                    "sample_images_per_s": round(gen["images"] / sample_seconds, 2),
+                    "train_images_per_s": float(np.median(speed)) if speed else None,
+                    "train_seconds_this_sitting": round(train_seconds, 1),
+                    "denoise_rms": denoise[-1]["denoise_rms"] if denoise else None,
+                    "mean_image_rms": denoise[-1]["mean_image_rms"] if denoise else None}, result_path)
+
+
+def generator_table(rows):
+    runs = [r for rs in rows.values() for r in rs]
+    print("| run | kimg | consistency % (real heldout) | neighbour ratio (real) | denoise RMS at sigma 0.05 / 0.2 / 1 / 5 |")
+    print("|---|---|---|---|---|")
+    for r in sorted(runs, key=lambda r: (r["run"], r["kimg"])):
+        d = r["denoise_rms"] or {}
+        print(f"| {r['run']} | {r['kimg']} | {r['consistency']:.1f} ({r['real_consistency']:.1f}) | "
+              f"{r['neighbour_ratio']:.2f} ({r['real_neighbour_ratio']:.2f}) | "
+              + " / ".join(f"{d[s]:.3f}" for s in ("0.05", "0.2", "1", "5") if s in d) + " |")
+
+
 def load_results(group):
     rows = {}
     for path in sorted(glob.glob(os.path.join(RESULTS, group, "*.json"))):
         with open(path) as f:
             r = json.load(f)
-        rows.setdefault(r["row"], []).append(r)
+        rows.setdefault(r.get("row", r.get("run")), []).append(r)
     return rows
 
 
@@ -97,12 +152,14 @@ def table(args):
     rows = load_results(args.group)
     if not rows:
         sys.exit(f"error: no results under results/{args.group}")
-    print("| row | seeds | epochs | steps | train s | " + " | ".join(BENCH) + " | Toy Avg-H |")
+    if args.group == "generator":
+        return generator_table(rows)
+    print("| row | seeds | epochs | steps | train s (loop) | " + " | ".join(BENCH) + " | Toy Avg-H |")
     print("|---" * (len(BENCH) + 6) + "|")
     for row, runs in rows.items():
         cells = [mean_std([r["accuracy"][b] for r in runs]) for b in BENCH]
         print(f"| {row} | {len(runs)} | {runs[0]['epochs']} | {runs[0]['steps']} | "
-              f"{np.mean([r['train_seconds'] for r in runs]):.0f} | " + " | ".join(cells) +
+              f"{np.mean([r.get('train_loop_seconds', np.nan) for r in runs]):.0f} | " + " | ".join(cells) +
               f" | {mean_std([r['avg'] for r in runs])} |")
     print("\nToy Avg-H over epochs (mean over seeds):\n")
     epochs = [c["epoch"] for c in next(iter(rows.values()))[0]["curve"]]
@@ -114,6 +171,50 @@ def table(args):
         print(f"| {row} | " + " | ".join(f"{np.mean([c[i] for c in curves]):.1f}" for i in range(length)) + " |")
 
 
+def demo_report(args):
+    """runs/demo/report.md from the demo's JSON outputs: the results table first (DESIGN.md)."""
+    out = args.run
+    with open(os.path.join(out, "eval.json")) as f:
+        models = json.load(f)["models"]
+    lines = ["# ScoreMix demo report", "", "| Discriminator | " + " | ".join(BENCH) + " | Toy Avg-H |",
+             "|---" * (len(BENCH) + 2) + "|"]
+    for name, scores in models.items():
+        cells = [f"{scores[b]['accuracy']:.1f} +- {scores[b]['std']:.1f}" for b in BENCH]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {np.mean([scores[b]['accuracy'] for b in BENCH]):.1f} |")
+    avgs = [np.mean([s[b]["accuracy"] for b in BENCH]) for s in models.values()]
+    if len(avgs) == 2:
+        verdict = "beats" if avgs[1] > avgs[0] else "does not beat"
+        lines += ["", f"ScoreMix {verdict} the baseline in this run ({avgs[1] - avgs[0]:+.1f} points Toy Avg-H, one "
+                      "seed each; the replication measures seed spread and the controls)."]
+    with open(os.path.join(out, "consistency.json")) as f:
+        cons = json.load(f)
+    lines += ["", "Generated images under the baseline discriminator (identity consistency: share of images whose "
+                  "nearest class centre is their own class; neighbour ratio: mean neighbouring-pixel difference "
+                  "over that of the real training images):", "",
+              "| Images | Consistency (%) | Neighbour ratio |", "|---|---|---|"]
+    for d, r in cons["samples"].items():
+        c = "n/a (new identities)" if r["consistency"] is None else f"{r['consistency']:.1f}"
+        lines.append(f"| {os.path.relpath(d, out)} | {c} | {r['neighbour_ratio']:.2f} |")
+    with open(os.path.join(out, "cka.json")) as f:
+        cka = json.load(f)["pairs"][0]
+    lines += ["", f"Condition space vs baseline embedding space ({cka['a']}): CKA {cka['cka']:.3f} "
+                  f"(permutation null {cka['null']['cka']['mean']:.3f} +- {cka['null']['cka']['std']:.3f}), "
+                  f"CKNNA {cka['cknna']:.3f} (null {cka['null']['cknna']['mean']:.3f} +- "
+                  f"{cka['null']['cknna']['std']:.3f}).", "",
+              "Figures: `data/preview.png` (toy faces), `data/bench_preview.png` (benchmark pairs), "
+              "`generator/samples-*.png` (class-conditional samples, rows = classes), `alpha_beta.png` "
+              "(alpha x beta sweep, paper Fig. 2), `alpha_beta-triplets.png` (Repro A | ScoreMix | Repro B, Fig. 3).",
+              "", "| Stage | Wall time (s) |", "|---|---|"]
+    with open(os.path.join(out, "stage_times.tsv")) as f:
+        times = [line.rstrip("\n").split("\t") for line in f if line.strip()]
+    lines += [f"| {name} | {sec} |" for name, sec in times]
+    lines.append(f"| total | {sum(int(sec) for _, sec in times)} |")
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -121,9 +222,21 @@ def main():
     p.add_argument("--identities", type=int, default=32, help="N: the default toy set's identities")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="discriminator seeds")
     p.set_defaults(func=calibration)
+    p = sub.add_parser("generator", help="train the CPU generator once; consistency and cleanliness per snapshot")
+    p.add_argument("--identities", type=int, default=32, help="N: the default toy set's identities")
+    p.add_argument("--name", default="cpu-150k", help="run name (runs/exp/generator/NAME)")
+    p.add_argument("--kimg", type=float, default=150, help="training length")
+    p.add_argument("--snapshot-every", type=float, default=25, help="snapshot interval in kimg")
+    p.add_argument("--per-class", type=int, default=8, help="Repro samples per class for the consistency figure")
+    p.add_argument("--steps", type=int, default=32, help="Heun steps")
+    p.add_argument("extra", nargs="*", help="more train_diffusion.py flags (after --)")
+    p.set_defaults(func=generator)
     p = sub.add_parser("table", help="print the markdown tables of one results group")
     p.add_argument("group", help="results/<group>")
     p.set_defaults(func=table)
+    p = sub.add_parser("demo-report", help="write RUN/report.md from run_demo.sh's outputs")
+    p.add_argument("run", help="the demo's output folder (runs/demo)")
+    p.set_defaults(func=demo_report)
     args = parser.parse_args()
     args.func(args)
 
