@@ -180,12 +180,13 @@ def decode_image(data, name):
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
-    """root/<identity>/<image>.{png,jpg,jpeg}; classes are the sorted folder names."""
+    """root/<identity>/<image>.{png,jpg,jpeg}; classes are the sorted folder names. Hidden folders
+    (a sampler's unfinished `.<name>.partial`) are not identities."""
 
     def __init__(self, root):
         if not os.path.isdir(root):
             raise DataError(f"data source not found: {root}")
-        self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
+        self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
         if not self.classes:
             raise DataError(f"no identity folders in {root}")
         self.files, self.targets = [], []

@@ -211,6 +211,12 @@ def test_two_sources_append_classes_and_merge_by_name(tmp_path):
     assert images.shape == (10, 3, 16, 16) and labels.tolist() == list(merged.targets)
 
 
+def test_hidden_folders_are_not_identities(tmp_path):
+    """A sampler's unfinished `.name.partial` folder must not become a class."""
+    root = make_folder(tmp_path / "a", ["alice", "bob", ".carol.partial"], per=2)
+    assert ImageFolderDataset(root).classes == ["alice", "bob"]
+
+
 @pytest.mark.parametrize("case", ["missing", "empty", "corrupt"])
 def test_bad_input_gives_one_clear_error_line(tmp_path, case):
     root = make_folder(tmp_path / "data", ["a", "b"], per=2)
