@@ -124,6 +124,24 @@ def generator(args):
                     "mean_image_rms": denoise[-1]["mean_image_rms"] if denoise else None}, result_path)
 
 
+def repro_check(args):
+    """The generator issue's usefulness check: the baseline recipe on real + Repro samples of the real
+    classes (labelled as those classes, as many images as the real set) against real only."""
+    data = toy_data(args.identities)
+    run = os.path.join(RUNS, "generator", args.name)
+    snap = sorted(glob.glob(os.path.join(run, "network-snapshot-*.pt")))[-1]
+    samples = os.path.join(run, "repro-full")
+    per_class = len(os.listdir(os.path.join(data, "train", sorted(os.listdir(os.path.join(data, "train")))[0])))
+    t0 = time.time()
+    sh("scoremix_sample.py", "--mode", "repro", "--net", snap, "--per-pair", per_class, "--steps", args.steps,
+       "--out", samples, "--seed", 1)  # seed 1: other images than the consistency samples
+    note = f"{os.path.relpath(snap, ROOT)}, {per_class} Repro images per class, {args.steps} steps, " \
+           f"sampling {time.time() - t0:.0f} s this sitting"
+    for seed in args.seeds:
+        discriminator_run("repro_check", f"real+repro-{args.name}", seed, [os.path.join(data, "train"), samples],
+                          os.path.join(data, "bench"), extra=["--merge-by-name", "--val-every", "24"], note=note)
+
+
 def generator_table(rows):
     runs = [r for rs in rows.values() for r in rs]
     print("| run | kimg | consistency % (real heldout) | neighbour ratio (real) | denoise RMS at sigma 0.05 / 0.2 / 1 / 5 |")
@@ -231,6 +249,12 @@ def main():
     p.add_argument("--steps", type=int, default=32, help="Heun steps")
     p.add_argument("extra", nargs="*", help="more train_diffusion.py flags (after --)")
     p.set_defaults(func=generator)
+    p = sub.add_parser("repro-check", help="baseline recipe on real + Repro samples of the last snapshot")
+    p.add_argument("--identities", type=int, default=32, help="N: the default toy set's identities")
+    p.add_argument("--name", default="cpu-150k", help="generator run name")
+    p.add_argument("--steps", type=int, default=32, help="Heun steps")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="discriminator seeds")
+    p.set_defaults(func=repro_check)
     p = sub.add_parser("table", help="print the markdown tables of one results group")
     p.add_argument("group", help="results/<group>")
     p.set_defaults(func=table)
