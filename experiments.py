@@ -143,14 +143,17 @@ def repro_check(args):
 
 
 def generator_table(rows):
-    runs = [r for rs in rows.values() for r in rs]
-    print("| run | kimg | consistency % (real heldout) | neighbour ratio (real) | denoise RMS at sigma 0.05 / 0.2 / 1 / 5 |")
-    print("|---|---|---|---|---|")
-    for r in sorted(runs, key=lambda r: (r["run"], r["kimg"])):
+    runs = sorted((r for rs in rows.values() for r in rs), key=lambda r: (r["run"], r["kimg"]))
+    sigmas = ("0.002", "0.05", "0.2", "1", "5", "80")
+    print("| run | kimg | consistency % (real held-out) | neighbour ratio (real held-out) | Repro images/s | "
+          + " | ".join(f"RMS at {s}" for s in sigmas) + " |")
+    print("|---" * (5 + len(sigmas)) + "|")
+    for r in runs:
         d = r["denoise_rms"] or {}
         print(f"| {r['run']} | {r['kimg']} | {r['consistency']:.1f} ({r['real_consistency']:.1f}) | "
-              f"{r['neighbour_ratio']:.2f} ({r['real_neighbour_ratio']:.2f}) | "
-              + " / ".join(f"{d[s]:.3f}" for s in ("0.05", "0.2", "1", "5") if s in d) + " |")
+              f"{r['neighbour_ratio']:.2f} ({r['real_neighbour_ratio']:.2f}) | {r['sample_images_per_s']:.2f} | "
+              + " | ".join(f"{d[s]:.4f}" if s in d else "" for s in sigmas) + " |")
+    print(f"\ntrivial denoisers: RMS = sigma (D = noisy input); {runs[-1]['mean_image_rms']:.4f} (D = mean image)")
 
 
 def load_results(group):
