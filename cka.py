@@ -13,7 +13,6 @@ and a permutation null (the rows of one space shuffled: mean +- std over --permu
     python cka.py --generator RUN/network-snapshot-*.pt --fr BASE/model.pt --data DATA/train --out cka.json
 """
 import argparse
-import json
 import os
 import re
 
@@ -128,7 +127,7 @@ def main():
             parser.error(f"not found: {path}")
     # imported here so the metrics above stay usable without torch
     from train_arcface import DataError, load_backbone, open_datasets
-    from evaluate import class_centres
+    from evaluate import class_centres, write_json
     from train_diffusion import condition_vectors, load_generator
 
     try:
@@ -170,11 +169,7 @@ def main():
         print(f"| {r['kind']} | {r['a']} | {r['b']} | {'' if r['kimg'] is None else r['kimg']} | {r['cka']:.3f} | "
               f"{r['unbiased_cka']:.3f} | {r['cknna']:.3f} | {r['mutual_knn']:.3f} | "
               f"{n['cka']['mean']:.3f} +- {n['cka']['std']:.3f} | {n['cknna']['mean']:.3f} +- {n['cknna']['std']:.3f} |")
-    tmp = args.out + ".tmp"
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, args.out)
+    write_json(result, args.out)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from train_arcface import DataError, decode_image, load_backbone, load_images, open_datasets, resize_uint8
+from train_arcface import (DataError, decode_image, load_backbone, load_images, open_datasets, resize_uint8,
+                          write_text_atomic)
 
 THRESHOLDS = np.arange(0, 4, 0.01)  # the reference's float values, e.g. 0.35000000000000003
 BIN_FARS = (1e-3, 1e-4)
@@ -413,10 +414,7 @@ def identity_consistency(model, samples_dir, real_dir, batch_size=256, device=No
 def write_json(obj, path):
     """Atomic JSON write (temp file + os.replace)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    write_text_atomic(json.dumps(obj, indent=2), path)
 
 
 def model_names(paths, names):

@@ -17,6 +17,8 @@ import time
 
 import numpy as np
 
+from evaluate import write_json
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 BENCH = ("toy_lfw", "toy_cfp_fp", "toy_agedb", "toy_calfw", "toy_cplfw")
 RUNS = os.path.join(ROOT, "runs", "exp")
@@ -34,13 +36,6 @@ def toy_data(identities, seed=0):
     out = os.path.join(RUNS, "data", f"toy-n{identities}-s{seed}")
     sh("toy_faces.py", "--out", out, "--identities", identities, "--seed", seed)  # skips if complete
     return out
-
-
-def write_json(obj, path):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
 
 
 def discriminator_run(group, row, seed, data_dirs, bench_dir, extra=(), note=""):

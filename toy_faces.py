@@ -25,7 +25,6 @@ import io
 import json
 import os
 import pickle
-import sys
 import time
 
 import numpy as np
@@ -165,8 +164,7 @@ def render(p, n, resolution):
         return fw * 1.05 * depth * np.sin(ang), max(np.cos(ang), 0.05) / max(np.cos(phi), 0.05), visible
 
     # background: a colour with a linear gradient
-    img = n["bg"] + n["bg_grad"] * gu[..., None] * 0.5 + 0 * gv[..., None]
-    img = np.clip(img, 0, 1)
+    img = np.clip(n["bg"] + n["bg_grad"] * gu[..., None] * 0.5, 0, 1)
     cx = 0.2 * fw * sy  # the face's visible centre moves with yaw; the back of the head opposite
     style = p["hair_style"]
     if style in (2, 5):  # long hair / big curly hair behind the head
@@ -255,7 +253,7 @@ def render(p, n, resolution):
     if n["blur"] > 0.05:
         out = out.filter(ImageFilter.GaussianBlur(n["blur"] * resolution / 32))
     arr = np.asarray(out).astype(np.float32)
-    arr += n["noise"] * 255 * n["noise_field"] if "noise_field" in n else 0
+    arr += n["noise"] * 255 * n.get("noise_field", 0)
     out = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8))
     buf = io.BytesIO()
     out.save(buf, format="JPEG", quality=n["jpeg"])
