@@ -38,13 +38,13 @@ def toy_data(identities, seed=0):
     return out
 
 
-def discriminator_run(group, row, seed, data_dirs, bench_dir, extra=(), note=""):
+def discriminator_run(group, row, seed, data_dirs, bench_dir, extra=(), note="", result_name=None, **fields):
     """Train one discriminator on `data_dirs`, evaluate it on the five toy benchmarks, record it."""
-    result_path = os.path.join(RESULTS, group, f"{row}-seed{seed}.json")
+    result_path = os.path.join(RESULTS, group, f"{result_name or row}-seed{seed}.json")
     if os.path.exists(result_path):
         print(f"skip {result_path} (exists)")
         return
-    run = os.path.join(RUNS, group, f"{row}-seed{seed}")
+    run = os.path.join(RUNS, group, f"{result_name or row}-seed{seed}")
     bins = [os.path.join(bench_dir, f"{b}.bin") for b in BENCH]
     t0 = time.time()
     sh("train_arcface.py", "--data", *data_dirs, "--out", run, "--seed", seed, "--val", *bins, *extra)
@@ -61,7 +61,7 @@ def discriminator_run(group, row, seed, data_dirs, bench_dir, extra=(), note="")
                 "train_loop_seconds": round(log[-1]["elapsed"], 1),
                 "accuracy": {b: scores[b]["accuracy"] for b in BENCH},
                 "tar_at_far_1e-3": {b: scores[b]["tar_at_far_1e-3"] for b in BENCH},
-                "avg": float(np.mean([scores[b]["accuracy"] for b in BENCH])), "curve": curve}, result_path)
+                "avg": float(np.mean([scores[b]["accuracy"] for b in BENCH])), "curve": curve, **fields}, result_path)
 
 
 def calibration(args):
@@ -125,16 +125,214 @@ def repro_check(args):
     data = toy_data(args.identities)
     run = os.path.join(RUNS, "generator", args.name)
     snap = sorted(glob.glob(os.path.join(run, "network-snapshot-*.pt")))[-1]
-    samples = os.path.join(run, "repro-full")
+    tag = f"-guide{args.guide_kimg:g}-w{args.guidance:g}" if args.guide_kimg else ""
+    tag += f"-steps{args.steps}" if args.steps != 32 else ""
+    samples = os.path.join(run, "repro-full" + tag)
     per_class = len(os.listdir(os.path.join(data, "train", sorted(os.listdir(os.path.join(data, "train")))[0])))
+    guide = ["--guide", os.path.join(run, f"network-snapshot-{args.guide_kimg:06.0f}.pt"),
+             "--guidance", args.guidance] if args.guide_kimg else []
     t0 = time.time()
     sh("scoremix_sample.py", "--mode", "repro", "--net", snap, "--per-pair", per_class, "--steps", args.steps,
-       "--out", samples, "--seed", 1)  # seed 1: other images than the consistency samples
+       "--out", samples, "--seed", 1, *guide)  # seed 1: other images than the consistency samples
     note = f"{os.path.relpath(snap, ROOT)}, {per_class} Repro images per class, {args.steps} steps, " \
+           f"guide {args.guide_kimg or 'none'} kimg w {args.guidance if args.guide_kimg else 1}, " \
            f"sampling {time.time() - t0:.0f} s this sitting"
     for seed in args.seeds:
-        discriminator_run("repro_check", f"real+repro-{args.name}", seed, [os.path.join(data, "train"), samples],
+        discriminator_run("repro_check", f"real+repro-{args.name}{tag}", seed, [os.path.join(data, "train"), samples],
                           os.path.join(data, "bench"), extra=["--merge-by-name", "--val-every", "24"], note=note)
+
+
+# ----------------------------------------------------------------------------- replication
+# Issue "Replication": one generator for every row, the baseline recipe on each row's training set
+# (24 epochs over its own set, as the paper), the (=) rows again at the baseline's number of steps.
+# Every synthetic set has as many identities as the real set, with as many images each.
+
+# synthetic sets: name -> (sampler mode, pair selection (space, strategy, tuple size) or None)
+SYNTHETIC = {
+    "repro": ("repro", None),
+    "condmix-dist-emb": ("condmix", ("embedding", "dist", 2)),
+    "scoremix-random": ("scoremix", ("embedding", "random", 2)),
+    "scoremix-dist-emb": ("scoremix", ("embedding", "dist", 2)),
+    "scoremix-close-emb": ("scoremix", ("embedding", "close", 2)),
+    "scoremix-dist-cond": ("scoremix", ("condition", "dist", 2)),
+    "scoremix-close-cond": ("scoremix", ("condition", "close", 2)),
+    "scoremix-summax-emb": ("scoremix", ("embedding", "dist", 3)),
+    "scoremix-summin-emb": ("scoremix", ("embedding", "close", 3)),
+}
+# rows in table order: (row, training sources, train_arcface.py flags, main row: all seeds, else the first)
+# sources: "real", "oracle" (2N real identities), or a synthetic set; "=" in flags: the baseline's steps
+MERGE = ["--merge-by-name"]  # Repro images join their real classes
+REPLICATION_ROWS = [
+    ("real", ["real"], [], True),
+    ("real-48ep", ["real"], ["--epochs", "48"], True),  # as many steps as the merged rows: the length control
+    ("real-r50", ["real"], ["--network", "r50"], False),
+    ("oracle", ["oracle"], [], True),
+    ("oracle (=)", ["oracle"], ["="], True),
+    ("real+repro", ["real", "repro"], MERGE, True),
+    ("real+repro (=)", ["real", "repro"], MERGE + ["="], True),
+    ("real+condmix-dist-emb", ["real", "condmix-dist-emb"], [], True),
+    ("real+condmix-dist-emb (=)", ["real", "condmix-dist-emb"], ["="], True),
+    ("real+scoremix-random", ["real", "scoremix-random"], [], False),
+    ("real+scoremix-dist-emb", ["real", "scoremix-dist-emb"], [], True),
+    ("real+scoremix-dist-emb (=)", ["real", "scoremix-dist-emb"], ["="], True),
+    ("real+scoremix-close-emb", ["real", "scoremix-close-emb"], [], True),
+    ("real+scoremix-close-emb (=)", ["real", "scoremix-close-emb"], ["="], True),
+    ("real+scoremix-dist-cond", ["real", "scoremix-dist-cond"], [], False),
+    ("real+scoremix-close-cond", ["real", "scoremix-close-cond"], [], False),
+    ("real+scoremix-summax-emb", ["real", "scoremix-summax-emb"], [], False),
+    ("real+scoremix-summin-emb", ["real", "scoremix-summin-emb"], [], False),
+    ("repro-only", ["repro"], [], False),
+    ("scoremix-only", ["scoremix-dist-emb"], [], False),
+]
+
+
+def row_file(row):
+    return row.replace(" (=)", "-eq")
+
+
+def sample_set(args, name, mode, selection, data, alpha=0.5, guidance=None, steps=None, identities=None,
+               per_identity=None):
+    """Sample one synthetic set (resumable) and record its cost and image statistics."""
+    guidance = args.guidance if guidance is None else guidance
+    steps = steps or args.steps
+    real = os.path.join(data, "train")
+    n_real = len(os.listdir(real))
+    identities = identities or n_real
+    per_identity = per_identity or len(os.listdir(os.path.join(real, sorted(os.listdir(real))[0])))
+    info_path = os.path.join(RESULTS, "replication", "synthetic", f"{name}.json")
+    out = os.path.join(RUNS, "replication", "synthetic", name)
+    if os.path.exists(info_path):
+        return out
+    gen = os.path.join(RUNS, "generator", args.name)
+    snap = sorted(glob.glob(os.path.join(gen, "network-snapshot-*.pt")))[-1]
+    flags = ["--net", snap, "--steps", steps, "--per-pair", per_identity, "--alpha", alpha, "--seed", 1]
+    if guidance != 1:
+        flags += ["--guide", os.path.join(gen, f"network-snapshot-{args.guide_kimg:06.0f}.pt"), "--guidance", guidance]
+    baseline = os.path.join(RUNS, "replication", "real-seed0", "model.pt")
+    if selection:
+        space, strategy, size = selection
+        pairs = os.path.join(RUNS, "replication", "pairs", f"{space}-{strategy}-{size}-{identities}.csv")
+        if not os.path.exists(pairs):
+            os.makedirs(os.path.dirname(pairs), exist_ok=True)
+            sh("select_pairs.py", "--space", space, "--strategy", strategy, "--tuple-size", size,
+               "--num-pairs", identities, "--fr", baseline, "--data", real, "--generator", snap, "--out", pairs)
+        flags += ["--pairs", pairs]
+    count = lambda: len(glob.glob(os.path.join(out, "*", "*.png")))
+    before, t0 = (count() if os.path.isdir(out) else 0), time.time()
+    sh("scoremix_sample.py", "--mode", mode, "--out", out, *flags)
+    seconds, made = time.time() - t0, count() - before
+    sh("evaluate.py", "--consistency", out, os.path.join(data, "heldout"), "--data", real, "--model", baseline,
+       "--out", out + ".json")
+    with open(out + ".json") as f:
+        stats = json.load(f)["samples"]
+    write_json({"name": name, "mode": mode, "selection": selection, "alpha": alpha, "guidance": guidance,
+                "guide_kimg": args.guide_kimg if guidance != 1 else None, "steps": steps, "identities": identities,
+                "per_identity": per_identity, "snapshot": os.path.relpath(snap, ROOT),
+                "images_sampled_this_sitting": made, "sampling_seconds_this_sitting": round(seconds, 1),
+                "cpu_seconds_per_1000": round(seconds * (os.cpu_count() or 1) / made * 1000, 1) if made else None,
+                "samples": stats[out], "real_heldout": stats[os.path.join(data, "heldout")]}, info_path)
+    return out
+
+
+def replication(args):
+    """The main table (+ the sensitivity rows with --sensitivity): every row trains args.seeds
+    discriminators (the secondary rows only the first seed) and writes results/replication/ROW-seedK.json."""
+    n = args.identities
+    data, oracle = toy_data(n), toy_data(2 * n)
+    bench = os.path.join(data, "bench")
+    sources = {"real": os.path.join(data, "train"), "oracle": os.path.join(oracle, "train")}
+    rows = REPLICATION_ROWS + (sensitivity_rows(args) if args.sensitivity else [])
+    for row, srcs, flags, main_row in rows:
+        if args.rows and row not in args.rows:
+            continue
+        dirs = []
+        for s in srcs:
+            if s in sources:
+                dirs.append(sources[s])
+            else:
+                spec = SYNTHETIC.get(s) or SENSITIVITY[s]
+                dirs.append(sample_set(args, s, *spec[:2], data, **(spec[2] if len(spec) > 2 else {})))
+        if "=" in flags:
+            with open(os.path.join(RESULTS, "replication", "real-seed0.json")) as f:
+                flags = [f for f in flags if f != "="] + ["--steps", str(json.load(f)["steps"])]
+        for seed in (args.seeds if main_row else args.seeds[:1]):
+            discriminator_run("replication", row, seed, dirs, bench, extra=flags + ["--val-every", "24"],
+                              result_name=row_file(row), sources=srcs)
+    # condition space vs embedding space, discriminator vs discriminator (seeds, backbones), permutation null
+    cka_path = os.path.join(RESULTS, "replication", "cka.json")
+    models = [m for m in (os.path.join(RUNS, "replication", f"{r}-seed{k}", "model.pt")
+                          for r, k in (("real", 0), ("real", 1), ("real-r50", 0))) if os.path.exists(m)]
+    if not os.path.exists(cka_path) and len(models) == 3:
+        gen = os.path.join(RUNS, "generator", args.name)
+        sh("cka.py", "--generator", sorted(glob.glob(os.path.join(gen, "network-snapshot-*.pt")))[-1],
+           "--fr", *models, "--data", sources["real"], "--permutations", 100, "--out", cka_path)
+
+
+# sensitivity on the dist-embedding row: name -> (mode, selection, sampler overrides)
+SENSITIVITY = {
+    "scoremix-dist-emb-alpha0.3": ("scoremix", ("embedding", "dist", 2), {"alpha": 0.3}),
+    "scoremix-dist-emb-alpha0.7": ("scoremix", ("embedding", "dist", 2), {"alpha": 0.7}),
+    "scoremix-dist-emb-w1": ("scoremix", ("embedding", "dist", 2), {"guidance": 1.0}),
+    "scoremix-dist-emb-w1.3": ("scoremix", ("embedding", "dist", 2), {"guidance": 1.3}),
+    "scoremix-dist-emb-w2": ("scoremix", ("embedding", "dist", 2), {"guidance": 2.0}),
+    "scoremix-dist-emb-steps16": ("scoremix", ("embedding", "dist", 2), {"steps": 16}),
+    "scoremix-dist-emb-steps32": ("scoremix", ("embedding", "dist", 2), {"steps": 32}),
+    "scoremix-dist-emb-ids0.5": ("scoremix", ("embedding", "dist", 2), {"identities": 16, "per_identity": 64}),
+    "scoremix-dist-emb-ids2": ("scoremix", ("embedding", "dist", 2), {"identities": 64, "per_identity": 16}),
+}
+
+
+def sensitivity_rows(args):
+    """One seed each; variants equal to the main setting are skipped (the main row is that point)."""
+    main = {"guidance": args.guidance, "steps": args.steps}
+    return [(f"real+{name}", ["real", name], [], False) for name, (_, _, over) in SENSITIVITY.items()
+            if not all(main.get(k) == v for k, v in over.items())]
+
+
+def replication_table(rows):
+    """Main table: mean +- std over seeds; the share of the oracle's Toy Avg-H gain; synthetic cost."""
+    synth = {}
+    for path in glob.glob(os.path.join(RESULTS, "replication", "synthetic", "*.json")):
+        with open(path) as f:
+            r = json.load(f)
+        synth[r["name"]] = r
+    order = [r[0] for r in REPLICATION_ROWS] + sorted(set(rows) - {r[0] for r in REPLICATION_ROWS})
+    avg = {row: np.mean([r["avg"] for r in runs]) for row, runs in rows.items()}
+    base, top = avg.get("real"), avg.get("oracle")
+    print("| row | seeds | steps | " + " | ".join(BENCH) + " | Toy Avg-H | TAR@FAR=1e-3 cplfw | oracle gain share "
+          "| synthetic CPU-s / 1000 images |")
+    print("|---" * (len(BENCH) + 7) + "|")
+    for row in (r for r in order if r in rows):
+        runs = rows[row]
+        cells = [mean_std([r["accuracy"][b] for r in runs]) for b in BENCH]
+        share = f"{(avg[row] - base) / (top - base):+.2f}" if base is not None and top not in (None, base) else ""
+        syn = [s for s in runs[0]["sources"] if s in synth]
+        cost = " + ".join(f"{synth[s]['cpu_seconds_per_1000']:.0f}" for s in syn if synth[s]["cpu_seconds_per_1000"])
+        print(f"| {row} | {len(runs)} | {runs[0]['steps']} | " + " | ".join(cells) +
+              f" | {mean_std([r['avg'] for r in runs])} | {mean_std([r['tar_at_far_1e-3']['toy_cplfw'] for r in runs])} "
+              f"| {share} | {cost} |")
+    if synth:
+        print("\n| synthetic set | mode | pairs | alpha | w | steps | identities x images | consistency % | "
+              "neighbour ratio (real held-out) | CPU-s / 1000 images |")
+        print("|---" * 10 + "|")
+        for name, s in sorted(synth.items()):
+            sel = "-".join(map(str, s["selection"])) if s["selection"] else ""
+            cons = s["samples"]["consistency"]
+            print(f"| {name} | {s['mode']} | {sel} | {s['alpha']:g} | {s['guidance']:g} | {s['steps']} | "
+                  f"{s['identities']} x {s['per_identity']} | {'' if cons is None else f'{cons:.1f}'} | "
+                  f"{s['samples']['neighbour_ratio']:.2f} ({s['real_heldout']['neighbour_ratio']:.2f}) | "
+                  f"{s['cpu_seconds_per_1000'] or ''} |")
+    cka_path = os.path.join(RESULTS, "replication", "cka.json")
+    if os.path.exists(cka_path):
+        with open(cka_path) as f:
+            cka = json.load(f)
+        print(f"\n| space A | space B | CKA (null) | unbiased CKA (null) | CKNNA (null) | mutual kNN (null) |")
+        print("|---" * 6 + "|")
+        for p in cka["pairs"]:
+            cells = [f"{p[m]:.3f} ({p['null'][m]['mean']:.3f} +- {p['null'][m]['std']:.3f})"
+                     for m in ("cka", "unbiased_cka", "cknna", "mutual_knn")]
+            print(f"| {p['a']} | {p['b']} | " + " | ".join(cells) + " |")
+        print(f"\n{cka['classes']} classes, k = {cka['k']}, null: {cka['permutations']} row permutations")
 
 
 def generator_table(rows):
@@ -170,6 +368,8 @@ def table(args):
         sys.exit(f"error: no results under results/{args.group}")
     if args.group == "generator":
         return generator_table(rows)
+    if args.group == "replication":
+        return replication_table(rows)
     print("| row | seeds | epochs | steps | train s (loop) | " + " | ".join(BENCH) + " | Toy Avg-H |")
     print("|---" * (len(BENCH) + 6) + "|")
     for row, runs in rows.items():
@@ -202,6 +402,8 @@ def demo_report(args):
         verdict = "beats" if avgs[1] > avgs[0] else "does not beat"
         lines += ["", f"ScoreMix {verdict} the baseline in this run ({avgs[1] - avgs[0]:+.1f} points Toy Avg-H, one "
                       "seed each; the replication measures seed spread and the controls)."]
+    if args.settings:
+        lines += ["", f"Settings: {args.settings}."]
     with open(os.path.join(out, "consistency.json")) as f:
         cons = json.load(f)
     lines += ["", "Generated images under the baseline discriminator (identity consistency: share of images whose "
@@ -251,13 +453,26 @@ def main():
     p.add_argument("--identities", type=int, default=32, help="N: the default toy set's identities")
     p.add_argument("--name", default="cpu-150k", help="generator run name")
     p.add_argument("--steps", type=int, default=32, help="Heun steps")
+    p.add_argument("--guide-kimg", type=float, help="autoguidance: the snapshot of the same run at this kimg guides")
+    p.add_argument("--guidance", type=float, default=1.3, help="guidance weight w with --guide-kimg")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="discriminator seeds")
     p.set_defaults(func=repro_check)
+    p = sub.add_parser("replication", help="the replication's main table (and --sensitivity rows), resumable")
+    p.add_argument("--identities", type=int, default=32, help="N: the default toy set's identities")
+    p.add_argument("--name", default="cpu-150k", help="generator run (runs/exp/generator/NAME, last snapshot)")
+    p.add_argument("--guide-kimg", type=float, default=25, help="autoguidance guide: the snapshot at this kimg")
+    p.add_argument("--guidance", type=float, default=1.3, help="guidance weight w (1: unguided)")
+    p.add_argument("--steps", type=int, default=32, help="Heun steps")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the main rows (others: first)")
+    p.add_argument("--rows", nargs="+", help="run only these rows (names as in the table)")
+    p.add_argument("--sensitivity", action="store_true", help="also the alpha / w / steps / identities rows")
+    p.set_defaults(func=replication)
     p = sub.add_parser("table", help="print the markdown tables of one results group")
     p.add_argument("group", help="results/<group>")
     p.set_defaults(func=table)
     p = sub.add_parser("demo-report", help="write RUN/report.md from run_demo.sh's outputs")
     p.add_argument("run", help="the demo's output folder (runs/demo)")
+    p.add_argument("--settings", default="", help="one line describing the run's settings, printed under the table")
     p.set_defaults(func=demo_report)
     args = parser.parse_args()
     args.func(args)

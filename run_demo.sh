@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The whole ScoreMix pipeline on the built-in toy faces, CPU-sized, ending in runs/demo/report.md.
 #
-#   bash run_demo.sh                       # 2 CPU cores: about 15-20 minutes
-#   bash run_demo.sh --device cuda --scale 4
+#   bash run_demo.sh                       # 2 CPU cores: under 15 minutes
+#   bash run_demo.sh --device cuda --scale 4 --autoguidance 1.3
 #   bash run_demo.sh --gpus 8              # every stage under torchrun
 #   bash run_demo.sh --smoke --out DIR     # seconds-long plumbing check (the tests run it)
+#
+# --autoguidance W guides sampling with an early snapshot of the generator (Karras et al. 2024) at weight
+# W; it doubles the sampling cost, so the CPU default samples unguided (W = 1).
 #
 # Each stage writes its files under --out and skips itself when they are complete, so re-running
 # the command after an interruption resumes (the training scripts resume from their checkpoints).
@@ -12,15 +15,16 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python}  # the interpreter every stage runs with
 
-OUT=runs/demo; DEVICE=""; GPUS=1; SCALE=1; SMOKE=0
+OUT=runs/demo; DEVICE=""; GPUS=1; SCALE=1; SMOKE=0; GUIDANCE=1
 while [ $# -gt 0 ]; do
     case "$1" in
         --out) OUT=$2; shift 2 ;;
         --device) DEVICE=$2; shift 2 ;;
         --gpus) GPUS=$2; shift 2 ;;
         --scale) SCALE=$2; shift 2 ;;
+        --autoguidance) GUIDANCE=$2; shift 2 ;;
         --smoke) SMOKE=1; shift ;;
-        -h|--help) sed -n 2,10p "$0"; exit 0 ;;
+        -h|--help) sed -n 2,13p "$0"; exit 0 ;;
         *) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -28,15 +32,17 @@ done
 
 # CPU-sized settings; --scale multiplies the generator's training and the synthetic images
 GEN_KIMG=$("$PY" -c "print(36 * $SCALE)")
-GUIDE_KIMG=$("$PY" -c "print(9 * $SCALE)")
-PER_PAIR=$("$PY" -c "print(int(16 * $SCALE))")
-REPRO_PER_CLASS=8
-STEPS=32; TOY=(); FR=(); GEN=(); GRID=()
+PER_PAIR=$("$PY" -c "print(int(8 * $SCALE))")
+REPRO_PER_CLASS=4
+STEPS=16; TOY=(); FR=(); GEN=(); GRID=()
 if [ "$SMOKE" = 1 ]; then  # tiny everything: checks the plumbing, not the method
-    GEN_KIMG=0.128; GUIDE_KIMG=0.064; PER_PAIR=2; REPRO_PER_CLASS=2; STEPS=4
+    GEN_KIMG=0.128; PER_PAIR=2; REPRO_PER_CLASS=2; STEPS=4
     TOY=(--identities 6 --per-identity 6 --test-identities 12 --pairs 40 --heldout 2)
     FR=(--steps 4); GEN=(--channels 8); GRID=(--grid-seeds 2)
 fi
+# one snapshot at the end, or (autoguidance) four, the first of which guides the last
+GUIDED=$("$PY" -c "print(int($GUIDANCE != 1))")
+SNAPSHOT_KIMG=$("$PY" -c "print($GEN_KIMG / 4 if $GUIDED else $GEN_KIMG)")
 DATA=$OUT/data
 DEV=${DEVICE:+--device $DEVICE}
 mkdir -p "$OUT"
@@ -59,22 +65,24 @@ BINS="$DATA/bench/toy_lfw.bin $DATA/bench/toy_cfp_fp.bin $DATA/bench/toy_agedb.b
 stage "toy faces" "$PY" toy_faces.py --out "$DATA" "${TOY[@]}"
 stage "baseline discriminator" run train_arcface.py --data "$DATA/train" --out "$OUT/baseline" "${FR[@]}" $DEV
 stage "generator" run train_diffusion.py --data "$DATA/train" --heldout "$DATA/heldout" --out "$OUT/generator" \
-    --duration "$GEN_KIMG" --snapshot-every "$GUIDE_KIMG" "${GEN[@]}" $DEV
+    --duration "$GEN_KIMG" --snapshot-every "$SNAPSHOT_KIMG" "${GEN[@]}" $DEV
 NET=$(ls "$OUT"/generator/network-snapshot-*.pt | tail -1)
-GUIDE=$(ls "$OUT"/generator/network-snapshot-*.pt | head -1)  # autoguidance: an early snapshot of the same run
+GUIDE=()  # autoguidance: an early snapshot of the same run
+if [ "$GUIDED" = 1 ]; then GUIDE=(--guide "$(ls "$OUT"/generator/network-snapshot-*.pt | head -1)" --guidance "$GUIDANCE"); fi
 stage "distant pairs" "$PY" select_pairs.py --fr "$OUT/baseline/model.pt" --data "$DATA/train" \
     --out "$OUT/pairs.csv" --strategy dist $DEV
-stage "ScoreMix sampling" run scoremix_sample.py --net "$NET" --guide "$GUIDE" --pairs "$OUT/pairs.csv" \
+stage "ScoreMix sampling" run scoremix_sample.py --net "$NET" "${GUIDE[@]}" --pairs "$OUT/pairs.csv" \
     --per-pair "$PER_PAIR" --steps $STEPS --out "$OUT/scoremix" $DEV
-stage "Repro sampling (consistency check)" run scoremix_sample.py --mode repro --net "$NET" --guide "$GUIDE" \
+stage "Repro sampling (consistency check)" run scoremix_sample.py --mode repro --net "$NET" "${GUIDE[@]}" \
     --per-pair "$REPRO_PER_CLASS" --steps $STEPS --out "$OUT/repro" $DEV
 stage "ScoreMix discriminator" run train_arcface.py --data "$DATA/train" "$OUT/scoremix" --out "$OUT/scoremix_fr" \
     "${FR[@]}" $DEV
-stage "figures" "$PY" scoremix_sample.py --net "$NET" --guide "$GUIDE" --steps $STEPS "${GRID[@]}" \
+stage "figures" "$PY" scoremix_sample.py --net "$NET" "${GUIDE[@]}" --steps $STEPS "${GRID[@]}" \
     --grid "$OUT/alpha_beta.png" --classes $(sed -n 2p "$OUT/pairs.csv" | cut -d, -f1,2 | tr , ' ') $DEV
 stage "evaluation" "$PY" evaluate.py --model "$OUT/baseline/model.pt" "$OUT/scoremix_fr/model.pt" \
     --names "Baseline (real only)" "ScoreMix (dist pairs)" --bin $BINS --out "$OUT/eval.json" $DEV
 stage "consistency" "$PY" evaluate.py --consistency "$OUT/repro" "$DATA/heldout" "$OUT/scoremix" \
     --data "$DATA/train" --model "$OUT/baseline/model.pt" --out "$OUT/consistency.json" $DEV
 stage "CKA" "$PY" cka.py --generator "$NET" --fr "$OUT/baseline/model.pt" --data "$DATA/train" --out "$OUT/cka.json"
-"$PY" experiments.py demo-report "$OUT"
+"$PY" experiments.py demo-report "$OUT" --settings "generator $GEN_KIMG kimg; $PER_PAIR images per ScoreMix \
+identity; $STEPS Heun steps; autoguidance weight $GUIDANCE${GUIDE[1]:+ (guide ${GUIDE[1]##*/})}; device ${DEVICE:-auto}; $GPUS process(es)"

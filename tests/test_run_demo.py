@@ -8,7 +8,9 @@ from conftest import ROOT
 
 def run_demo(out):
     env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
-    return subprocess.run(["bash", os.path.join(ROOT, "run_demo.sh"), "--smoke", "--out", str(out)],
+    # the guided path (four snapshots, the first guides) has more plumbing than the unguided default
+    return subprocess.run(["bash", os.path.join(ROOT, "run_demo.sh"), "--smoke", "--autoguidance", "1.5",
+                           "--out", str(out)],
                           capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -21,6 +23,7 @@ def test_demo_smoke_writes_report_and_resumes(tmp_path):
     assert header.split("|")[-2].strip() == "Toy Avg-H" and "toy_cplfw" in header
     assert rows[0].startswith("| Baseline (real only) |") and rows[1].startswith("| ScoreMix")
     assert all(float(row.split("|")[-2]) > 0 for row in rows)
+    assert any("autoguidance weight 1.5 (guide network-snapshot-" in line for line in report)
     for figure in ("alpha_beta.png", "alpha_beta-triplets.png", "data/preview.png"):
         assert (tmp_path / figure).exists()
     # a second run finds every stage done and only rewrites the report
