@@ -17,6 +17,14 @@ triplet for up to 200 classes; above that, for dist/close the triplets {a, b, c}
 the 16 farthest/nearest classes of a (every class anchors 120 of them), for random a seeded uniform
 sample of max(20 P, 100000) distinct triplets.
 
+Many classes (10^5-10^6): class centres come from one streaming pass over the images. When the full
+C x C path would pass --max-matrix-gb, distances are computed block by block (on the GPU when there is
+one) and never stored whole. Pairs (dist/close) start from each class's 32 best partners; a class
+whose list runs out while the greedy pass could still give it a pair gets a 4x longer list and the
+pass is re-run, so the result is the full matrix's (up to float rounding of the distances and the
+seeded order among exactly equal ones). Triplets use the neighbourhoods above, as with the full
+matrix; random pairs come from a seeded sample of max(20 P, 100000) pairs, as random triplets do.
+
     python select_pairs.py --fr runs/baseline/model.pt --data toy/train --out runs/pairs.csv
     python select_pairs.py --space condition --generator runs/gen/network-snapshot-000150.pt --out pairs.csv
 
@@ -34,14 +42,18 @@ import sys
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from tqdm import tqdm
 
-from evaluate import class_centres
+from evaluate import PROGRESS, embed
 from train_arcface import DataError, load_backbone, open_datasets, write_text_atomic
 from train_diffusion import condition_vectors, load_generator
 
 STRATEGIES = ("dist", "close", "random")
 EXACT_TRIPLETS = 200  # up to this many classes every triplet is a candidate (C(200, 3) = 1.3M)
 TRIPLET_PARTNERS = 16  # above it: triplets inside each class's 16 best partners
+PAIR_PARTNERS = 32  # blockwise pairs: each class's first partner list
+FULL_PATH_BYTES = 34  # peak bytes per C^2 of the full path (matrix, every pair a candidate): 31-34 measured
 
 # ----------------------------------------------------------------------------- distances and selection
 
@@ -63,6 +75,21 @@ def tuple_distances(dist, tuples):
     return np.stack([dist[tuples[:, i], tuples[:, j]] for i, j in pairs], 1)
 
 
+def random_tuples(C, k, n, rng):
+    """A seeded uniform sample of up to n distinct k-tuples of C classes (sorted rows)."""
+    cand = np.sort(rng.integers(0, C, size=(int(1.2 * n) + 100, k)), 1)
+    cand = np.unique(cand[(np.diff(cand, axis=1) > 0).all(1)], axis=0)
+    return cand[rng.permutation(len(cand))[:n]]
+
+
+def neighbourhood_triplets(partners):
+    """partners [C, m] -> the distinct triplets {a, b, c} with b and c among a's partners (sorted rows)."""
+    C, m = partners.shape
+    b, c = np.triu_indices(m, 1)
+    cand = np.stack([np.repeat(np.arange(C), len(b)), partners[:, b].ravel(), partners[:, c].ravel()], 1)
+    return np.unique(np.sort(cand, 1), axis=0)
+
+
 def candidate_tuples(dist, strategy, tuple_size, num, seed):
     """The candidate tuples [N, k] (sorted class indices, distinct rows) and their distance sums [N]."""
     C, rng = len(dist), np.random.default_rng([seed, 1])
@@ -71,11 +98,8 @@ def candidate_tuples(dist, strategy, tuple_size, num, seed):
     elif C <= EXACT_TRIPLETS:
         flat = itertools.chain.from_iterable(itertools.combinations(range(C), 3))
         cand = np.fromiter(flat, dtype=np.int64, count=3 * math.comb(C, 3)).reshape(-1, 3)
-    elif strategy == "random":  # a uniform sample of distinct triplets
-        n = max(20 * num, 100000)
-        cand = np.sort(rng.integers(0, C, size=(int(1.2 * n) + 100, 3)), 1)
-        cand = np.unique(cand[(cand[:, 0] < cand[:, 1]) & (cand[:, 1] < cand[:, 2])], axis=0)
-        cand = cand[rng.permutation(len(cand))[:n]]
+    elif strategy == "random":
+        cand = random_tuples(C, 3, max(20 * num, 100000), rng)
     else:  # triplets inside each class's neighbourhood: its m farthest (dist) or nearest (close) classes
         m = TRIPLET_PARTNERS
         partners = np.empty((C, m), dtype=np.int64)
@@ -83,9 +107,7 @@ def candidate_tuples(dist, strategy, tuple_size, num, seed):
             key = -dist[s:s + 1024] if strategy == "dist" else dist[s:s + 1024].copy()
             key[np.arange(len(key)), np.arange(s, s + len(key))] = np.inf  # never its own partner
             partners[s:s + len(key)] = np.argpartition(key, m - 1, axis=1)[:, :m]
-        b, c = np.triu_indices(m, 1)
-        cand = np.stack([np.repeat(np.arange(C), len(b)), partners[:, b].ravel(), partners[:, c].ravel()], 1)
-        cand = np.unique(np.sort(cand, 1), axis=0)
+        cand = neighbourhood_triplets(partners)
     return cand, tuple_distances(dist, cand).sum(1)
 
 
@@ -108,13 +130,7 @@ def ranked_blocks(key, tie, alive, block=4096):
         block *= 4
 
 
-def select_tuples(dist, strategy="dist", num=None, tuple_size=2, max_uses=None, seed=0):
-    """Greedy capped selection (module docstring) -> (tuples int [num, k] in the order chosen, final cap).
-
-    `dist` is a [C, C] distance matrix; `num` defaults to C; `max_uses` to ceil(num * k / C)."""
-    dist = np.asarray(dist)
-    C = len(dist)
-    num = C if num is None else int(num)
+def check_request(C, strategy, num, tuple_size):
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if tuple_size not in (2, 3):
@@ -122,12 +138,14 @@ def select_tuples(dist, strategy="dist", num=None, tuple_size=2, max_uses=None, 
     if num < 1 or num > math.comb(C, tuple_size):
         raise ValueError(f"cannot choose {num} distinct {'pairs' if tuple_size == 2 else 'triplets'} "
                          f"from {C} classes (at most {math.comb(C, tuple_size)})")
-    cand, total = candidate_tuples(dist, strategy, tuple_size, num, seed)
-    tie = np.random.default_rng([seed, 2]).random(len(cand))  # a seeded order among equal scores
-    key = {"dist": -total, "close": total, "random": tie}[strategy]
-    cap = max_uses or math.ceil(num * tuple_size / C)
-    uses, taken, chosen = np.zeros(C, dtype=np.int64), np.zeros(len(cand), dtype=bool), []
-    columns = [np.ascontiguousarray(cand[:, j]) for j in range(tuple_size)]
+
+
+def greedy(cand, key, tie, C, num, cap, last_cap=None):
+    """The capped greedy pass (module docstring) over candidates ranked by (key, tie), the cap raised by one
+    for each pass that falls short, up to last_cap (None: until num tuples, else ValueError).
+    -> (chosen candidate indices in order, final cap, index in `chosen` where each pass began)."""
+    uses, taken, chosen, starts = np.zeros(C, dtype=np.int64), np.zeros(len(cand), dtype=bool), [], [0]
+    columns = [np.ascontiguousarray(cand[:, j]) for j in range(cand.shape[1])]
 
     def alive(idx):  # not taken yet, and no class at the cap
         ok, full = ~taken[idx], uses >= cap
@@ -147,10 +165,146 @@ def select_tuples(dist, strategy="dist", num=None, tuple_size=2, max_uses=None, 
                         taken[i] = True
                         chosen.append(i)
                         if len(chosen) == num:
-                            return cand[chosen], cap
+                            return np.asarray(chosen, dtype=np.int64), cap, starts
+        if last_cap is not None and cap >= last_cap:
+            return np.asarray(chosen, dtype=np.int64), cap, starts
         if cap >= num:
             raise ValueError(f"only {len(chosen)} candidate tuples exist; asked for {num}")
         cap += 1
+        starts.append(len(chosen))
+
+
+def select_tuples(dist, strategy="dist", num=None, tuple_size=2, max_uses=None, seed=0):
+    """Greedy capped selection (module docstring) -> (tuples int [num, k] in the order chosen, final cap).
+
+    `dist` is a [C, C] distance matrix; `num` defaults to C; `max_uses` to ceil(num * k / C)."""
+    dist = np.asarray(dist)
+    C = len(dist)
+    num = C if num is None else int(num)
+    check_request(C, strategy, num, tuple_size)
+    cand, total = candidate_tuples(dist, strategy, tuple_size, num, seed)
+    tie = np.random.default_rng([seed, 2]).random(len(cand))  # a seeded order among equal scores
+    key = {"dist": -total, "close": total, "random": tie}[strategy]
+    chosen, cap, _ = greedy(cand, key, tie, C, num, max_uses or math.ceil(num * tuple_size / C))
+    return cand[chosen], cap
+
+# ----------------------------------------------------------------------------- many classes: block by block
+
+
+def full_path_bytes(C):
+    return FULL_PATH_BYTES * C * C
+
+
+def unit_rows(vectors, device="cpu"):
+    """[C, d] -> L2-normalised rows as a torch tensor on `device` (cosine_distances' precision)."""
+    X = torch.as_tensor(np.asarray(vectors))
+    X = X.to(torch.promote_types(X.dtype, torch.float32))
+    return (X / X.norm(dim=1, keepdim=True).clamp_min(1e-12)).to(device)
+
+
+def pair_distances(X, a, b, chunk=1 << 16):
+    """Cosine distances between rows a[i] and b[i] of unit rows X -> numpy [N]."""
+    a, b = torch.as_tensor(a, device=X.device), torch.as_tensor(b, device=X.device)
+    out = [(1 - (X[a[s:s + chunk]] * X[b[s:s + chunk]]).sum(1)).clamp(0, 2) for s in range(0, len(a), chunk)]
+    return torch.cat(out).cpu().numpy() if out else np.zeros(0, dtype=np.float32)
+
+
+def best_partners(X, rows, m, strategy, block_bytes):
+    """Each class in `rows`: its m farthest (dist) or nearest (close) other classes, best first, from row
+    blocks of X X^T of about block_bytes -> (indices [R, m], cosine similarities [R, m]) as numpy."""
+    C, rows = len(X), torch.as_tensor(np.asarray(rows), dtype=torch.int64, device=X.device)
+    step, index, value = max(1, int(block_bytes) // (12 * C)), [], []  # similarities, topk's copy and indices
+    for s in range(0, len(rows), step):
+        r = rows[s:s + step]
+        sim = X[r] @ X.T
+        sim[torch.arange(len(r), device=X.device), r] = math.inf if strategy == "dist" else -math.inf  # not itself
+        top = sim.topk(m, dim=1, largest=strategy == "close")
+        index.append(top.indices.cpu())
+        value.append(top.values.cpu())
+    return torch.cat(index).numpy(), torch.cat(value).numpy()
+
+
+def open_past_list(tuples, keys, starts, cap, complete, thr):
+    """Classes whose partner list ran out (pairs past it rank after thr[c]) while a pass could still give
+    them a pair: not at the cap yet and the pass not over. Only these can make the greedy pass over every
+    pair differ from the pass over the listed ones; others are exact."""
+    C = len(thr)
+    uses, flagged, bounds = np.zeros(C, dtype=np.int64), np.zeros(C, dtype=bool), list(starts) + [len(tuples)]
+    for p in range(len(starts)):
+        cls = tuples[bounds[p]:bounds[p + 1]].ravel()
+        at = np.repeat(keys[bounds[p]:bounds[p + 1]], tuples.shape[1])
+        closed = np.full(C, np.inf)  # the key at which a class reached this pass's cap
+        order = np.argsort(cls, kind="stable")
+        c = cls[order]
+        nth = np.arange(len(c)) - np.searchsorted(c, c) + 1  # the n-th use of class c in this pass
+        hit = nth == cap - len(starts) + 1 + p - uses[c]
+        closed[c[hit]] = at[order][hit]
+        uses += np.bincount(cls, minlength=C)
+        if p == len(starts) - 1 and complete:
+            closed = np.minimum(closed, keys[-1])
+        flagged |= np.isfinite(thr) & (thr <= closed)
+    return flagged
+
+
+def select_blockwise(vectors, strategy="dist", num=None, tuple_size=2, max_uses=None, seed=0,
+                     block_bytes=2 ** 30, device="cpu", partners=PAIR_PARTNERS):
+    """select_tuples without the C x C matrix (module docstring): distances from row blocks of about
+    block_bytes on `device`. -> (tuples [num, k], final cap, their pairwise distances [num, k(k-1)/2])."""
+    X = unit_rows(vectors, device)
+    C, k = len(X), tuple_size
+    num = C if num is None else int(num)
+    check_request(C, strategy, num, k)
+    cap0, rng = max_uses or math.ceil(num * k / C), np.random.default_rng([seed, 1])
+
+    def distances(cand):
+        return np.stack([pair_distances(X, cand[:, i], cand[:, j]) for i, j in itertools.combinations(range(k), 2)], 1)
+
+    if k == 3 or strategy == "random":  # the same candidates as the full matrix's (k = 3), or a sample
+        if strategy == "random":
+            cand = random_tuples(C, k, max(20 * num, 100000), rng)
+        else:
+            cand = neighbourhood_triplets(best_partners(X, np.arange(C), TRIPLET_PARTNERS, strategy, block_bytes)[0])
+        d = distances(cand)
+        tie = np.random.default_rng([seed, 2]).random(len(cand))
+        key = {"dist": -d.sum(1), "close": d.sum(1), "random": tie}[strategy]
+        chosen, cap, _ = greedy(cand, key, tie, C, num, cap0)
+        return cand[chosen], cap, d[chosen]
+
+    sign = -1 if strategy == "dist" else 1  # key: ascending = chosen first
+    eps = X.shape[1] * torch.finfo(X.dtype).eps  # rounding bound of a d-term dot product of unit vectors
+    m0 = min(partners, C - 1)
+    first = best_partners(X, np.arange(C), m0, strategy, block_bytes)
+    longer = {}  # class -> (indices, similarities): the lists grown for the classes that outran theirs
+    last_cap = cap0
+    while True:
+        a = np.concatenate([np.repeat(np.arange(C), m0)] + [np.full(len(i), c) for c, (i, _) in longer.items()])
+        b = np.concatenate([first[0].ravel()] + [i for i, _ in longer.values()])
+        sim = np.concatenate([first[1].ravel()] + [v for _, v in longer.values()])
+        code = np.minimum(a, b) * C + np.maximum(a, b)
+        order = np.argsort(code, kind="stable")
+        code, sim = code[order], sim[order]
+        once = np.r_[True, code[1:] != code[:-1]]  # each pair once (it may be in both classes' lists)
+        cand, key = np.stack([code[once] // C, code[once] % C], 1), sign * np.clip(1 - sim[once], 0, 2)
+        ends, length = first[1][:, -1].copy(), np.full(C, m0)
+        for c, (i, v) in longer.items():
+            ends[c], length[c] = v[-1], len(i)
+        thr = sign * np.clip(1 - ends, 0, 2) - eps  # every unlisted pair of class c ranks after thr[c]
+        thr[length == C - 1] = np.inf
+        tie = np.random.default_rng([seed, 2]).random(len(cand))
+        chosen, cap, starts = greedy(cand, key, tie, C, num, cap0, last_cap)
+        flagged = open_past_list(cand[chosen], key[chosen], starts, cap, len(chosen) == num, thr)
+        if flagged.any():  # 4x longer lists for these classes, then the pass again
+            grown = np.minimum(4 * length[flagged], C - 1)
+            for m in np.unique(grown):
+                rows = np.flatnonzero(flagged)[grown == m]
+                index, value = best_partners(X, rows, int(m), strategy, block_bytes)
+                longer.update((c, (i, v)) for c, i, v in zip(rows.tolist(), index, value))
+        elif len(chosen) == num:
+            return cand[chosen], cap, sign * key[chosen][:, None]
+        elif cap >= num:
+            raise ValueError(f"only {len(chosen)} candidate tuples exist; asked for {num}")
+        else:  # the full matrix's pass falls short too: raise the cap, as select_tuples does
+            last_cap = cap + 1
 
 # ----------------------------------------------------------------------------- class vectors
 
@@ -173,13 +327,27 @@ def load_checkpoint(loader, path, what):
         raise ValueError(f"{path} is not a {what} ({type(e).__name__})") from None
 
 
+def streaming_centres(model, dataset, batch_size=256, device=None, workers=0):
+    """evaluate.class_centres in one pass that holds one batch of images at a time: per-class sums of
+    the L2-normalised embeddings (with flips), re-normalised [C, d]."""
+    dataset.size = getattr(model, "input_size", None)  # resized as they are read
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    sums = None
+    for images, labels in tqdm(loader, desc="class centres", disable=not PROGRESS, leave=False):
+        emb = torch.from_numpy(embed(model, images, batch_size=batch_size, device=device))
+        sums = torch.zeros(len(dataset.classes), emb.shape[1]) if sums is None else sums
+        sums.index_add_(0, labels, emb)
+    return F.normalize(sums, dim=1).numpy()
+
+
 def class_vectors(args):
     """(vectors [C, d] numpy, class names) for --space embedding or condition."""
     if args.space == "embedding":
         dataset = open_datasets(args.data)
         model = load_checkpoint(lambda p: load_backbone(p, args.device), args.fr, "train_arcface.py model.pt")
         print(f"class centres of {len(dataset.classes)} classes ({len(dataset)} images) under {args.fr}")
-        return class_centres(model, dataset, batch_size=args.batch_size, device=args.device), list(dataset.classes)
+        centres = streaming_centres(model, dataset, args.batch_size, args.device, args.workers)
+        return centres, list(dataset.classes)
     net = load_checkpoint(load_generator, args.generator, "train_diffusion.py network snapshot")
     vectors, names = condition_vectors(net).cpu().numpy(), list(net.class_names)
     if args.data:  # rows in the order of the real set's classes
@@ -191,9 +359,9 @@ def class_vectors(args):
 # ----------------------------------------------------------------------------- main
 
 
-def write_pairs(path, names, tuples, dist):
-    """pairs.csv (module docstring), written atomically."""
-    k, d = tuples.shape[1], tuple_distances(dist, tuples)
+def write_pairs(path, names, tuples, d):
+    """pairs.csv (module docstring), written atomically; d: the tuples' pairwise distances [P, k(k-1)/2]."""
+    k = tuples.shape[1]
     cols = ["distance"] if k == 2 else ["distance_ab", "distance_ac", "distance_bc", "distance_sum"]
     if k == 3:
         d = np.concatenate([d, d.sum(1, keepdims=True)], 1)
@@ -207,16 +375,17 @@ def write_pairs(path, names, tuples, dist):
     write_text_atomic(buf.getvalue(), path)
 
 
-def summary(dist, tuples, cap, initial_cap):
-    """Printed lines: chosen vs all-pairs distances, class coverage and uses."""
-    C, k = len(dist), tuples.shape[1]
-    allp = dist[np.triu_indices(C, 1)]
-    mine = tuple_distances(dist, tuples).mean(1)  # a triplet's mean pairwise distance, comparable with pairs
+def summary(d, tuples, C, allp, cap, initial_cap, sampled=False):
+    """Printed lines: chosen (pairwise distances d) vs all-pairs distances `allp` (or a sample), class
+    coverage and uses."""
+    k = tuples.shape[1]
+    mine = d.mean(1)  # a triplet's mean pairwise distance, comparable with pairs
     uses = np.bincount(tuples.ravel(), minlength=C)
     what = "distance" if k == 2 else "mean pairwise distance"
+    which = f"a sample of {len(allp)} of the {math.comb(C, 2)} pairs" if sampled else f"all {len(allp)} pairs"
     lines = [f"chosen {len(tuples)} {'pairs' if k == 2 else 'triplets'}: {what} mean {mine.mean():.4f} "
              f"min {mine.min():.4f} max {mine.max():.4f}",
-             f"all {len(allp)} pairs: distance mean {allp.mean():.4f} min {allp.min():.4f} max {allp.max():.4f} "
+             f"{which}: distance mean {allp.mean():.4f} min {allp.min():.4f} max {allp.max():.4f} "
              f"p10 {np.percentile(allp, 10):.4f} p90 {np.percentile(allp, 90):.4f}",
              f"classes used: {int((uses > 0).sum())} of {C}; max uses per class {uses.max()} (cap {cap})"]
     if cap > initial_cap:
@@ -244,6 +413,10 @@ def parse_args(argv=None):
     a("--seed", type=int, default=0, help="seed of the tie order and of --strategy random")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device for the embeddings")
     a("--batch-size", type=int, default=256, help="images per forward pass")
+    a("--workers", type=int, default=0, help="DataLoader workers decoding images for the class centres")
+    a("--max-matrix-gb", type=float, default=4.0,
+      help=f"memory budget: the full C x C path (about {FULL_PATH_BYTES} bytes per C^2) when it fits, else "
+           "distances block by block in blocks of this size")
     args = p.parse_args(argv)
     if args.space == "embedding" and not (args.fr and args.data):
         p.error("--space embedding needs --fr RUN/model.pt and --data SRC")
@@ -263,14 +436,24 @@ def main(argv=None):
         return
     try:
         vectors, names = class_vectors(args)
-        dist = cosine_distances(vectors)
-        num = len(names) if args.num_pairs is None else args.num_pairs
-        initial_cap = args.max_uses or math.ceil(num * args.tuple_size / len(names))
-        tuples, cap = select_tuples(dist, args.strategy, num, args.tuple_size, args.max_uses, args.seed)
+        C, budget = len(names), args.max_matrix_gb * 2 ** 30
+        num = C if args.num_pairs is None else args.num_pairs
+        initial_cap = args.max_uses or math.ceil(num * args.tuple_size / C)
+        if full_path_bytes(C) <= budget or args.tuple_size == 3 and C <= EXACT_TRIPLETS:  # (exact triplets)
+            dist = cosine_distances(vectors)
+            tuples, cap = select_tuples(dist, args.strategy, num, args.tuple_size, args.max_uses, args.seed)
+            d, allp = tuple_distances(dist, tuples), dist[np.triu_indices(C, 1)]
+        else:
+            print(f"{C} classes: the full matrix path would need ~{full_path_bytes(C) / 2 ** 30:.0f} GiB "
+                  f"(--max-matrix-gb {args.max_matrix_gb:g}); distances block by block on {args.device}")
+            tuples, cap, d = select_blockwise(vectors, args.strategy, num, args.tuple_size, args.max_uses, args.seed,
+                                              budget, args.device)
+            sample = random_tuples(C, 2, 10 ** 6, np.random.default_rng([args.seed, 3]))
+            allp = pair_distances(unit_rows(vectors, args.device), sample[:, 0], sample[:, 1])
     except (DataError, ValueError, OSError, RuntimeError) as e:
         sys.exit(f"error: {str(e).strip().splitlines()[0]}")
-    write_pairs(args.out, names, tuples, dist)
-    print("\n".join(summary(dist, tuples, cap, initial_cap)))
+    write_pairs(args.out, names, tuples, d)
+    print("\n".join(summary(d, tuples, C, allp, cap, initial_cap, sampled=len(allp) < math.comb(C, 2))))
     print(f"wrote {args.out}")
 
 

@@ -4,14 +4,17 @@ The backbone f maps an aligned face to an embedding; a class weight matrix W (on
 gives cos(theta_j) = <f(x)/|f(x)|, W_j/|W_j|>, and the target logit gets a margin (PROTOCOLS.md 3):
     ArcFace: s*cos(theta_y + m2)  (s=64, m2=0.5)        CosFace: s*(cos(theta_y) - m3)  (m3=0.4)
 trained with SGD, linear lr decay and horizontal flips, as in insightface's arcface_torch recipe.
+For 10^5-10^6 classes, --partial-fc shards W over the processes and --sample-rate scores a share of it.
 This file also holds the data readers (image folders, MXNet RecordIO without mxnet) and the small
 run helpers (distributed setup, atomic saves, autocast) that the later stages import.
 
     python train_arcface.py --data toy/train --out runs/baseline --val toy/bench/*.bin
     torchrun --nproc_per_node=8 train_arcface.py --data faces_webface/train.rec --out runs/r50 \
         --network r50 --width 1 --embedding-size 512 --input-size 112 --batch-size 1024 --epochs 20 --amp
+    (Glint360K: add --partial-fc --sample-rate 0.1 --workers 8; several nodes: docs/scale.md)
 """
 import argparse
+import gc
 import io
 import json
 import math
@@ -139,8 +142,122 @@ class MarginHead(nn.Module):
         return F.cross_entropy(self.margin(cosine.clamp(-1, 1), labels), labels)
 
 
+def distributed():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class AllGather(torch.autograd.Function):
+    """Every rank's rows (equal counts) concatenated in rank order. The backward sums all ranks' gradients
+    of this rank's rows and multiplies by the world size: each rank's loss is already the whole batch's,
+    and DDP then averages the backbone's gradients (as insightface's Partial FC does)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        world, rank = dist.get_world_size(), dist.get_rank()
+        n = len(grad) // world
+        return grad[rank * n:(rank + 1) * n] * world
+
+
+class ShardedCrossEntropy(torch.autograd.Function):
+    """Mean cross entropy over the batch when each rank holds some of the columns of the logits: the row
+    max, the sum of exp and the target logit (on the rank holding the class; label -1 elsewhere) are
+    all-reduced. The gradient stays local: softmax minus one-hot on this rank's columns, over the batch."""
+
+    @staticmethod
+    def forward(ctx, logits, labels):
+        mine = (labels >= 0).nonzero()[:, 0]
+        row_max = logits.max(1).values
+        if distributed():
+            dist.all_reduce(row_max, dist.ReduceOp.MAX)
+        exp = (logits - row_max[:, None]).exp_()
+        total, target = exp.sum(1), torch.zeros_like(row_max)
+        target[mine] = logits[mine, labels[mine]]
+        if distributed():
+            dist.all_reduce(total)
+            dist.all_reduce(target)
+        ctx.save_for_backward(exp.div_(total[:, None]), labels)
+        return (total.log() + row_max - target).mean()
+
+    @staticmethod
+    def backward(ctx, grad):
+        prob, labels = ctx.saved_tensors  # reused in place (no second backward): B x classes is the big tensor
+        mine = (labels >= 0).nonzero()[:, 0]
+        prob[mine, labels[mine]] -= 1
+        return prob.mul_(grad / len(prob)), None
+
+
+class PartialFCHead(nn.Module):
+    """Partial FC (An et al., CVPR 2022; insightface's arcface_torch) for many classes on many GPUs.
+
+    Rank r of `world` holds the rows of a contiguous 1/world of the classes. Each step it scores the
+    embeddings of the whole global batch (all-gathered, with gradient) against the classes of its shard
+    that are positives in the batch plus a random share of the others (`sample_rate` of its rows in
+    all), and the softmax normaliser is all-reduced (ShardedCrossEntropy). With one process and
+    sample_rate 1 it computes MarginHead's loss and gradients; rows not sampled get no gradient."""
+
+    def __init__(self, embedding_size, num_classes, s=64.0, margin="arcface", sample_rate=1.0, rank=0, world=1):
+        super().__init__()
+        per, extra = divmod(num_classes, world)
+        self.sizes = [per + (r < extra) for r in range(world)]
+        self.start, self.num_local = sum(self.sizes[:rank]), self.sizes[rank]
+        self.rank, self.world, self.sample_rate = rank, world, sample_rate
+        full = torch.normal(0, 0.01, (num_classes, embedding_size))  # MarginHead's init, then this rank's rows
+        self.weight = nn.Parameter(self.shard(full).clone())
+        self.margin = CombinedMarginLoss(s, *MARGINS[margin])
+
+    def shard(self, full):
+        """All classes' rows [C, ...] -> this rank's."""
+        return full[self.start:self.start + self.num_local]
+
+    def gather(self, rows):
+        """This rank's rows -> all classes' rows on rank 0 (None on the others); a collective."""
+        if self.world == 1:
+            return rows
+        pad = rows.new_zeros(self.sizes[0], *rows.shape[1:])  # gather needs equal shapes: the first shard is largest
+        pad[:len(rows)] = rows
+        parts = [torch.empty_like(pad) for _ in range(self.world)] if self.rank == 0 else None
+        dist.gather(pad, parts, dst=0)
+        return torch.cat([p[:n] for p, n in zip(parts, self.sizes)]) if self.rank == 0 else None
+
+    def sample(self, positive):
+        """Sorted local indices of the rows scored this step: every positive class, then random others up
+        to int(sample_rate * rows)."""
+        positive = torch.unique(positive)
+        num = min(self.num_local, max(int(self.sample_rate * self.num_local), len(positive), 1))
+        score = torch.rand(self.num_local, device=self.weight.device)
+        score[positive] = 2.0  # above every random score: positives are always kept
+        return score.topk(num).indices.sort().values
+
+    def forward(self, emb, labels):
+        if self.world > 1:
+            emb = AllGather.apply(emb)
+            parts = [torch.empty_like(labels) for _ in range(self.world)]
+            dist.all_gather(parts, labels)
+            labels = torch.cat(parts)
+        local = labels - self.start
+        mine = (local >= 0) & (local < self.num_local)
+        weight = self.weight
+        if self.sample_rate < 1:
+            index = self.sample(local[mine])
+            weight, local = weight[index], torch.searchsorted(index, local)
+        local = torch.where(mine, local, -1)
+        cosine = F.linear(F.normalize(emb.float()), F.normalize(weight.float())).float().clamp(-1, 1)  # fp32 under AMP
+        logits = cosine * self.margin.s
+        logits[mine] = self.margin(cosine[mine], local[mine])  # the margin where this rank holds the class
+        return ShardedCrossEntropy.apply(logits, local)
+
+
 class FaceTrainer(nn.Module):
-    """Backbone + margin head in one module, so that DDP averages the gradients of both."""
+    """Backbone + margin head in one module, so that DDP averages the gradients of both (with Partial FC
+    only the backbone is DDP-wrapped: each rank owns its shard of the head)."""
 
     def __init__(self, backbone, head):
         super().__init__()
@@ -451,12 +568,21 @@ def train(args):
     epochs, warmup = math.ceil(total / steps_per_epoch), round(args.warmup_epochs * steps_per_epoch)
     ckpt_path, model_path = os.path.join(args.out, "checkpoint.pt"), os.path.join(args.out, "model.pt")
 
+    partial_fc = args.partial_fc or args.sample_rate < 1
+    if partial_fc and len(classes) < world:
+        raise DataError(f"--partial-fc shards {len(classes)} classes over {world} processes: too few classes")
+
     torch.manual_seed(args.seed)  # identical initialisation on every rank
     backbone = iresnet(int(args.network[1:]), args.width, args.embedding_size, args.input_size, args.dropout)
-    trainer = FaceTrainer(backbone, MarginHead(args.embedding_size, len(classes), args.scale, args.margin))
+    if partial_fc:
+        head = PartialFCHead(args.embedding_size, len(classes), args.scale, args.margin, args.sample_rate, rank, world)
+    else:
+        head = MarginHead(args.embedding_size, len(classes), args.scale, args.margin)
+    trainer = FaceTrainer(backbone, head)
     trainer = trainer.to(device, memory_format=torch.channels_last)  # ~1.8x faster convolutions on CPU
     params = [p for p in trainer.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    head_index = next(i for i, p in enumerate(params) if p is head.weight)  # its slot in opt.state_dict()
     ctx, scaler = autocast_context(device, args.amp)
     start_epoch, step, elapsed = 0, 0, 0.0
     if os.path.exists(ckpt_path):
@@ -467,8 +593,14 @@ def train(args):
                                 f"use another --out to start a new run")
         if ckpt["class_names"] != classes:
             raise DataError(f"{ckpt_path} was trained on other classes; use another --out for new data")
-        trainer.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
+        model_state, opt_state = ckpt["model"], ckpt["optimizer"]
+        if partial_fc:  # checkpoints hold every class's row: keep this rank's
+            model_state["head.weight"] = head.shard(model_state["head.weight"])
+            slot = opt_state["state"].get(head_index, {})
+            if "momentum_buffer" in slot:
+                slot["momentum_buffer"] = head.shard(slot["momentum_buffer"])
+        trainer.load_state_dict(model_state)
+        opt.load_state_dict(opt_state)
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch, step, elapsed = ckpt["epoch"], ckpt["step"], ckpt["elapsed"]
         if step >= total:
@@ -490,7 +622,11 @@ def train(args):
         ds.size, workers = args.input_size, args.workers or min(8, max(1, (os.cpu_count() or 1) // world))
     model = trainer
     if world > 1:
-        model = nn.parallel.DistributedDataParallel(trainer, device_ids=[local_rank] if device.type == "cuda" else None)
+        ids = [local_rank] if device.type == "cuda" else None
+        if partial_fc:  # each rank owns its shard of the head: DDP must neither broadcast nor average it
+            model = FaceTrainer(nn.parallel.DistributedDataParallel(backbone, device_ids=ids), head)
+        else:
+            model = nn.parallel.DistributedDataParallel(trainer, device_ids=ids)
     if args.compile:
         model = torch.compile(model)
 
@@ -549,6 +685,12 @@ def train(args):
         elapsed += dt
         rec = {"epoch": epoch + 1, "step": step, "loss": loss_sum / max(1, steps_now), "lr": lr,
                "images_per_s": seen / dt, "time": dt, "elapsed": elapsed}
+        model_state, opt_state = trainer.state_dict(), opt.state_dict()
+        if partial_fc:  # gather the shards (and their momentum) so checkpoints look like the plain head's
+            model_state["head.weight"] = head.gather(head.weight.detach())
+            slot = opt_state["state"].get(head_index, {})
+            if "momentum_buffer" in slot:  # a copy: opt_state's inner dicts are the optimiser's own
+                opt_state["state"][head_index] = {**slot, "momentum_buffer": head.gather(slot["momentum_buffer"])}
         if master:
             config = {"network": args.network, "depth": int(args.network[1:]), "width": args.width,
                       "embedding_size": args.embedding_size, "input_size": args.input_size,
@@ -557,7 +699,7 @@ def train(args):
             rng = {"torch": torch.get_rng_state()}  # for inspection: each epoch re-seeds from (seed, rank, epoch)
             if device.type == "cuda":
                 rng["cuda"] = torch.cuda.get_rng_state(device)
-            save_atomic({"model": trainer.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+            save_atomic({"model": model_state, "optimizer": opt_state, "scaler": scaler.state_dict(),
                          "epoch": epoch + 1, "step": step, "elapsed": elapsed, "args": vars(args),
                          "class_names": classes, "rng": rng}, ckpt_path)
             if args.val and ((epoch + 1) % args.val_every == 0 or step >= total):
@@ -603,6 +745,10 @@ def parse_args(argv=None):
     a("--clip-grad", type=float, default=5.0, help="gradient-norm clip on the backbone")
     a("--margin", default="arcface", choices=sorted(MARGINS), help="cosface: s(cos - 0.4); arcface: s cos(theta + 0.5)")
     a("--scale", type=float, default=64.0, help="logit scale s of the margin softmax")
+    a("--partial-fc", action="store_true", help="Partial FC head for many classes: the class weights sharded over "
+                                                "the processes, the softmax normaliser all-reduced")
+    a("--sample-rate", type=float, default=1.0, help="Partial FC: share of each shard's classes scored per step "
+                                                     "(the batch's classes always); below 1 implies --partial-fc")
     a("--val", nargs="*", default=[], metavar="FILE.bin", help="verification .bin files evaluated by evaluate.py")
     a("--val-every", type=int, default=4, help="validate every this many epochs (and at the end)")
     a("--seed", type=int, default=0, help="random seed (initialisation, batch order, flips)")
@@ -618,6 +764,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.input_size % 16:
         p.error(f"--input-size must be a multiple of 16, got {args.input_size}")
+    if not 0 < args.sample_rate <= 1:
+        p.error(f"--sample-rate must be in (0, 1], got {args.sample_rate}")
     return args
 
 
@@ -629,6 +777,7 @@ def main(argv=None):
         sys.exit("error: " + str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1])
     finally:
         if dist.is_initialized():
+            gc.collect()  # DDP objects sit in reference cycles: freed after their group, exit aborts (1 run in 5)
             dist.destroy_process_group()
 
 

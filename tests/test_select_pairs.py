@@ -1,5 +1,6 @@
 """select_pairs.py: cosine distances, farthest / closest / random pairs and triplets under the per-class
-cap (against a plain greedy oracle), determinism, and CLI runs in embedding and condition space."""
+cap (against a plain greedy oracle), determinism, the blockwise path for many classes (against the full
+matrix), and CLI runs in embedding and condition space."""
 import csv
 import itertools
 import math
@@ -12,7 +13,7 @@ import torch
 
 from conftest import run_script
 from evaluate import class_centres
-from select_pairs import cosine_distances, main, select_tuples, tuple_distances
+from select_pairs import cosine_distances, main, select_blockwise, select_tuples, tuple_distances
 from train_arcface import load_backbone, open_datasets
 from train_diffusion import condition_vectors, load_generator
 
@@ -143,6 +144,42 @@ def test_triplets_of_many_classes_come_from_class_neighbourhoods():
     tuples, cap = select_tuples(d, "random", C, 3, seed=0)
     assert len({tuple(t) for t in tuples}) == C and np.bincount(tuples.ravel()).max() <= cap
 
+@pytest.mark.parametrize("strategy", ["dist", "close"])
+@pytest.mark.parametrize("partners", [4, 32])  # 4: many classes outrun their first list
+def test_blockwise_pairs_equal_the_full_matrix(strategy, partners):
+    C = 300
+    X = np.random.default_rng(5).normal(size=(C, 8))  # float64: no rounding ties between the two paths
+    d = cosine_distances(X)
+    for num, max_uses in [(C, None), (C // 2, 1), (C, 1), (2 * C, 3)]:  # (C, 1): the cap must be raised
+        expected, expected_cap = select_tuples(d, strategy, num, 2, max_uses, seed=0)
+        tuples, cap, dists = select_blockwise(X, strategy, num, 2, max_uses, seed=0, block_bytes=12 * C * 37,
+                                              partners=partners)  # blocks of 37 rows
+        np.testing.assert_array_equal(tuples, expected)
+        assert cap == expected_cap
+        np.testing.assert_allclose(dists, tuple_distances(d, tuples), atol=1e-12)
+
+
+@pytest.mark.parametrize("strategy", ["dist", "close", "random"])
+def test_blockwise_triplets_equal_the_full_matrix(strategy):
+    C = 230  # above the exact-enumeration limit: both use class neighbourhoods (or the same random sample)
+    X = np.random.default_rng(6).normal(size=(C, 12))
+    d = cosine_distances(X)
+    expected, expected_cap = select_tuples(d, strategy, C, 3, seed=1)
+    tuples, cap, dists = select_blockwise(X, strategy, C, 3, seed=1, block_bytes=12 * C * 50)
+    np.testing.assert_array_equal(tuples, expected)
+    assert cap == expected_cap
+    np.testing.assert_allclose(dists, tuple_distances(d, tuples), atol=1e-12)
+
+
+def test_blockwise_random_pairs_respect_the_cap_and_the_seed():
+    X = np.random.default_rng(7).normal(size=(500, 8))
+    a, cap, dists = select_blockwise(X, "random", 500, 2, seed=3)
+    assert len({tuple(t) for t in a}) == 500 and np.bincount(a.ravel()).max() <= cap == 2
+    np.testing.assert_allclose(dists, tuple_distances(cosine_distances(X), a), atol=1e-12)
+    np.testing.assert_array_equal(select_blockwise(X, "random", 500, 2, seed=3)[0], a)
+    assert not np.array_equal(select_blockwise(X, "random", 500, 2, seed=4)[0], a)
+
+
 # ----------------------------------------------------------------------------- command line
 
 
@@ -195,6 +232,21 @@ def test_cli_embedding_space_writes_named_pairs(models, tiny_toy, tmp_path):
         assert float(x["distance_sum"]) == pytest.approx(parts, abs=1e-5)
     assert sums[0] == pytest.approx(min(d[a, b] + d[a, c] + d[b, c]
                                         for a, b, c in itertools.combinations(range(6), 3)), abs=1e-5)
+
+
+def test_cli_blockwise_path_writes_the_same_pairs(models, tiny_toy, tmp_path):
+    fr, _ = models
+    common = ["--fr", fr, "--data", tiny_toy / "train", "--strategy", "close", "--num-pairs", 9]
+    r = run_script("select_pairs.py", *common, "--out", tmp_path / "full.csv", env=ENV)
+    assert r.returncode == 0, r.stderr
+    r = run_script("select_pairs.py", *common, "--out", tmp_path / "blocks.csv", "--max-matrix-gb", 0,
+                   "--workers", 2, env=ENV)
+    assert r.returncode == 0, r.stderr
+    assert "block by block" in r.stdout and "all 15 pairs" in r.stdout
+    full, blocks = read_csv(tmp_path / "full.csv"), read_csv(tmp_path / "blocks.csv")
+    assert [(x["class_a"], x["class_b"]) for x in blocks] == [(x["class_a"], x["class_b"]) for x in full]
+    np.testing.assert_allclose([float(x["distance"]) for x in blocks], [float(x["distance"]) for x in full],
+                               atol=2e-6)
 
 
 def test_cli_condition_space_uses_the_generator_class_embeddings(models, tiny_toy, tmp_path):

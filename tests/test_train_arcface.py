@@ -1,4 +1,5 @@
-"""Tests for train_arcface.py: IResNet shapes and sizes, margin logits, data readers, the training CLI."""
+"""Tests for train_arcface.py: IResNet shapes and sizes, margin logits, the Partial FC head, data readers,
+the training CLI."""
 import io
 import json
 import math
@@ -11,11 +12,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from conftest import ROOT, run_script
-from train_arcface import (CombinedMarginLoss, DataError, ImageFolderDataset, RecordIODataset, iresnet,
-                           load_backbone, load_images, lr_at, open_datasets)
+from train_arcface import (CombinedMarginLoss, DataError, ImageFolderDataset, MarginHead, PartialFCHead,
+                           RecordIODataset, iresnet, load_backbone, load_images, lr_at, open_datasets)
 
 MAGIC = 0xCED7230A
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -155,6 +157,111 @@ def test_cosface_logits_match_textbook_formula():
     torch.testing.assert_close(CombinedMarginLoss(64, 1.0, 0.0, 0.4)(cos, labels), expected)
 
 
+# --------------------------------------------------------------------------- Partial FC
+
+
+def heads_and_batch(margin, num_classes=37, sample_rate=1.0, batch=24, dim=16, seed=0):
+    """The plain head and a one-process Partial FC head from the same seed, and a batch of embeddings."""
+    torch.manual_seed(seed)
+    plain = MarginHead(dim, num_classes, margin=margin)
+    torch.manual_seed(seed)
+    partial = PartialFCHead(dim, num_classes, margin=margin, sample_rate=sample_rate)
+    gen = torch.Generator().manual_seed(seed + 1)
+    emb, labels = torch.randn(batch, dim, generator=gen), torch.randint(0, num_classes, (batch,), generator=gen)
+    return plain, partial, emb, labels
+
+
+@pytest.mark.parametrize("margin", ["arcface", "cosface"])
+def test_partial_fc_with_one_process_and_rate_1_equals_the_plain_head(margin):
+    plain, partial, emb, labels = heads_and_batch(margin)
+    assert torch.equal(plain.weight, partial.weight)
+    grads = []
+    for head in (plain, partial):
+        e = emb.clone().requires_grad_()
+        loss = head(e, labels)
+        loss.backward()
+        grads.append((loss.detach(), e.grad, head.weight.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * a.abs().max().item())
+    assert grads[0][2].abs().max() > 0.01  # the gradients compared are not all zero
+
+
+def test_partial_fc_sampling_keeps_every_positive_and_the_share_asked_for():
+    head = PartialFCHead(8, 200, sample_rate=0.1)
+    positive = torch.tensor([3, 3, 150, 7, 199, 0])
+    for seed in range(5):
+        torch.manual_seed(seed)
+        index = head.sample(positive)
+        assert len(index) == 20 and torch.equal(index, index.unique())  # sorted, distinct
+        assert set(positive.tolist()) <= set(index.tolist())
+    many = torch.arange(0, 200, 5)  # 40 positives > 20: exactly the positives
+    assert torch.equal(head.sample(many), many)
+    assert len({tuple(head.sample(positive).tolist()) for _ in range(3)}) == 3  # random otherwise
+
+
+@pytest.mark.parametrize("margin", ["arcface", "cosface"])
+def test_partial_fc_sampled_loss_is_the_softmax_over_the_sampled_classes(margin):
+    plain, partial, emb, labels = heads_and_batch(margin, num_classes=100, sample_rate=0.3)
+    torch.manual_seed(7)
+    index = partial.sample(labels)  # the draw forward makes under the same seed
+    torch.manual_seed(7)
+    loss = partial(emb, labels)
+    loss.backward()
+    cosine = F.linear(F.normalize(emb), F.normalize(plain.weight[index])).clamp(-1, 1)
+    column = torch.searchsorted(index, labels)  # each label's place among the sampled classes
+    expected = F.cross_entropy(plain.margin(cosine, column), column)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    assert len(index) == 30 and set(labels.tolist()) <= set(index.tolist())
+    touched = partial.weight.grad.abs().sum(1) > 0
+    assert touched.nonzero()[:, 0].tolist() == index.tolist()  # rows not sampled get no gradient
+
+
+TWO_RANKS = """
+import gc
+import sys
+import torch, torch.distributed as dist, torch.nn as nn
+sys.path.insert(0, {root!r})
+from train_arcface import PartialFCHead
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+torch.manual_seed(0)
+backbone = nn.Linear(8, 16)
+head = PartialFCHead(16, 11, margin={margin!r}, rank=rank, world=world)  # shards of 6 and 5 classes
+x, labels = torch.randn(12, 8), torch.randint(0, 11, (12,))
+ddp, b = nn.parallel.DistributedDataParallel(backbone), len(x) // world
+loss = head(ddp(x[rank * b:(rank + 1) * b]), labels[rank * b:(rank + 1) * b])
+loss.backward()
+torch.save({{"loss": loss.detach(), "backbone": {{n: p.grad for n, p in backbone.named_parameters()}},
+            "head": head.gather(head.weight.grad)}}, f"{{sys.argv[1]}}/rank{{rank}}.pt")
+del ddp
+gc.collect()  # the DDP object before its process group
+dist.destroy_process_group()
+"""
+
+
+def test_partial_fc_on_two_processes_equals_one_process_with_the_plain_head(tmp_path):
+    """Each rank: half the batch and 6 or 5 of the 11 classes; loss and gradients as one plain process."""
+    script = tmp_path / "two_ranks.py"
+    script.write_text(TWO_RANKS.format(root=ROOT, margin="arcface"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    torch.manual_seed(0)
+    backbone = torch.nn.Linear(8, 16)
+    head = MarginHead(16, 11, margin="arcface")
+    x, labels = torch.randn(12, 8), torch.randint(0, 11, (12,))
+    loss = head(backbone(x), labels)
+    loss.backward()
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for got in ranks:
+        torch.testing.assert_close(got["loss"], loss.detach(), rtol=1e-6, atol=1e-6)
+        for name, p in backbone.named_parameters():
+            torch.testing.assert_close(got["backbone"][name], p.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(ranks[0]["head"], head.weight.grad, rtol=1e-5, atol=1e-7)
+    assert ranks[1]["head"] is None and head.weight.grad.abs().max() > 1e-3
+
+
 def test_lr_decays_linearly_to_zero_after_warmup():
     assert lr_at(0, 100, 10, 1.0) == pytest.approx(0.1)
     assert lr_at(10, 100, 10, 1.0) == pytest.approx(1.0)
@@ -186,6 +293,30 @@ def test_recordio_flag0_layout_means_every_key_is_an_image(tmp_path):
     records[1] = (1, header(1, 0, extra=(3,)) + png_bytes(random_image(rng, 3)))  # label given as an array
     ds = RecordIODataset(write_rec(str(tmp_path / "flat"), records)[0])
     assert len(ds) == 4 and ds.classes == ["3", "5", "9"] and list(ds.targets) == [1, 0, 1, 2]
+
+
+def test_recordio_with_two_workers_reads_what_one_process_reads(tmp_path):
+    """Each DataLoader worker opens the .rec itself (a handle shared across fork would share its offset)."""
+    rec, images, _ = insightface_rec(tmp_path, per_class=(5, 7, 4, 8))
+    ds = RecordIODataset(rec)
+    ds[0]  # the parent now holds an open handle that forked workers inherit
+    parent_fd = ds._file.fileno()
+
+    class Probe(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(ds)
+
+        def __getitem__(self, i):
+            image, label = ds[i]
+            return image, label, ds._file.fileno()
+
+    serial = [ds[i] for i in range(len(ds))]
+    loader = torch.utils.data.DataLoader(Probe(), batch_size=3, num_workers=2)
+    batches = list(loader)
+    got_images = torch.cat([b[0] for b in batches])
+    assert torch.equal(got_images, torch.stack([im for im, _ in serial]))
+    assert torch.cat([b[1] for b in batches]).tolist() == [lab for _, lab in serial] == ds.targets
+    assert parent_fd not in torch.cat([b[2] for b in batches]).tolist()
 
 
 def test_truncated_recordio_names_the_file(tmp_path):
@@ -276,6 +407,20 @@ def test_resumed_run_and_dataloader_path_give_bit_identical_weights(tmp_path):
     assert len(open(tmp_path / "resumed" / "log.jsonl").readlines()) == 2
 
 
+def test_partial_fc_cli_with_one_process_trains_like_the_plain_head(tmp_path):
+    """Same weights after 2 steps (float rounding of the two cross entropies grows ~1000x by step 4)."""
+    data = make_folder(tmp_path / "data", ["a", "b", "c", "d", "e"], per=4)
+    args = ["--data", data, *TINY, "--steps", "2"]
+    for out, extra in [("plain", []), ("pfc", ["--partial-fc"])]:
+        r = run_script("train_arcface.py", *args, "--out", tmp_path / out, *extra, env=ENV)
+        assert r.returncode == 0, r.stderr
+    a, b = (torch.load(tmp_path / out / "checkpoint.pt", weights_only=True) for out in ("plain", "pfc"))
+    assert a["model"].keys() == b["model"].keys() and b["model"]["head.weight"].shape == (5, 16)
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+    assert load_backbone(tmp_path / "pfc" / "model.pt").input_size == 32
+
+
 def test_nan_loss_stops_with_a_message_naming_the_step(tmp_path):
     data = make_folder(tmp_path / "data", ["a", "b"], per=8)
     r = run_script("train_arcface.py", "--data", data, "--out", tmp_path / "run", *TINY, "--lr", "1e12", env=ENV)
@@ -299,3 +444,13 @@ def test_two_process_run_keeps_ranks_identical(tmp_path):
         assert torch.equal(w0[k], w1[k]), k
     assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == [2, 4]
     assert load_backbone(out / "model.pt").input_size == 32
+
+
+def test_scale_benchmark_quick_run_prints_its_three_tables():
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "scale.py"), "--quick"], capture_output=True,
+                       text=True, env=ENV, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and not line.startswith("| classes")
+            and not line.startswith("| workers")]
+    assert len(rows) == 2 + 4 + 3 and "failed" not in r.stdout, r.stdout  # head sizes, selections, worker counts
+    assert all(float(row.split("|")[2].replace(",", "")) > 0 for row in rows[-3:])  # images/s
