@@ -38,14 +38,20 @@ def toy_data(identities, seed=0):
     return out
 
 
-def discriminator_run(group, row, seed, data_dirs, bench_dir, extra=(), note="", result_name=None, **fields):
-    """Train one discriminator on `data_dirs`, evaluate it on the five toy benchmarks, record it."""
+def discriminator_run(group, row, seed, data_dirs, bench_dir, extra=(), note="", result_name=None,
+                      need_model=False, **fields):
+    """Train one discriminator on `data_dirs`, evaluate it on the five toy benchmarks, record it.
+    -> its model.pt. A recorded run is skipped; with need_model, one whose run folder is gone (a new
+    checkout: runs/ is not committed) is retrained by the same seeded command and not re-recorded."""
     result_path = os.path.join(RESULTS, group, f"{result_name or row}-seed{seed}.json")
+    run = os.path.join(RUNS, group, f"{result_name or row}-seed{seed}")
+    model = os.path.join(run, "model.pt")
+    bins = [os.path.join(bench_dir, f"{b}.bin") for b in BENCH]
     if os.path.exists(result_path):
         print(f"skip {result_path} (exists)")
-        return
-    run = os.path.join(RUNS, group, f"{result_name or row}-seed{seed}")
-    bins = [os.path.join(bench_dir, f"{b}.bin") for b in BENCH]
+        if need_model and not os.path.exists(model):
+            sh("train_arcface.py", "--data", *data_dirs, "--out", run, "--seed", seed, "--val", *bins, *extra)
+        return model
     t0 = time.time()
     sh("train_arcface.py", "--data", *data_dirs, "--out", run, "--seed", seed, "--val", *bins, *extra)
     train_seconds = time.time() - t0
@@ -62,6 +68,7 @@ def discriminator_run(group, row, seed, data_dirs, bench_dir, extra=(), note="",
                 "accuracy": {b: scores[b]["accuracy"] for b in BENCH},
                 "tar_at_far_1e-3": {b: scores[b]["tar_at_far_1e-3"] for b in BENCH},
                 "avg": float(np.mean([scores[b]["accuracy"] for b in BENCH])), "curve": curve, **fields}, result_path)
+    return model
 
 
 def calibration(args):
@@ -81,9 +88,8 @@ def generator(args):
     then for every snapshot sample the real classes (Repro) and measure identity consistency and
     cleanliness under the baseline discriminator, next to fresh real renders (heldout/)."""
     data = toy_data(args.identities)
-    baseline = os.path.join(RUNS, "calibration", f"real-n{args.identities}-seed0", "model.pt")
-    if not os.path.exists(baseline):
-        sys.exit("error: run `python experiments.py calibration` first (its seed-0 baseline judges the samples)")
+    baseline = discriminator_run("calibration", f"real-n{args.identities}", 0, [os.path.join(data, "train")],
+                                 os.path.join(data, "bench"), extra=["--val-every", "2"], need_model=True)
     run = os.path.join(RUNS, "generator", args.name)
     t0 = time.time()
     sh("train_diffusion.py", "--data", os.path.join(data, "train"), "--heldout", os.path.join(data, "heldout"),
@@ -201,8 +207,10 @@ def sample_set(args, name, mode, selection, data, alpha=0.5, guidance=None, step
     per_identity = per_identity or len(os.listdir(os.path.join(real, sorted(os.listdir(real))[0])))
     info_path = os.path.join(RESULTS, "replication", "synthetic", f"{name}.json")
     out = os.path.join(RUNS, "replication", "synthetic", name)
-    if os.path.exists(info_path):
-        return out
+    count = lambda: len(glob.glob(os.path.join(out, "*", "*.png")))
+    recorded = os.path.exists(info_path)
+    if recorded and os.path.isdir(out) and count() >= identities * per_identity:
+        return out  # else a new checkout: sample again (seeded: the same images), keep the first record
     gen = os.path.join(RUNS, "generator", args.name)
     snap = sorted(glob.glob(os.path.join(gen, "network-snapshot-*.pt")))[-1]
     flags = ["--net", snap, "--steps", steps, "--per-pair", per_identity, "--alpha", alpha, "--seed", 1]
@@ -217,10 +225,11 @@ def sample_set(args, name, mode, selection, data, alpha=0.5, guidance=None, step
             sh("select_pairs.py", "--space", space, "--strategy", strategy, "--tuple-size", size,
                "--num-pairs", identities, "--fr", baseline, "--data", real, "--generator", snap, "--out", pairs)
         flags += ["--pairs", pairs]
-    count = lambda: len(glob.glob(os.path.join(out, "*", "*.png")))
     before, t0 = (count() if os.path.isdir(out) else 0), time.time()
     sh("scoremix_sample.py", "--mode", mode, "--out", out, *flags)
     seconds, made = time.time() - t0, count() - before
+    if recorded:
+        return out
     sh("evaluate.py", "--consistency", out, os.path.join(data, "heldout"), "--data", real, "--model", baseline,
        "--out", out + ".json")
     with open(out + ".json") as f:
@@ -257,7 +266,7 @@ def replication(args):
                 flags = [f for f in flags if f != "="] + ["--steps", str(json.load(f)["steps"])]
         for seed in (args.seeds if main_row else args.seeds[:1]):
             discriminator_run("replication", row, seed, dirs, bench, extra=flags + ["--val-every", "24"],
-                              result_name=row_file(row), sources=srcs)
+                              result_name=row_file(row), need_model=row in ("real", "real-r50"), sources=srcs)
     # condition space vs embedding space, discriminator vs discriminator (seeds, backbones), permutation null
     cka_path = os.path.join(RESULTS, "replication", "cka.json")
     models = [m for m in (os.path.join(RUNS, "replication", f"{r}-seed{k}", "model.pt")
@@ -442,8 +451,8 @@ def main():
     p.set_defaults(func=calibration)
     p = sub.add_parser("generator", help="train the CPU generator once; consistency and cleanliness per snapshot")
     p.add_argument("--identities", type=int, default=32, help="N: the default toy set's identities")
-    p.add_argument("--name", default="cpu-150k", help="run name (runs/exp/generator/NAME)")
-    p.add_argument("--kimg", type=float, default=150, help="training length")
+    p.add_argument("--name", default="cpu-100k", help="run name (runs/exp/generator/NAME)")
+    p.add_argument("--kimg", type=float, default=100, help="training length (100 kimg: about 25 minutes on 2 cores)")
     p.add_argument("--snapshot-every", type=float, default=25, help="snapshot interval in kimg")
     p.add_argument("--per-class", type=int, default=8, help="Repro samples per class for the consistency figure")
     p.add_argument("--steps", type=int, default=32, help="Heun steps")
@@ -451,7 +460,7 @@ def main():
     p.set_defaults(func=generator)
     p = sub.add_parser("repro-check", help="baseline recipe on real + Repro samples of the last snapshot")
     p.add_argument("--identities", type=int, default=32, help="N: the default toy set's identities")
-    p.add_argument("--name", default="cpu-150k", help="generator run name")
+    p.add_argument("--name", default="cpu-100k", help="generator run name")
     p.add_argument("--steps", type=int, default=32, help="Heun steps")
     p.add_argument("--guide-kimg", type=float, help="autoguidance: the snapshot of the same run at this kimg guides")
     p.add_argument("--guidance", type=float, default=1.3, help="guidance weight w with --guide-kimg")
@@ -459,9 +468,11 @@ def main():
     p.set_defaults(func=repro_check)
     p = sub.add_parser("replication", help="the replication's main table (and --sensitivity rows), resumable")
     p.add_argument("--identities", type=int, default=32, help="N: the default toy set's identities")
-    p.add_argument("--name", default="cpu-150k", help="generator run (runs/exp/generator/NAME, last snapshot)")
+    p.add_argument("--name", default="cpu-100k", help="generator run (runs/exp/generator/NAME, last snapshot)")
     p.add_argument("--guide-kimg", type=float, default=25, help="autoguidance guide: the snapshot at this kimg")
-    p.add_argument("--guidance", type=float, default=1.3, help="guidance weight w (1: unguided)")
+    p.add_argument("--guidance", type=float, default=1.0,
+                   help="guidance weight w of the main rows (1: unguided; the paper's 1.3 doubles the sampling "
+                        "cost on CPU and is a sensitivity row)")
     p.add_argument("--steps", type=int, default=32, help="Heun steps")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the main rows (others: first)")
     p.add_argument("--rows", nargs="+", help="run only these rows (names as in the table)")

@@ -11,7 +11,7 @@ run helpers (distributed setup, atomic saves, autocast) that the later stages im
     python train_arcface.py --data toy/train --out runs/baseline --val toy/bench/*.bin
     torchrun --nproc_per_node=8 train_arcface.py --data faces_webface/train.rec --out runs/r50 \
         --network r50 --width 1 --embedding-size 512 --input-size 112 --batch-size 1024 --epochs 20 --amp
-    (Glint360K: add --partial-fc --sample-rate 0.1 --workers 8; several nodes: docs/scale.md)
+    (Glint360K: add --partial-fc --sample-rate 0.1 --workers 8; several nodes: README, "Running at scale")
 """
 import argparse
 import gc
