@@ -24,7 +24,10 @@ A probe is a hit when its most similar gallery image (cosine) has the probe's id
 Generator checks (--consistency): class centres (mean of L2-normalised embeddings, re-normalised)
 of the real identity folders REAL_DIR/<identity>/; identity consistency = share of the images under
 SAMPLES_DIR/<identity>/ (identities also in REAL_DIR) whose nearest centre is their own class;
-cleanliness = mean absolute difference between neighbouring pixels (grey levels), samples over real.
+cleanliness = mean absolute difference between neighbouring pixels (grey levels), samples over real;
+identity spread = mean cosine of each image to its own folder's centre (intra) and mean cosine between
+distinct folders' centres (inter), for real and generated identities alike (DESIGN.md: mixed
+identities that are loose or alike teach the discriminator little).
 
 Under torchrun only rank 0 works (evaluation is single-process).
 
@@ -382,20 +385,31 @@ def neighbour_difference(images):
 
 
 def _named_images(folder, class_names):
-    """All images under folder/<identity>/ -> (uint8 images, index of the identity in class_names or -1)."""
+    """All images under folder/<identity>/ -> (uint8 images, index of the identity in class_names or -1,
+    index of its folder)."""
     ds = open_datasets([folder])
     images, labels = load_images(ds, progress=PROGRESS)
     index = {c: i for i, c in enumerate(class_names)}
-    return images, np.array([index.get(c, -1) for c in ds.classes])[np.asarray(labels)]
+    return images, np.array([index.get(c, -1) for c in ds.classes])[np.asarray(labels)], np.asarray(labels)
 
 
-def _own_centre_share(model, images, labels, centres, batch_size=256, device=None, amp=False):
-    """Share of the images with a class (label >= 0) whose nearest centre is that class; NaN if none."""
+def _own_centre_share(emb, labels, centres):
+    """Share of the embeddings with a class (label >= 0) whose nearest centre is that class; NaN if none."""
     keep = labels >= 0
     if not keep.any():
         return float("nan")
-    emb = embed(model, images[torch.from_numpy(keep)], batch_size, device, amp=amp)
-    return float(np.mean(np.argmax(emb @ centres.T, 1) == labels[keep]))
+    return float(np.mean(np.argmax(emb[keep] @ centres.T, 1) == labels[keep]))
+
+
+def identity_spread(emb, labels):
+    """L2-normalised embeddings [N, d] grouped by labels [N] -> (mean cosine of each to its own group's
+    centre, mean cosine between distinct groups' centres)."""
+    labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+    emb = torch.as_tensor(emb, dtype=torch.float64)
+    centres = F.normalize(torch.zeros(int(labels.max()) + 1, emb.shape[1], dtype=emb.dtype).index_add_(0, labels, emb))
+    gram = centres @ centres.T
+    inter = (gram.sum() - gram.diagonal().sum()) / (len(gram) * (len(gram) - 1))
+    return float((emb * centres[labels]).sum(1).mean()), float(inter)
 
 
 def identity_consistency(model, samples_dir, real_dir, batch_size=256, device=None, amp=False):
@@ -403,8 +417,8 @@ def identity_consistency(model, samples_dir, real_dir, batch_size=256, device=No
     ignored) whose nearest real class centre (cosine, top-1) is their own class; NaN if none match."""
     real = open_datasets([real_dir])
     centres = class_centres(model, real, batch_size=batch_size, device=device, amp=amp)
-    images, labels = _named_images(samples_dir, real.classes)
-    return _own_centre_share(model, images, labels, centres, batch_size, device, amp)
+    images, labels, _ = _named_images(samples_dir, real.classes)
+    return _own_centre_share(embed(model, images, batch_size, device, amp=amp), labels, centres)
 
 
 # -----------------------------------------------------------------------------
@@ -435,19 +449,28 @@ def run_consistency(args, model):
     real_images, real_labels = load_images(real, progress=PROGRESS)
     centres = class_centres(model, real_images, real_labels, len(real.classes), args.batch_size, args.device, args.amp)
     real_nd = neighbour_difference(real_images)
+    real_intra, real_inter = identity_spread(embed(model, real_images, args.batch_size, args.device, amp=args.amp),
+                                             real_labels)
     rows = {}
     for d in args.consistency:
-        images, labels = _named_images(d, real.classes)
-        c = _own_centre_share(model, images, labels, centres, args.batch_size, args.device, args.amp)
+        images, labels, folders = _named_images(d, real.classes)
+        emb = embed(model, images, args.batch_size, args.device, amp=args.amp)
+        c = _own_centre_share(emb, labels, centres)
+        intra, inter = identity_spread(emb, folders)
         nd = neighbour_difference(images)
         rows[d] = {"consistency": None if np.isnan(c) else 100 * c, "images": len(images),
-                   "neighbour_difference": nd, "neighbour_ratio": nd / real_nd}
-    print(f"\nreal {args.data}: neighbour difference {real_nd:.2f} grey levels\n")
-    print("| Samples | Consistency (%) | Neighbour diff | Ratio to real |\n|---|---|---|---|")
+                   "neighbour_difference": nd, "neighbour_ratio": nd / real_nd,
+                   "intra_cosine": intra, "inter_cosine": inter}
+    print(f"\nreal {args.data}: neighbour difference {real_nd:.2f} grey levels; identity spread: "
+          f"intra {real_intra:.3f}, inter {real_inter:.3f}\n")
+    print("| Samples | Consistency (%) | Neighbour diff | Ratio to real | Intra cosine | Inter cosine |\n"
+          "|---|---|---|---|---|---|")
     for d, r in rows.items():
         c = "n/a" if r["consistency"] is None else f"{r['consistency']:.1f}"
-        print(f"| {d} | {c} | {r['neighbour_difference']:.2f} | {r['neighbour_ratio']:.2f} |")
-    return {"model": args.model[0], "data": args.data, "real_neighbour_difference": real_nd, "samples": rows}
+        print(f"| {d} | {c} | {r['neighbour_difference']:.2f} | {r['neighbour_ratio']:.2f} | "
+              f"{r['intra_cosine']:.3f} | {r['inter_cosine']:.3f} |")
+    return {"model": args.model[0], "data": args.data, "real_neighbour_difference": real_nd,
+            "real_intra_cosine": real_intra, "real_inter_cosine": real_inter, "samples": rows}
 
 
 def print_table(results, names):

@@ -209,14 +209,27 @@ def sample_set(args, name, mode, selection, data, alpha=0.5, guidance=None, step
     out = os.path.join(RUNS, "replication", "synthetic", name)
     count = lambda: len(glob.glob(os.path.join(out, "*", "*.png")))
     recorded = os.path.exists(info_path)
+    baseline = os.path.join(RUNS, "replication", "real-seed0", "model.pt")
+
+    def measure():  # consistency, cleanliness and identity spread under the seed-0 baseline
+        sh("evaluate.py", "--consistency", out, os.path.join(data, "heldout"), "--data", real, "--model", baseline,
+           "--out", out + ".json")
+        with open(out + ".json") as f:
+            stats = json.load(f)
+        return {"samples": stats["samples"][out], "real_heldout": stats["samples"][os.path.join(data, "heldout")],
+                "real_train": {"intra_cosine": stats["real_intra_cosine"], "inter_cosine": stats["real_inter_cosine"]}}
+
     if recorded and os.path.isdir(out) and count() >= identities * per_identity:
+        with open(info_path) as f:
+            info = json.load(f)
+        if "real_train" not in info:  # a record from before the identity-spread measurement
+            write_json({**info, **measure()}, info_path)
         return out  # else a new checkout: sample again (seeded: the same images), keep the first record
     gen = os.path.join(RUNS, "generator", args.name)
     snap = sorted(glob.glob(os.path.join(gen, "network-snapshot-*.pt")))[-1]
     flags = ["--net", snap, "--steps", steps, "--per-pair", per_identity, "--alpha", alpha, "--seed", 1]
     if guidance != 1:
         flags += ["--guide", os.path.join(gen, f"network-snapshot-{args.guide_kimg:06.0f}.pt"), "--guidance", guidance]
-    baseline = os.path.join(RUNS, "replication", "real-seed0", "model.pt")
     if selection:
         space, strategy, size = selection
         pairs = os.path.join(RUNS, "replication", "pairs", f"{space}-{strategy}-{size}-{identities}.csv")
@@ -230,16 +243,12 @@ def sample_set(args, name, mode, selection, data, alpha=0.5, guidance=None, step
     seconds, made = time.time() - t0, count() - before
     if recorded:
         return out
-    sh("evaluate.py", "--consistency", out, os.path.join(data, "heldout"), "--data", real, "--model", baseline,
-       "--out", out + ".json")
-    with open(out + ".json") as f:
-        stats = json.load(f)["samples"]
     write_json({"name": name, "mode": mode, "selection": selection, "alpha": alpha, "guidance": guidance,
                 "guide_kimg": args.guide_kimg if guidance != 1 else None, "steps": steps, "identities": identities,
                 "per_identity": per_identity, "snapshot": os.path.relpath(snap, ROOT),
                 "images_sampled_this_sitting": made, "sampling_seconds_this_sitting": round(seconds, 1),
                 "cpu_seconds_per_1000": round(seconds * (os.cpu_count() or 1) / made * 1000, 1) if made else None,
-                "samples": stats[out], "real_heldout": stats[os.path.join(data, "heldout")]}, info_path)
+                **measure()}, info_path)
     return out
 
 
@@ -322,14 +331,16 @@ def replication_table(rows):
               f"| {share} | {cost} |")
     if synth:
         print("\n| synthetic set | mode | pairs | alpha | w | steps | identities x images | consistency % | "
-              "neighbour ratio (real held-out) | CPU-s / 1000 images |")
-        print("|---" * 10 + "|")
+              "neighbour ratio (real held-out) | intra / inter cosine (real) | CPU-s / 1000 images |")
+        print("|---" * 11 + "|")
         for name, s in sorted(synth.items()):
             sel = "-".join(map(str, s["selection"])) if s["selection"] else ""
-            cons = s["samples"]["consistency"]
+            cons, sam = s["samples"]["consistency"], s["samples"]
+            spread = f"{sam['intra_cosine']:.2f} / {sam['inter_cosine']:.2f} ({s['real_train']['intra_cosine']:.2f} / " \
+                     f"{s['real_train']['inter_cosine']:.2f})" if "real_train" in s else ""
             print(f"| {name} | {s['mode']} | {sel} | {s['alpha']:g} | {s['guidance']:g} | {s['steps']} | "
                   f"{s['identities']} x {s['per_identity']} | {'' if cons is None else f'{cons:.1f}'} | "
-                  f"{s['samples']['neighbour_ratio']:.2f} ({s['real_heldout']['neighbour_ratio']:.2f}) | "
+                  f"{sam['neighbour_ratio']:.2f} ({s['real_heldout']['neighbour_ratio']:.2f}) | {spread} | "
                   f"{s['cpu_seconds_per_1000'] or ''} |")
     cka_path = os.path.join(RESULTS, "replication", "cka.json")
     if os.path.exists(cka_path):

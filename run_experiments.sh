@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The replication on the toy faces (2 CPU cores: the main table takes hours; the sensitivity rows as long
+# The replication on the toy faces (2 CPU cores: the main rows about an hour, the secondary rows as long
 # again). Every run writes results/replication/*.json and is skipped when its file exists, so re-running
 # this command continues where the last sitting stopped. Tables: python experiments.py table replication
 #
@@ -9,6 +9,6 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python}
 "$PY" experiments.py calibration          # the toy sets (N and 2N identities) and their baselines
-"$PY" experiments.py generator            # the shared generator (150 kimg, ~45 min) and its measurements
+"$PY" experiments.py generator            # the shared generator (100 kimg, ~21 min) and its measurements
 "$PY" experiments.py replication "$@"
 "$PY" experiments.py table replication

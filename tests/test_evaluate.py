@@ -264,6 +264,17 @@ def test_identity_consistency_counts_own_class_nearest_centres(tmp_path, monkeyp
     assert share == pytest.approx(3 / 4)
 
 
+def test_identity_spread_matches_hand_computed_cosines():
+    s = 1 / np.sqrt(2)
+    emb = np.array([[1, 0, 0], [s, s, 0], [0, 0, 1], [0, s, s]])  # two identities of two images
+    intra, inter = evaluate.identity_spread(emb, [0, 0, 1, 1])
+    c0 = np.array([1 + s, s, 0]) / np.linalg.norm([1 + s, s, 0])
+    c1 = np.array([0, s, 1 + s]) / np.linalg.norm([0, s, 1 + s])
+    assert intra == pytest.approx(np.mean([emb[0] @ c0, emb[1] @ c0, emb[2] @ c1, emb[3] @ c1]), abs=1e-12)
+    assert inter == pytest.approx(c0 @ c1, abs=1e-12)
+    assert evaluate.identity_spread(np.eye(3), [0, 1, 2]) == pytest.approx((1.0, 0.0))
+
+
 # ----------------------------------------------------------------------------- IJB 1:1 and identification
 
 def similarity(scale, angle, tx, ty):
@@ -421,6 +432,8 @@ def test_cli_consistency_reports_real_reference(trained_model, tiny_toy, tmp_pat
     rows = res["samples"]
     assert 0 <= rows[str(tiny_toy / "heldout")]["consistency"] <= 100
     assert rows[str(tiny_toy / "train")]["neighbour_ratio"] == pytest.approx(1.0)
+    assert rows[str(tiny_toy / "train")]["intra_cosine"] == pytest.approx(res["real_intra_cosine"], abs=1e-5)
+    assert -1 <= res["real_inter_cosine"] < res["real_intra_cosine"] <= 1
     assert "| Samples |" in r.stdout
 
 

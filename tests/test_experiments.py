@@ -1,0 +1,36 @@
+"""experiments.py's bookkeeping: which sensitivity rows run, and the replication table's arithmetic."""
+import argparse
+import json
+
+import experiments
+from experiments import BENCH
+
+
+def test_sensitivity_rows_skip_the_main_setting():
+    rows = [r[0] for r in experiments.sensitivity_rows(argparse.Namespace(guidance=1.0, steps=32))]
+    assert "real+scoremix-dist-emb-w1" not in rows and "real+scoremix-dist-emb-steps32" not in rows
+    assert {"real+scoremix-dist-emb-w1.3", "real+scoremix-dist-emb-w2", "real+scoremix-dist-emb-steps16",
+            "real+scoremix-dist-emb-alpha0.3"} <= set(rows)
+    assert all(sources == ["real", row[5:]] for row, sources, _, _ in experiments.sensitivity_rows(
+        argparse.Namespace(guidance=1.3, steps=16)))
+
+
+def result(tmp_path, row, seed, avg, sources):
+    acc = {b: avg for b in BENCH}
+    (tmp_path / "replication").mkdir(exist_ok=True)
+    (tmp_path / "replication" / f"{experiments.row_file(row)}-seed{seed}.json").write_text(json.dumps(
+        {"row": row, "seed": seed, "steps": 192, "accuracy": acc, "avg": avg, "sources": sources,
+         "tar_at_far_1e-3": {b: 10.0 for b in BENCH}}))
+
+
+def test_replication_table_gives_the_share_of_the_oracle_gain(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(experiments, "RESULTS", str(tmp_path))
+    for seed, (real, oracle, mix) in enumerate([(78.0, 81.0, 79.0), (78.0, 81.0, 80.0)]):
+        result(tmp_path, "real", seed, real, ["real"])
+        result(tmp_path, "oracle", seed, oracle, ["oracle"])
+        result(tmp_path, "real+scoremix-dist-emb", seed, mix, ["real", "scoremix-dist-emb"])
+    experiments.table(argparse.Namespace(group="replication"))
+    lines = {line.split(" | ")[0][2:]: line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")}
+    assert "| 79.5 +- 0.5 |" in lines["real+scoremix-dist-emb"]
+    assert lines["real+scoremix-dist-emb"].split(" | ")[-2] == "+0.50"  # (79.5 - 78) / (81 - 78)
+    assert lines["oracle"].split(" | ")[-2] == "+1.00" and lines["real"].split(" | ")[-2] == "+0.00"
