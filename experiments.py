@@ -374,7 +374,8 @@ def load_results(group):
     for path in sorted(glob.glob(os.path.join(RESULTS, group, "*.json"))):
         with open(path) as f:
             r = json.load(f)
-        rows.setdefault(r.get("row", r.get("run")), []).append(r)
+        if "row" in r or "run" in r:  # not the group's other files (cka.json)
+            rows.setdefault(r.get("row", r.get("run")), []).append(r)
     return rows
 
 
