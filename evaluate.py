@@ -178,11 +178,15 @@ def class_centres(model, data, labels=None, num_classes=None, batch_size=256, de
     if labels is None:
         num_classes = len(data.classes) if num_classes is None else num_classes
         data, labels = load_images(data, getattr(model, "input_size", None), PROGRESS)
+    return centres_of(embed(model, data, batch_size=batch_size, device=device, amp=amp), labels, num_classes).numpy()
+
+
+def centres_of(emb, labels, num_classes=None):
+    """Embeddings [N, d] and labels [N] -> L2-normalised class means [C, d] (a tensor, emb's dtype)."""
     labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+    emb = torch.as_tensor(emb)
     num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
-    emb = torch.from_numpy(embed(model, data, batch_size=batch_size, device=device, amp=amp))
-    sums = torch.zeros(num_classes, emb.shape[1]).index_add_(0, labels, emb)
-    return F.normalize(sums, dim=1).numpy()
+    return F.normalize(torch.zeros(num_classes, emb.shape[1], dtype=emb.dtype).index_add_(0, labels, emb), dim=1)
 
 
 # -----------------------------------------------------------------------------
@@ -406,7 +410,7 @@ def identity_spread(emb, labels):
     centre, mean cosine between distinct groups' centres)."""
     labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
     emb = torch.as_tensor(emb, dtype=torch.float64)
-    centres = F.normalize(torch.zeros(int(labels.max()) + 1, emb.shape[1], dtype=emb.dtype).index_add_(0, labels, emb))
+    centres = centres_of(emb, labels)
     gram = centres @ centres.T
     inter = (gram.sum() - gram.diagonal().sum()) / (len(gram) * (len(gram) - 1))
     return float((emb * centres[labels]).sum(1).mean()), float(inter)
@@ -447,10 +451,10 @@ def run_consistency(args, model):
     """Identity consistency and neighbour-difference ratio of each --consistency folder."""
     real = open_datasets([args.data])
     real_images, real_labels = load_images(real, progress=PROGRESS)
-    centres = class_centres(model, real_images, real_labels, len(real.classes), args.batch_size, args.device, args.amp)
+    real_emb = embed(model, real_images, args.batch_size, args.device, amp=args.amp)  # once: centres and spread
+    centres = centres_of(real_emb, real_labels, len(real.classes)).numpy()
     real_nd = neighbour_difference(real_images)
-    real_intra, real_inter = identity_spread(embed(model, real_images, args.batch_size, args.device, amp=args.amp),
-                                             real_labels)
+    real_intra, real_inter = identity_spread(real_emb, real_labels)
     rows = {}
     for d in args.consistency:
         images, labels, folders = _named_images(d, real.classes)

@@ -47,14 +47,16 @@ def discriminator_run(group, row, seed, data_dirs, bench_dir, extra=(), note="",
     run = os.path.join(RUNS, group, f"{result_name or row}-seed{seed}")
     model = os.path.join(run, "model.pt")
     bins = [os.path.join(bench_dir, f"{b}.bin") for b in BENCH]
-    if os.path.exists(result_path):
+    recorded = os.path.exists(result_path)
+    if recorded:
         print(f"skip {result_path} (exists)")
-        if need_model and not os.path.exists(model):
-            sh("train_arcface.py", "--data", *data_dirs, "--out", run, "--seed", seed, "--val", *bins, *extra)
-        return model
+        if not need_model or os.path.exists(model):
+            return model
     t0 = time.time()
     sh("train_arcface.py", "--data", *data_dirs, "--out", run, "--seed", seed, "--val", *bins, *extra)
     train_seconds = time.time() - t0
+    if recorded:
+        return model
     sh("evaluate.py", "--model", os.path.join(run, "model.pt"), "--bin", *bins, "--names", row,
        "--out", os.path.join(run, "eval.json"))
     with open(os.path.join(run, "eval.json")) as f:
