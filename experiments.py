@@ -181,14 +181,19 @@ REPLICATION_ROWS = [
     ("real+condmix-dist-emb", ["real", "condmix-dist-emb"], [], True),
     ("real+condmix-dist-emb (=)", ["real", "condmix-dist-emb"], ["="], True),
     ("real+scoremix-random", ["real", "scoremix-random"], [], False),
+    ("real+scoremix-random (=)", ["real", "scoremix-random"], ["="], False),
     ("real+scoremix-dist-emb", ["real", "scoremix-dist-emb"], [], True),
     ("real+scoremix-dist-emb (=)", ["real", "scoremix-dist-emb"], ["="], True),
     ("real+scoremix-close-emb", ["real", "scoremix-close-emb"], [], True),
     ("real+scoremix-close-emb (=)", ["real", "scoremix-close-emb"], ["="], True),
     ("real+scoremix-dist-cond", ["real", "scoremix-dist-cond"], [], False),
+    ("real+scoremix-dist-cond (=)", ["real", "scoremix-dist-cond"], ["="], False),
     ("real+scoremix-close-cond", ["real", "scoremix-close-cond"], [], False),
+    ("real+scoremix-close-cond (=)", ["real", "scoremix-close-cond"], ["="], False),
     ("real+scoremix-summax-emb", ["real", "scoremix-summax-emb"], [], False),
+    ("real+scoremix-summax-emb (=)", ["real", "scoremix-summax-emb"], ["="], False),
     ("real+scoremix-summin-emb", ["real", "scoremix-summin-emb"], [], False),
+    ("real+scoremix-summin-emb (=)", ["real", "scoremix-summin-emb"], ["="], False),
     ("repro-only", ["repro"], [], False),
     ("scoremix-only", ["scoremix-dist-emb"], [], False),
 ]
@@ -288,7 +293,8 @@ def replication(args):
            "--fr", *models, "--data", sources["real"], "--permutations", 100, "--out", cka_path)
 
 
-# sensitivity on the dist-embedding row: name -> (mode, selection, sampler overrides)
+# sensitivity on the dist-embedding row: name -> (mode, selection, sampler overrides); the last entry is
+# the generator issue's Repro check with the paper's guidance (w 1.3, autoguided by an early snapshot)
 SENSITIVITY = {
     "scoremix-dist-emb-alpha0.3": ("scoremix", ("embedding", "dist", 2), {"alpha": 0.3}),
     "scoremix-dist-emb-alpha0.7": ("scoremix", ("embedding", "dist", 2), {"alpha": 0.7}),
@@ -299,14 +305,20 @@ SENSITIVITY = {
     "scoremix-dist-emb-steps32": ("scoremix", ("embedding", "dist", 2), {"steps": 32}),
     "scoremix-dist-emb-ids0.5": ("scoremix", ("embedding", "dist", 2), {"identities": 16, "per_identity": 64}),
     "scoremix-dist-emb-ids2": ("scoremix", ("embedding", "dist", 2), {"identities": 64, "per_identity": 16}),
+    "repro-w1.3": ("repro", None, {"guidance": 1.3}),
 }
 
 
 def sensitivity_rows(args):
-    """One seed each; variants equal to the main setting are skipped (the main row is that point)."""
-    main = {"guidance": args.guidance, "steps": args.steps}
-    return [(f"real+{name}", ["real", name], [], False) for name, (_, _, over) in SENSITIVITY.items()
-            if not all(main.get(k) == v for k, v in over.items())]
+    """Each variant at 24 epochs and at the baseline's steps (=), one seed (Repro variants: all seeds, as the
+    main Repro rows); variants equal to the main setting are skipped (the main row is that point)."""
+    main, rows = {"guidance": args.guidance, "steps": args.steps}, []
+    for name, (mode, _, over) in SENSITIVITY.items():
+        if not all(main.get(k) == v for k, v in over.items()):
+            flags = MERGE if mode == "repro" else []
+            rows += [(f"real+{name}", ["real", name], flags, mode == "repro"),
+                     (f"real+{name} (=)", ["real", name], flags + ["="], mode == "repro")]
+    return rows
 
 
 def replication_table(rows):
@@ -316,21 +328,29 @@ def replication_table(rows):
         with open(path) as f:
             r = json.load(f)
         synth[r["name"]] = r
-    order = [r[0] for r in REPLICATION_ROWS] + sorted(set(rows) - {r[0] for r in REPLICATION_ROWS})
+    main = [r[0] for r in REPLICATION_ROWS if r[0] in rows]
     avg = {row: np.mean([r["avg"] for r in runs]) for row, runs in rows.items()}
     base, top = avg.get("real"), avg.get("oracle")
-    print("| row | seeds | steps | " + " | ".join(BENCH) + " | Toy Avg-H | TAR@FAR=1e-3 cplfw | oracle gain share "
-          "| synthetic CPU-s / 1000 images |")
-    print("|---" * (len(BENCH) + 7) + "|")
-    for row in (r for r in order if r in rows):
-        runs = rows[row]
-        cells = [mean_std([r["accuracy"][b] for r in runs]) for b in BENCH]
-        share = f"{(avg[row] - base) / (top - base):+.2f}" if base is not None and top not in (None, base) else ""
-        syn = [s for s in runs[0]["sources"] if s in synth]
-        cost = " + ".join(f"{synth[s]['cpu_seconds_per_1000']:.0f}" for s in syn if synth[s]["cpu_seconds_per_1000"])
-        print(f"| {row} | {len(runs)} | {runs[0]['steps']} | " + " | ".join(cells) +
-              f" | {mean_std([r['avg'] for r in runs])} | {mean_std([r['tar_at_far_1e-3']['toy_cplfw'] for r in runs])} "
-              f"| {share} | {cost} |")
+    sensitivity = sorted(set(rows) - set(main))
+    for title, group in (("", main), ("Sensitivity: the dist-embedding row's sampler settings, and Repro with "
+                                      "guidance (one row per setting)", sensitivity)):
+        if not group:
+            continue
+        if title:
+            print(f"\n{title}\n")
+        print("| row | seeds | steps | " + " | ".join(BENCH) + " | Toy Avg-H | TAR@FAR=1e-3 cplfw | oracle gain share "
+              "| synthetic CPU-s / 1000 images |")
+        print("|---" * (len(BENCH) + 7) + "|")
+        for row in group:
+            runs = rows[row]
+            cells = [mean_std([r["accuracy"][b] for r in runs]) for b in BENCH]
+            share = f"{(avg[row] - base) / (top - base):+.2f}" if base is not None and top not in (None, base) else ""
+            syn = [s for s in runs[0]["sources"] if s in synth]
+            cost = " + ".join(f"{synth[s]['cpu_seconds_per_1000']:.0f}" for s in syn
+                              if synth[s]["cpu_seconds_per_1000"])
+            print(f"| {row} | {len(runs)} | {runs[0]['steps']} | " + " | ".join(cells) +
+                  f" | {mean_std([r['avg'] for r in runs])} | "
+                  f"{mean_std([r['tar_at_far_1e-3']['toy_cplfw'] for r in runs])} | {share} | {cost} |")
     if synth:
         print("\n| synthetic set | mode | pairs | alpha | w | steps | identities x images | consistency % | "
               "neighbour ratio (real held-out) | intra / inter cosine (real) | CPU-s / 1000 images |")

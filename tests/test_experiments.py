@@ -11,8 +11,11 @@ def test_sensitivity_rows_skip_the_main_setting():
     assert "real+scoremix-dist-emb-w1" not in rows and "real+scoremix-dist-emb-steps32" not in rows
     assert {"real+scoremix-dist-emb-w1.3", "real+scoremix-dist-emb-w2", "real+scoremix-dist-emb-steps16",
             "real+scoremix-dist-emb-alpha0.3"} <= set(rows)
-    assert all(sources == ["real", row[5:]] for row, sources, _, _ in experiments.sensitivity_rows(
-        argparse.Namespace(guidance=1.3, steps=16)))
+    assert "real+scoremix-dist-emb-alpha0.3 (=)" in rows and "real+repro-w1.3 (=)" in rows
+    for row, sources, flags, all_seeds in experiments.sensitivity_rows(argparse.Namespace(guidance=1.3, steps=16)):
+        assert sources == ["real", row[5:].replace(" (=)", "")]
+        assert ("=" in flags) == row.endswith("(=)")
+        assert ("--merge-by-name" in flags) == all_seeds == row.startswith("real+repro")  # Repro joins real classes
 
 
 def result(tmp_path, row, seed, avg, sources):
@@ -29,8 +32,13 @@ def test_replication_table_gives_the_share_of_the_oracle_gain(tmp_path, monkeypa
         result(tmp_path, "real", seed, real, ["real"])
         result(tmp_path, "oracle", seed, oracle, ["oracle"])
         result(tmp_path, "real+scoremix-dist-emb", seed, mix, ["real", "scoremix-dist-emb"])
+    result(tmp_path, "real+scoremix-dist-emb-alpha0.3 (=)", 0, 77.0, ["real", "scoremix-dist-emb-alpha0.3"])
     experiments.table(argparse.Namespace(group="replication"))
-    lines = {line.split(" | ")[0][2:]: line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")}
+    out = capsys.readouterr().out
+    main, sensitivity = out.split("Sensitivity")  # sensitivity rows print in a table of their own
+    assert "alpha0.3" in sensitivity and "alpha0.3" not in main and "| real |" in main
+    lines = {line.split(" | ")[0][2:]: line for line in out.splitlines() if line.startswith("| ")}
+    assert lines["real+scoremix-dist-emb-alpha0.3 (=)"].split(" | ")[-2] == "-0.33"
     assert "| 79.5 +- 0.5 |" in lines["real+scoremix-dist-emb"]
     assert lines["real+scoremix-dist-emb"].split(" | ")[-2] == "+0.50"  # (79.5 - 78) / (81 - 78)
     assert lines["oracle"].split(" | ")[-2] == "+1.00" and lines["real"].split(" | ")[-2] == "+0.00"
