@@ -332,8 +332,8 @@ def replication_table(rows):
     avg = {row: np.mean([r["avg"] for r in runs]) for row, runs in rows.items()}
     base, top = avg.get("real"), avg.get("oracle")
     sensitivity = sorted(set(rows) - set(main))
-    for title, group in (("", main), ("Sensitivity: the dist-embedding row's sampler settings, and Repro with "
-                                      "guidance (one row per setting)", sensitivity)):
+    for title, group in (("", main), ("Sensitivity: the dist-embedding row's sampler settings (one seed each), "
+                                      "and Repro with guidance", sensitivity)):
         if not group:
             continue
         if title:
@@ -389,6 +389,27 @@ def generator_table(rows):
               f"{r['neighbour_ratio']:.2f} ({r['real_neighbour_ratio']:.2f}) | {r['sample_images_per_s']:.2f} | "
               + " | ".join(f"{d[s]:.4f}" if s in d else "" for s in sigmas) + " |")
     print(f"\ntrivial denoisers: RMS = sigma (D = noisy input); {runs[-1]['mean_image_rms']:.4f} (D = mean image)")
+
+
+def figure(args):
+    """One image of each of the first identities (columns) of the real set and of each synthetic set (rows)."""
+    import torch
+    from PIL import Image
+
+    from scoremix_sample import labelled_grid, save_image_atomic
+    folders = {"real": os.path.join(toy_data(32), "train")}
+    folders.update((name, os.path.join(RUNS, "replication", "synthetic", name)) for name in args.sets)
+    rows = []
+    for name, folder in folders.items():
+        if not os.path.isdir(folder):
+            sys.exit(f"error: {folder} does not exist (run the replication first)")
+        ids = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))[:args.columns]
+        rows.append([torch.from_numpy(np.array(Image.open(sorted(glob.glob(os.path.join(folder, i, "*.png")))[0])
+                                               .convert("RGB"))).permute(2, 0, 1) for i in ids])
+    grid = labelled_grid(torch.stack([torch.stack(r) for r in rows]), list(folders), [""] * args.columns,
+                         "first image of the first identities of each training set (replication)")
+    save_image_atomic(grid, args.out)
+    print(f"wrote {args.out}")
 
 
 def load_results(group):
@@ -512,6 +533,13 @@ def main():
     p.add_argument("--rows", nargs="+", help="run only these rows (names as in the table)")
     p.add_argument("--sensitivity", action="store_true", help="also the alpha / w / steps / identities rows")
     p.set_defaults(func=replication)
+    p = sub.add_parser("figure", help="a grid of the replication's training sets (rows) and identities")
+    p.add_argument("--sets", nargs="+", default=["repro", "repro-w1.3", "condmix-dist-emb", "scoremix-dist-emb",
+                                                 "scoremix-close-emb", "scoremix-summax-emb", "scoremix-dist-emb-w1.3"],
+                   help="synthetic sets under runs/exp/replication/synthetic")
+    p.add_argument("--columns", type=int, default=10, help="identities shown per set")
+    p.add_argument("--out", default=os.path.join(ROOT, "docs", "figures", "replication_sets.png"), help="PNG path")
+    p.set_defaults(func=figure)
     p = sub.add_parser("table", help="print the markdown tables of one results group")
     p.add_argument("group", help="results/<group>")
     p.set_defaults(func=table)

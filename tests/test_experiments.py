@@ -42,3 +42,21 @@ def test_replication_table_gives_the_share_of_the_oracle_gain(tmp_path, monkeypa
     assert "| 79.5 +- 0.5 |" in lines["real+scoremix-dist-emb"]
     assert lines["real+scoremix-dist-emb"].split(" | ")[-2] == "+0.50"  # (79.5 - 78) / (81 - 78)
     assert lines["oracle"].split(" | ")[-2] == "+1.00" and lines["real"].split(" | ")[-2] == "+0.00"
+
+
+def test_figure_shows_one_row_per_set_and_rejects_a_missing_set(tmp_path, monkeypatch):
+    import numpy as np
+    import pytest
+    from PIL import Image
+    for folder in ("real/train", "runs/replication/synthetic/mix"):
+        for ident in ("a", "b"):
+            (tmp_path / folder / ident).mkdir(parents=True)
+            Image.fromarray(np.full((8, 8, 3), 100, np.uint8)).save(tmp_path / folder / ident / "0.png")
+    (tmp_path / "runs/replication/synthetic/mix/manifest.csv").write_text("not a folder\n")
+    monkeypatch.setattr(experiments, "toy_data", lambda n: str(tmp_path / "real"))
+    monkeypatch.setattr(experiments, "RUNS", str(tmp_path / "runs"))
+    out = tmp_path / "grid.png"
+    experiments.figure(argparse.Namespace(sets=["mix"], columns=4, out=str(out)))
+    assert Image.open(out).size[1] > 2 * 16  # two rows of 8-px cells at zoom 2
+    with pytest.raises(SystemExit, match="does not exist"):
+        experiments.figure(argparse.Namespace(sets=["absent"], columns=4, out=str(out)))
