@@ -315,9 +315,10 @@ def sensitivity_rows(args):
     main, rows = {"guidance": args.guidance, "steps": args.steps}, []
     for name, (mode, _, over) in SENSITIVITY.items():
         if not all(main.get(k) == v for k, v in over.items()):
-            flags = MERGE if mode == "repro" else []
-            rows += [(f"real+{name}", ["real", name], flags, mode == "repro"),
-                     (f"real+{name} (=)", ["real", name], flags + ["="], mode == "repro")]
+            repro = mode == "repro"  # Repro images join their real classes, and get every seed
+            flags = MERGE if repro else []
+            rows += [(f"real+{name}", ["real", name], flags, repro),
+                     (f"real+{name} (=)", ["real", name], flags + ["="], repro)]
     return rows
 
 
@@ -397,7 +398,7 @@ def figure(args):
     from PIL import Image
 
     from scoremix_sample import labelled_grid, save_image_atomic
-    folders = {"real": os.path.join(toy_data(32), "train")}
+    folders = {"real": os.path.join(toy_data(args.identities), "train")}
     folders.update((name, os.path.join(RUNS, "replication", "synthetic", name)) for name in args.sets)
     rows = []
     for name, folder in folders.items():
@@ -537,6 +538,7 @@ def main():
     p.add_argument("--sets", nargs="+", default=["repro", "repro-w1.3", "condmix-dist-emb", "scoremix-dist-emb",
                                                  "scoremix-close-emb", "scoremix-summax-emb", "scoremix-dist-emb-w1.3"],
                    help="synthetic sets under runs/exp/replication/synthetic")
+    p.add_argument("--identities", type=int, default=32, help="N: the real toy set shown in the first row")
     p.add_argument("--columns", type=int, default=10, help="identities shown per set")
     p.add_argument("--out", default=os.path.join(ROOT, "docs", "figures", "replication_sets.png"), help="PNG path")
     p.set_defaults(func=figure)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The replication on the toy faces (2 CPU cores: the main rows about an hour, the secondary and triplet
-# rows about an hour more, the sensitivity rows about two hours). Every run writes results/replication/*.json and is skipped when its file exists, so re-running
-# this command continues where the last sitting stopped. Tables: python experiments.py table replication
+# rows about an hour more, the sensitivity rows about two hours). Every run writes
+# results/replication/*.json and is skipped when its file exists, so re-running this command continues
+# where the last sitting stopped. Tables: python experiments.py table replication
 #
 #   bash run_experiments.sh                  # calibration data, generator, main table, CKA
 #   bash run_experiments.sh --sensitivity    # + alpha / guidance / steps / identities rows (one seed)

@@ -56,7 +56,7 @@ def test_figure_shows_one_row_per_set_and_rejects_a_missing_set(tmp_path, monkey
     monkeypatch.setattr(experiments, "toy_data", lambda n: str(tmp_path / "real"))
     monkeypatch.setattr(experiments, "RUNS", str(tmp_path / "runs"))
     out = tmp_path / "grid.png"
-    experiments.figure(argparse.Namespace(sets=["mix"], columns=4, out=str(out)))
+    experiments.figure(argparse.Namespace(sets=["mix"], identities=32, columns=4, out=str(out)))
     assert Image.open(out).size[1] > 2 * 16  # two rows of 8-px cells at zoom 2
     with pytest.raises(SystemExit, match="does not exist"):
-        experiments.figure(argparse.Namespace(sets=["absent"], columns=4, out=str(out)))
+        experiments.figure(argparse.Namespace(sets=["absent"], identities=32, columns=4, out=str(out)))
