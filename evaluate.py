@@ -27,7 +27,9 @@ SAMPLES_DIR/<identity>/ (identities also in REAL_DIR) whose nearest centre is th
 cleanliness = mean absolute difference between neighbouring pixels (grey levels), samples over real;
 identity spread = mean cosine of each image to its own folder's centre (intra) and mean cosine between
 distinct folders' centres (inter), for real and generated identities alike (DESIGN.md: mixed
-identities that are loose or alike teach the discriminator little).
+identities that are loose or alike teach the discriminator little); nearest real distance = mean RMS
+pixel distance of each image to its nearest REAL_DIR image (fresh real renders give the figure of a
+generator that does not copy its training set; a smaller one means copies).
 
 Under torchrun only rank 0 works (evaluation is single-process).
 
@@ -388,6 +390,15 @@ def neighbour_difference(images):
     return float((h.sum() + v.sum()) / (h.numel() + v.numel()))
 
 
+def nearest_distance(images, reference, chunk=512):
+    """Mean over images of the RMS pixel distance (grey levels, RGB) to the nearest reference image:
+    samples nearer their training set than fresh real renders are copies (memorisation)."""
+    flat = lambda x: torch.as_tensor(x).reshape(len(x), -1).double()  # noqa: E731 (float64: exact zeros)
+    ref = flat(reference)
+    nearest = [torch.cdist(flat(images[i:i + chunk]), ref).min(1).values for i in range(0, len(images), chunk)]
+    return float(torch.cat(nearest).mean() / ref.shape[1] ** 0.5)
+
+
 def _named_images(folder, class_names):
     """All images under folder/<identity>/ -> (uint8 images, index of the identity in class_names or -1,
     index of its folder)."""
@@ -464,15 +475,16 @@ def run_consistency(args, model):
         nd = neighbour_difference(images)
         rows[d] = {"consistency": None if np.isnan(c) else 100 * c, "images": len(images),
                    "neighbour_difference": nd, "neighbour_ratio": nd / real_nd,
-                   "intra_cosine": intra, "inter_cosine": inter}
+                   "intra_cosine": intra, "inter_cosine": inter,
+                   "nearest_real_distance": nearest_distance(images, real_images)}
     print(f"\nreal {args.data}: neighbour difference {real_nd:.2f} grey levels; identity spread: "
           f"intra {real_intra:.3f}, inter {real_inter:.3f}\n")
-    print("| Samples | Consistency (%) | Neighbour diff | Ratio to real | Intra cosine | Inter cosine |\n"
-          "|---|---|---|---|---|---|")
+    print("| Samples | Consistency (%) | Neighbour diff | Ratio to real | Intra cosine | Inter cosine "
+          "| Nearest real (RMS) |\n|---|---|---|---|---|---|---|")
     for d, r in rows.items():
         c = "n/a" if r["consistency"] is None else f"{r['consistency']:.1f}"
         print(f"| {d} | {c} | {r['neighbour_difference']:.2f} | {r['neighbour_ratio']:.2f} | "
-              f"{r['intra_cosine']:.3f} | {r['inter_cosine']:.3f} |")
+              f"{r['intra_cosine']:.3f} | {r['inter_cosine']:.3f} | {r['nearest_real_distance']:.1f} |")
     return {"model": args.model[0], "data": args.data, "real_neighbour_difference": real_nd,
             "real_intra_cosine": real_intra, "real_inter_cosine": real_inter, "samples": rows}
 

@@ -32,9 +32,11 @@ def sh(*cmd):
     subprocess.run(cmd, cwd=ROOT, check=True)
 
 
-def toy_data(identities, seed=0):
-    out = os.path.join(RUNS, "data", f"toy-n{identities}-s{seed}")
-    sh("toy_faces.py", "--out", out, "--identities", identities, "--seed", seed)  # skips if complete
+def toy_data(identities, seed=0, per_identity=None):
+    """The default toy set (or one with more images per identity: the first ones are the same images)."""
+    out = os.path.join(RUNS, "data", f"toy-n{identities}" + (f"-p{per_identity}" if per_identity else "") + f"-s{seed}")
+    more = ["--per-identity", per_identity] if per_identity else []
+    sh("toy_faces.py", "--out", out, "--identities", identities, "--seed", seed, *more)  # skips if complete
     return out
 
 
@@ -168,7 +170,8 @@ SYNTHETIC = {
     "scoremix-summin-emb": ("scoremix", ("embedding", "close", 3)),
 }
 # rows in table order: (row, training sources, train_arcface.py flags, main row: all seeds, else the first)
-# sources: "real", "oracle" (2N real identities), or a synthetic set; "=" in flags: the baseline's steps
+# sources: "real", "oracle" (2N real identities), "fresh" (the real set with twice the images per identity,
+# what a perfect Repro generator would add), or a synthetic set; "=" in flags: the baseline's steps
 MERGE = ["--merge-by-name"]  # Repro images join their real classes
 REPLICATION_ROWS = [
     ("real", ["real"], [], True),
@@ -176,6 +179,8 @@ REPLICATION_ROWS = [
     ("real-r50", ["real"], ["--network", "r50"], False),
     ("oracle", ["oracle"], [], True),
     ("oracle (=)", ["oracle"], ["="], True),
+    ("real+fresh", ["fresh"], [], True),  # Repro's oracle: as many fresh real renders of the same identities
+    ("real+fresh (=)", ["fresh"], ["="], True),
     ("real+repro", ["real", "repro"], MERGE, True),
     ("real+repro (=)", ["real", "repro"], MERGE + ["="], True),
     ("real+condmix-dist-emb", ["real", "condmix-dist-emb"], [], True),
@@ -204,7 +209,7 @@ def row_file(row):
 
 
 def sample_set(args, name, mode, selection, data, alpha=0.5, guidance=None, steps=None, identities=None,
-               per_identity=None):
+               per_identity=None, churn=0):
     """Sample one synthetic set (resumable) and record its cost and image statistics."""
     guidance = args.guidance if guidance is None else guidance
     steps = steps or args.steps
@@ -229,12 +234,14 @@ def sample_set(args, name, mode, selection, data, alpha=0.5, guidance=None, step
     if recorded and os.path.isdir(out) and count() >= identities * per_identity:
         with open(info_path) as f:
             info = json.load(f)
-        if "real_train" not in info:  # a record from before the identity-spread measurement
+        if "nearest_real_distance" not in info["samples"]:  # a record from before the copy measurement
             write_json({**info, **measure()}, info_path)
         return out  # else a new checkout: sample again (seeded: the same images), keep the first record
     gen = os.path.join(RUNS, "generator", args.name)
     snap = sorted(glob.glob(os.path.join(gen, "network-snapshot-*.pt")))[-1]
     flags = ["--net", snap, "--steps", steps, "--per-pair", per_identity, "--alpha", alpha, "--seed", 1]
+    if churn:
+        flags += ["--churn", churn]
     if guidance != 1:
         flags += ["--guide", os.path.join(gen, f"network-snapshot-{args.guide_kimg:06.0f}.pt"), "--guidance", guidance]
     if selection:
@@ -251,7 +258,8 @@ def sample_set(args, name, mode, selection, data, alpha=0.5, guidance=None, step
     if recorded:
         return out
     write_json({"name": name, "mode": mode, "selection": selection, "alpha": alpha, "guidance": guidance,
-                "guide_kimg": args.guide_kimg if guidance != 1 else None, "steps": steps, "identities": identities,
+                "guide_kimg": args.guide_kimg if guidance != 1 else None, "steps": steps, "churn": churn,
+                "identities": identities,
                 "per_identity": per_identity, "snapshot": os.path.relpath(snap, ROOT),
                 "images_sampled_this_sitting": made, "sampling_seconds_this_sitting": round(seconds, 1),
                 "cpu_seconds_per_1000": round(seconds * (os.cpu_count() or 1) / made * 1000, 1) if made else None,
@@ -265,7 +273,9 @@ def replication(args):
     n = args.identities
     data, oracle = toy_data(n), toy_data(2 * n)
     bench = os.path.join(data, "bench")
-    sources = {"real": os.path.join(data, "train"), "oracle": os.path.join(oracle, "train")}
+    per_identity = len(os.listdir(os.path.join(data, "train", "id00000")))
+    sources = {"real": os.path.join(data, "train"), "oracle": os.path.join(oracle, "train"),
+               "fresh": os.path.join(toy_data(n, per_identity=2 * per_identity), "train")}
     rows = REPLICATION_ROWS + (sensitivity_rows(args) if args.sensitivity else [])
     for row, srcs, flags, main_row in rows:
         if args.rows and row not in args.rows:
@@ -293,8 +303,9 @@ def replication(args):
            "--fr", *models, "--data", sources["real"], "--permutations", 100, "--out", cka_path)
 
 
-# sensitivity on the dist-embedding row: name -> (mode, selection, sampler overrides); the last entry is
-# the generator issue's Repro check with the paper's guidance (w 1.3, autoguided by an early snapshot)
+# sensitivity on the dist-embedding row: name -> (mode, selection, sampler overrides); the Repro entries are
+# the generator issue's Repro check with the paper's guidance (w 1.3, autoguided by an early snapshot) and
+# with the stochastic sampler
 SENSITIVITY = {
     "scoremix-dist-emb-alpha0.3": ("scoremix", ("embedding", "dist", 2), {"alpha": 0.3}),
     "scoremix-dist-emb-alpha0.7": ("scoremix", ("embedding", "dist", 2), {"alpha": 0.7}),
@@ -306,6 +317,9 @@ SENSITIVITY = {
     "scoremix-dist-emb-ids0.5": ("scoremix", ("embedding", "dist", 2), {"identities": 16, "per_identity": 64}),
     "scoremix-dist-emb-ids2": ("scoremix", ("embedding", "dist", 2), {"identities": 64, "per_identity": 16}),
     "repro-w1.3": ("repro", None, {"guidance": 1.3}),
+    "repro-churn10": ("repro", None, {"churn": 10}),  # stochastic Heun (EDM Alg. 2), S_min 0.05, S_max 50
+    "repro-churn40": ("repro", None, {"churn": 40}),
+    "repro-w1.3-churn40": ("repro", None, {"guidance": 1.3, "churn": 40}),
 }
 
 
@@ -334,7 +348,7 @@ def replication_table(rows):
     base, top = avg.get("real"), avg.get("oracle")
     sensitivity = sorted(set(rows) - set(main))
     for title, group in (("", main), ("Sensitivity: the dist-embedding row's sampler settings (one seed each), "
-                                      "and Repro with guidance", sensitivity)):
+                                      "and Repro with guidance and / or churn", sensitivity)):
         if not group:
             continue
         if title:
@@ -353,18 +367,22 @@ def replication_table(rows):
                   f" | {mean_std([r['avg'] for r in runs])} | "
                   f"{mean_std([r['tar_at_far_1e-3']['toy_cplfw'] for r in runs])} | {share} | {cost} |")
     if synth:
-        print("\n| synthetic set | mode | pairs | alpha | w | steps | identities x images | consistency % | "
-              "neighbour ratio (real held-out) | intra / inter cosine (real) | CPU-s / 1000 images |")
-        print("|---" * 11 + "|")
+        print("\n| synthetic set | mode | pairs | alpha | w | steps | churn | identities x images | consistency % | "
+              "neighbour ratio (real held-out) | intra / inter cosine (real) | nearest real RMS (real held-out) | "
+              "CPU-s / 1000 images |")
+        print("|---" * 13 + "|")
         for name, s in sorted(synth.items()):
             sel = "-".join(map(str, s["selection"])) if s["selection"] else ""
             cons, sam = s["samples"]["consistency"], s["samples"]
             spread = f"{sam['intra_cosine']:.2f} / {sam['inter_cosine']:.2f} ({s['real_train']['intra_cosine']:.2f} / " \
                      f"{s['real_train']['inter_cosine']:.2f})" if "real_train" in s else ""
+            near = f"{sam['nearest_real_distance']:.1f} ({s['real_heldout']['nearest_real_distance']:.1f})" \
+                if "nearest_real_distance" in sam else ""
             print(f"| {name} | {s['mode']} | {sel} | {s['alpha']:g} | {s['guidance']:g} | {s['steps']} | "
-                  f"{s['identities']} x {s['per_identity']} | {'' if cons is None else f'{cons:.1f}'} | "
+                  f"{s.get('churn', 0):g} | {s['identities']} x {s['per_identity']} | "
+                  f"{'' if cons is None else f'{cons:.1f}'} | "
                   f"{sam['neighbour_ratio']:.2f} ({s['real_heldout']['neighbour_ratio']:.2f}) | {spread} | "
-                  f"{s['cpu_seconds_per_1000'] or ''} |")
+                  f"{near} | {s['cpu_seconds_per_1000'] or ''} |")
     cka_path = os.path.join(RESULTS, "replication", "cka.json")
     if os.path.exists(cka_path):
         with open(cka_path) as f:

@@ -224,9 +224,11 @@ def is_complete(out, name, count):
 
 
 def manifest_rows(args, identities):
-    header = ["identity", "mode", "sources", "weights", "images", "seed", "index", "guidance", "steps", "net", "guide"]
+    header = ["identity", "mode", "sources", "weights", "images", "seed", "index", "guidance", "steps", "churn", "net",
+              "guide"]
+    churn = f"{args.churn:g};{args.churn_min:g};{args.churn_max:g};{args.churn_noise:g}" if args.churn else ""
     rows = [[ident["name"], args.mode, ";".join(ident["sources"]), ";".join(f"{w:g}" for w in ident["weights"]),
-             args.per_pair, args.seed, i, f"{args.guidance:g}", args.steps, args.net, args.guide or ""]
+             args.per_pair, args.seed, i, f"{args.guidance:g}", args.steps, churn, args.net, args.guide or ""]
             for i, ident in enumerate(identities)]
     return header, rows
 
@@ -239,11 +241,12 @@ def check_manifest(args, identities):
     header, rows = manifest_rows(args, identities)
     with open(path, newline="") as f:
         old = {r["identity"]: r for r in csv.DictReader(f)}
-    keys = ["mode", "sources", "weights", "images", "seed", "index", "guidance", "steps"]
+    keys = ["mode", "sources", "weights", "images", "seed", "index", "guidance", "steps", "churn"]
     for row in rows:
         new = dict(zip(header, map(str, row)))
-        if new["identity"] in old and any(old[new["identity"]].get(k) != new[k] for k in keys):
-            diff = {k: (old[new["identity"]].get(k), new[k]) for k in keys if old[new["identity"]].get(k) != new[k]}
+        mine = old.get(new["identity"])  # a column missing from an older manifest reads as empty (no churn)
+        if mine is not None and any(mine.get(k, "") != new[k] for k in keys):
+            diff = {k: (mine.get(k, ""), new[k]) for k in keys if mine.get(k, "") != new[k]}
             raise ValueError(f"{args.out} already holds {new['identity']} made with other settings "
                              f"(old, new: {diff}); use another --out")
 
@@ -253,6 +256,10 @@ def write_manifest(args, identities):
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows([header, *rows])
     write_text_atomic(buf.getvalue(), os.path.join(args.out, "manifest.csv"))
+
+
+def churn_kwargs(args):
+    return dict(S_churn=args.churn, S_min=args.churn_min, S_max=args.churn_max, S_noise=args.churn_noise)
 
 
 def save_png(image_u8, path):
@@ -282,7 +289,8 @@ def sample_identities(args, net, guide, identities, rank, world, device):
         denoise = make_denoiser(args.mode, net, classes, identities[chunk[0][0]]["weights"], guide, args.guidance)
         with ctx:
             images = generate_images(denoise, None, [seed_for(args.seed, i, j) for i, j in chunk],
-                                     num_steps=args.steps, batch_size=len(chunk), shape=shape, device=device)
+                                     num_steps=args.steps, batch_size=len(chunk), shape=shape, device=device,
+                                     **churn_kwargs(args))
         for (i, j), image in zip(chunk, images):
             name = identities[i]["name"]
             partial = os.path.join(args.out, f".{name}.partial")
@@ -347,7 +355,8 @@ def render_figures(args, net, guide, a, b, device):
                                      guide, args.guidance)
         with ctx:
             images.append(generate_images(denoise, None, all_seeds[lo:hi], num_steps=args.steps,
-                                          batch_size=args.batch_size, shape=shape, device=device))
+                                          batch_size=args.batch_size, shape=shape, device=device,
+                                          **churn_kwargs(args)))
     images = torch.cat(images)
     n = len(values)
     zoom = max(1, 64 // net.img_resolution)
@@ -386,6 +395,11 @@ def parse_args(argv=None):
     p.add_argument("--weights", type=float, nargs="+", help="explicit convex weights, one per class column "
                                                             "(None: alpha, 1 - alpha for pairs; equal for tuples)")
     p.add_argument("--steps", type=int, default=32, help="Heun steps (deterministic, Karras schedule)")
+    p.add_argument("--churn", type=float, default=0, help="S_churn of the stochastic Heun sampler (EDM Alg. 2; "
+                   "0: deterministic); the noise is seeded per image like the start")
+    p.add_argument("--churn-min", type=float, default=0.05, help="S_min: churn only where sigma >= this")
+    p.add_argument("--churn-max", type=float, default=50, help="S_max: churn only where sigma <= this")
+    p.add_argument("--churn-noise", type=float, default=1.003, help="S_noise: scale of the churn noise")
     p.add_argument("--batch-size", type=int, default=64, help="images per sampler batch per process")
     p.add_argument("--seed", type=int, default=0, help="base seed: image n of identity i uses seed_for(seed, i, n)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (None: cuda if available)")
@@ -407,6 +421,8 @@ def parse_args(argv=None):
     for flag in ("per_pair", "steps", "batch_size", "grid_seeds"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.churn < 0:
+        p.error("--churn must be >= 0")
     if not 0 <= args.alpha <= 1:
         p.error("--alpha must be in [0, 1] (a convex mix; --grid shows the others)")
     return args

@@ -251,6 +251,12 @@ def test_neighbour_difference_counts_grey_levels():
     assert evaluate.neighbour_difference(img.transpose(0, 3, 1, 2)) == pytest.approx(255, rel=1e-5)
 
 
+def test_nearest_distance_is_the_rms_to_the_closest_reference():
+    reference = np.stack([np.full((4, 4, 3), v, np.uint8) for v in (0, 100, 200)])
+    images = np.stack([np.full((4, 4, 3), v, np.uint8) for v in (90, 200, 255)])
+    assert evaluate.nearest_distance(images, reference, chunk=2) == pytest.approx((10 + 0 + 55) / 3, rel=1e-6)
+
+
 def test_identity_consistency_counts_own_class_nearest_centres(tmp_path, monkeypatch):
     for c in range(3):
         for n in range(3):
@@ -432,6 +438,8 @@ def test_cli_consistency_reports_real_reference(trained_model, tiny_toy, tmp_pat
     rows = res["samples"]
     assert 0 <= rows[str(tiny_toy / "heldout")]["consistency"] <= 100
     assert rows[str(tiny_toy / "train")]["neighbour_ratio"] == pytest.approx(1.0)
+    assert rows[str(tiny_toy / "train")]["nearest_real_distance"] == pytest.approx(0, abs=1e-2)  # itself
+    assert rows[str(tiny_toy / "heldout")]["nearest_real_distance"] > 1
     assert rows[str(tiny_toy / "train")]["intra_cosine"] == pytest.approx(res["real_intra_cosine"], abs=1e-5)
     assert -1 <= res["real_inter_cosine"] < res["real_intra_cosine"] <= 1
     assert "| Samples |" in r.stdout

@@ -33,8 +33,19 @@ def test_replication_table_gives_the_share_of_the_oracle_gain(tmp_path, monkeypa
         result(tmp_path, "oracle", seed, oracle, ["oracle"])
         result(tmp_path, "real+scoremix-dist-emb", seed, mix, ["real", "scoremix-dist-emb"])
     result(tmp_path, "real+scoremix-dist-emb-alpha0.3 (=)", 0, 77.0, ["real", "scoremix-dist-emb-alpha0.3"])
+    (tmp_path / "replication" / "synthetic").mkdir()
+    spread = {"neighbour_ratio": 0.9, "intra_cosine": 0.9, "inter_cosine": 0.0, "consistency": 95.0}
+    for name, extra in (("old", {}), ("new", {"churn": 40})):  # a record from before churn / copy measurement
+        near = {"nearest_real_distance": 36.5} if extra else {}
+        (tmp_path / "replication" / "synthetic" / f"{name}.json").write_text(json.dumps(
+            {"name": name, "mode": "repro", "selection": None, "alpha": 0.5, "guidance": 1, "steps": 32,
+             "identities": 32, "per_identity": 32, "cpu_seconds_per_1000": 500, **extra,
+             "samples": {**spread, **near}, "real_heldout": {**spread, "nearest_real_distance": 39.2},
+             "real_train": {"intra_cosine": 0.9, "inter_cosine": 0.0}}))
     experiments.table(argparse.Namespace(group="replication"))
     out = capsys.readouterr().out
+    assert "| new | repro |  | 0.5 | 1 | 32 | 40 | 32 x 32 | 95.0 |" in out and "| 36.5 (39.2) | 500 |" in out
+    assert "| old | repro |  | 0.5 | 1 | 32 | 0 | 32 x 32 |" in out
     main, sensitivity = out.split("Sensitivity")  # sensitivity rows print in a table of their own
     assert "alpha0.3" in sensitivity and "alpha0.3" not in main and "| real |" in main
     lines = {line.split(" | ")[0][2:]: line for line in out.splitlines() if line.startswith("| ")}

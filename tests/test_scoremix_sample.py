@@ -290,6 +290,28 @@ def test_repro_and_condmix_modes(gen, tiny_toy, tmp_path):
         assert {r["mode"] for r in csv.DictReader(f)} == {"condmix"}
 
 
+def test_churn_is_seeded_per_image_and_recorded(gen, tmp_path):
+    snapshot, _, names = gen
+    churned = []
+    for out, batch in (("a", 4), ("b", 3)):  # other batch compositions: the same images
+        r = run_script("scoremix_sample.py", "--net", snapshot, "--mode", "repro", "--per-pair", 3, "--steps", 4,
+                       "--batch-size", batch, "--churn", 40, "--out", tmp_path / out, env=ENV)
+        assert r.returncode == 0, r.stderr[-3000:]
+        churned.append(read_folder(tmp_path / out))
+    r = run_script("scoremix_sample.py", "--net", snapshot, "--mode", "repro", *SAMPLE, "--out", tmp_path / "det",
+                   env=ENV)
+    assert r.returncode == 0, r.stderr[-3000:]
+    deterministic = read_folder(tmp_path / "det")
+    for name in names:
+        assert np.abs(churned[0][name].astype(int) - churned[1][name].astype(int)).max() <= 1
+        assert np.abs(churned[0][name].astype(int) - deterministic[name].astype(int)).max() > 10
+    with open(tmp_path / "a" / "manifest.csv", newline="") as f:
+        assert {r["churn"] for r in csv.DictReader(f)} == {"40;0.05;50;1.003"}
+    r = run_script("scoremix_sample.py", "--net", snapshot, "--mode", "repro", *SAMPLE, "--out", tmp_path / "a",
+                   env=ENV)
+    assert r.returncode != 0 and "other settings" in r.stderr  # no churn into a churned folder
+
+
 def test_grid_figures(gen, tmp_path):
     snapshot, _, names = gen
     r = run_script("scoremix_sample.py", "--net", snapshot, "--grid", tmp_path / "fig.png", "--classes", names[0],
