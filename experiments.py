@@ -316,6 +316,7 @@ SENSITIVITY = {
     "scoremix-dist-emb-steps32": ("scoremix", ("embedding", "dist", 2), {"steps": 32}),
     "scoremix-dist-emb-ids0.5": ("scoremix", ("embedding", "dist", 2), {"identities": 16, "per_identity": 64}),
     "scoremix-dist-emb-ids2": ("scoremix", ("embedding", "dist", 2), {"identities": 64, "per_identity": 16}),
+    "scoremix-dist-emb-churn40": ("scoremix", ("embedding", "dist", 2), {"churn": 40}),
     "repro-w1.3": ("repro", None, {"guidance": 1.3}),
     "repro-churn10": ("repro", None, {"churn": 10}),  # stochastic Heun (EDM Alg. 2), S_min 0.05, S_max 50
     "repro-churn40": ("repro", None, {"churn": 40}),
@@ -353,9 +354,9 @@ def replication_table(rows):
             continue
         if title:
             print(f"\n{title}\n")
-        print("| row | seeds | steps | " + " | ".join(BENCH) + " | Toy Avg-H | TAR@FAR=1e-3 cplfw | oracle gain share "
-              "| synthetic CPU-s / 1000 images |")
-        print("|---" * (len(BENCH) + 7) + "|")
+        print("| row | seeds | steps | " + " | ".join(BENCH) + " | Toy Avg-H | vs real, same seeds | TAR@FAR=1e-3 cplfw "
+              "| oracle gain share | synthetic CPU-s / 1000 images |")
+        print("|---" * (len(BENCH) + 8) + "|")
         for row in group:
             runs = rows[row]
             cells = [mean_std([r["accuracy"][b] for r in runs]) for b in BENCH]
@@ -364,7 +365,7 @@ def replication_table(rows):
             cost = " + ".join(f"{synth[s]['cpu_seconds_per_1000']:.0f}" for s in syn
                               if synth[s]["cpu_seconds_per_1000"])
             print(f"| {row} | {len(runs)} | {runs[0]['steps']} | " + " | ".join(cells) +
-                  f" | {mean_std([r['avg'] for r in runs])} | "
+                  f" | {mean_std([r['avg'] for r in runs])} | {paired_difference(runs, rows.get('real', []))} | "
                   f"{mean_std([r['tar_at_far_1e-3']['toy_cplfw'] for r in runs])} | {share} | {cost} |")
     if synth:
         print("\n| synthetic set | mode | pairs | alpha | w | steps | churn | identities x images | consistency % | "
@@ -394,6 +395,16 @@ def replication_table(rows):
                      for m in ("cka", "unbiased_cka", "cknna", "mutual_knn")]
             print(f"| {p['a']} | {p['b']} | " + " | ".join(cells) + " |")
         print(f"\n{cka['classes']} classes, k = {cka['k']}, null: {cka['permutations']} row permutations")
+
+
+def paired_difference(runs, real):
+    """Toy Avg-H minus real only's, seed by seed (the seed fixes initialisation and batch order):
+    mean +- standard error over the shared seeds."""
+    real = {r["seed"]: r["avg"] for r in real}
+    d = [r["avg"] - real[r["seed"]] for r in runs if r["seed"] in real]
+    if not d:
+        return ""
+    return f"{np.mean(d):+.2f}" + (f" +- {np.std(d, ddof=1) / np.sqrt(len(d)):.2f}" if len(d) > 1 else "")
 
 
 def generator_table(rows):
@@ -548,7 +559,8 @@ def main():
                    help="guidance weight w of the main rows (1: unguided; the paper's 1.3 doubles the sampling "
                         "cost on CPU and is a sensitivity row)")
     p.add_argument("--steps", type=int, default=32, help="Heun steps")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the main rows (others: first)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
+                   help="seeds of the main rows and the Repro rows (others: the first)")
     p.add_argument("--rows", nargs="+", help="run only these rows (names as in the table)")
     p.add_argument("--sensitivity", action="store_true", help="also the alpha / w / steps / identities rows")
     p.set_defaults(func=replication)

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The replication on the toy faces (2 CPU cores: the main rows about an hour, the secondary and triplet
-# rows about an hour more, the sensitivity rows about two hours). Every run writes
-# results/replication/*.json and is skipped when its file exists, so re-running this command continues
-# where the last sitting stopped. Tables: python experiments.py table replication
+# The replication on the toy faces (2 CPU cores: the main rows about an hour and a half with 5 seeds,
+# the secondary and triplet rows about an hour more, the sensitivity rows about two and a half hours).
+# Every run writes results/replication/*.json and is skipped when its file exists, so re-running this
+# command continues where the last sitting stopped. Tables: python experiments.py table replication
 #
 #   bash run_experiments.sh                  # calibration data, generator, main table, CKA
-#   bash run_experiments.sh --sensitivity    # + alpha / guidance / steps / identities rows (one seed)
-#                                            #   and Repro with guidance w 1.3 (3 seeds)
+#   bash run_experiments.sh --sensitivity    # + alpha / guidance / steps / identities / churn rows
+#                                            #   (one seed) and Repro with guidance and / or churn (5 seeds)
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python}

@@ -3,7 +3,8 @@
 The score of a class is (D(x; s, c) - x) / s^2; a weighted sum of class scores is the denoiser
 x + sum_k w_k (D(x; s, c_k) - x), which for convex weights (w_k >= 0, sum 1) is exactly
     D_mix(x; s) = sum_k w_k D(x; s, c_k)          (PROTOCOLS.md 2; paper: w = (alpha, 1 - alpha), alpha 0.5)
-ScoreMix hands D_mix to the generator's deterministic Heun sampler at every evaluation of every step,
+ScoreMix hands D_mix to the generator's Heun sampler (deterministic as in the paper; `--churn` makes it
+EDM's stochastic sampler, whose fresh noise is seeded per image too) at every evaluation of every step,
 with guidance applied per class before mixing: autoguidance D_g = D_guide + w (D_net - D_guide)
 (guide = a smaller / shorter-trained generator, w 1.3) or classifier-free guidance (guide = the net's
 null class). Each mixed pair (or triplet) of real classes becomes one new identity.
@@ -15,8 +16,8 @@ named after them), `condmix` (AugGen: one network call on the weighted sum of th
     python scoremix_sample.py --net NET.pt --grid fig2.png --classes id00003 id00011
 
 Output: DIR/<identity>/<n>.png (one folder per new identity, `mix_<a>_<b>`; real class names in repro
-mode) and DIR/manifest.csv (identity, mode, sources, weights, images, seed, index, guidance, steps, net,
-guide). Image n of identity i uses the seed seed_for(--seed, i, n), so 1 or N processes and any batch
+mode) and DIR/manifest.csv (identity, mode, sources, weights, images, seed, index, guidance, steps, churn,
+net, guide). Image n of identity i uses the seed seed_for(--seed, i, n), so 1 or N processes and any batch
 size give the same images; a re-run skips complete identities (each is written to DIR/.<name>.partial
 and renamed when complete).
 """

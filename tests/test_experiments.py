@@ -50,7 +50,9 @@ def test_replication_table_gives_the_share_of_the_oracle_gain(tmp_path, monkeypa
     assert "alpha0.3" in sensitivity and "alpha0.3" not in main and "| real |" in main
     lines = {line.split(" | ")[0][2:]: line for line in out.splitlines() if line.startswith("| ")}
     assert lines["real+scoremix-dist-emb-alpha0.3 (=)"].split(" | ")[-2] == "-0.33"
+    assert lines["real+scoremix-dist-emb-alpha0.3 (=)"].split(" | ")[-4] == "-1.00"  # vs real's seed 0
     assert "| 79.5 +- 0.5 |" in lines["real+scoremix-dist-emb"]
+    assert lines["real+scoremix-dist-emb"].split(" | ")[-4] == "+1.50 +- 0.50"  # seed-paired: 1, 2
     assert lines["real+scoremix-dist-emb"].split(" | ")[-2] == "+0.50"  # (79.5 - 78) / (81 - 78)
     assert lines["oracle"].split(" | ")[-2] == "+1.00" and lines["real"].split(" | ")[-2] == "+0.00"
 

@@ -80,6 +80,17 @@ def test_heun_matches_gaussian_ode_and_is_second_order():
     assert 3.5 < errors[32] / errors[64] < 4.5 and 14 < errors[64] / errors[256] < 18  # error ~ 1/N^2
 
 
+def test_churn_sampler_draws_the_gaussian_with_fresh_noise():
+    """EDM Alg. 2 with an exact denoiser: N(mu, s0^2) at many steps, and no longer a function of the latents."""
+    mu, s0 = 0.3, 0.5
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(20000, 1, 1, 1, generator=g, dtype=torch.float64)
+    x = heun_sample(GaussianDenoiser(mu, s0), z, karras_sigmas(256), S_churn=40,
+                    randn_like=lambda v: torch.randn(v.shape, generator=g, dtype=v.dtype))
+    assert x.mean().item() == pytest.approx(mu, abs=0.012) and x.std().item() == pytest.approx(s0, rel=0.015)
+    assert torch.corrcoef(torch.stack([x.flatten(), z.flatten()]))[0, 1] < 0.95  # deterministic: exactly 1
+
+
 def test_power_function_ema_golden_values_and_first_update_copies():
     assert std_to_gamma(0.05) == pytest.approx(16.9721986, abs=1e-6)
     assert std_to_gamma(0.10) == pytest.approx(6.93720394, abs=1e-7)
