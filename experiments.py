@@ -137,19 +137,32 @@ def repro_check(args):
     snap = sorted(glob.glob(os.path.join(run, "network-snapshot-*.pt")))[-1]
     tag = f"-guide{args.guide_kimg:g}-w{args.guidance:g}" if args.guide_kimg else ""
     tag += f"-steps{args.steps}" if args.steps != 32 else ""
+    tag += f"-churn{args.churn:g}" if args.churn else ""
     samples = os.path.join(run, "repro-full" + tag)
     per_class = len(os.listdir(os.path.join(data, "train", sorted(os.listdir(os.path.join(data, "train")))[0])))
     guide = ["--guide", os.path.join(run, f"network-snapshot-{args.guide_kimg:06.0f}.pt"),
              "--guidance", args.guidance] if args.guide_kimg else []
     t0 = time.time()
     sh("scoremix_sample.py", "--mode", "repro", "--net", snap, "--per-pair", per_class, "--steps", args.steps,
-       "--out", samples, "--seed", 1, *guide)  # seed 1: other images than the consistency samples
+       "--out", samples, "--seed", 1, "--churn", args.churn, *guide)  # seed 1: not the consistency samples
     note = f"{os.path.relpath(snap, ROOT)}, {per_class} Repro images per class, {args.steps} steps, " \
            f"guide {args.guide_kimg or 'none'} kimg w {args.guidance if args.guide_kimg else 1}, " \
-           f"sampling {time.time() - t0:.0f} s this sitting"
+           f"churn {args.churn:g}, sampling {time.time() - t0:.0f} s this sitting"
+    with open(os.path.join(RESULTS, "calibration", f"real-n{args.identities}-seed0.json")) as f:
+        baseline_steps = json.load(f)["steps"]  # the (=) row: real + Repro at real only's number of steps
+    if not os.path.exists(samples + ".json"):  # consistency, cleanliness, spread of these very samples
+        sh("evaluate.py", "--consistency", samples, os.path.join(data, "heldout"), "--data",
+           os.path.join(data, "train"), "--model", os.path.join(RUNS, "calibration", f"real-n{args.identities}-seed0",
+                                                                "model.pt"), "--out", samples + ".json")
+    with open(samples + ".json") as f:
+        stats = json.load(f)["samples"]
+    stats = {"samples": stats[samples], "real_heldout": stats[os.path.join(data, "heldout")]}
     for seed in args.seeds:
-        discriminator_run("repro_check", f"real+repro-{args.name}{tag}", seed, [os.path.join(data, "train"), samples],
-                          os.path.join(data, "bench"), extra=["--merge-by-name", "--val-every", "24"], note=note)
+        for row, flags in ((f"real+repro-{args.name}{tag}", []), (f"real+repro-{args.name}{tag} (=)",
+                                                                  ["--steps", str(baseline_steps)])):
+            discriminator_run("repro_check", row, seed, [os.path.join(data, "train"), samples],
+                              os.path.join(data, "bench"), extra=["--merge-by-name", "--val-every", "24", *flags],
+                              note=note, result_name=row_file(row), **stats)
 
 
 # ----------------------------------------------------------------------------- replication
@@ -464,13 +477,15 @@ def table(args):
         return generator_table(rows)
     if args.group == "replication":
         return replication_table(rows)
-    print("| row | seeds | epochs | steps | train s (loop) | " + " | ".join(BENCH) + " | Toy Avg-H |")
-    print("|---" * (len(BENCH) + 6) + "|")
+    real = load_results("replication").get("real", []) if args.group == "repro_check" else []
+    print("| row | seeds | epochs | steps | train s (loop) | " + " | ".join(BENCH) + " | Toy Avg-H |"
+          + (" vs replication's real, same seeds |" if real else ""))
+    print("|---" * (len(BENCH) + 6 + bool(real)) + "|")
     for row, runs in rows.items():
         cells = [mean_std([r["accuracy"][b] for r in runs]) for b in BENCH]
         print(f"| {row} | {len(runs)} | {runs[0]['epochs']} | {runs[0]['steps']} | "
               f"{np.mean([r.get('train_loop_seconds', np.nan) for r in runs]):.0f} | " + " | ".join(cells) +
-              f" | {mean_std([r['avg'] for r in runs])} |")
+              f" | {mean_std([r['avg'] for r in runs])} |" + (f" {paired_difference(runs, real)} |" if real else ""))
     print("\nToy Avg-H over epochs (mean over seeds):\n")
     epochs = [c["epoch"] for c in next(iter(rows.values()))[0]["curve"]]
     print("| row | " + " | ".join(f"ep {e}" for e in epochs) + " |")
@@ -549,7 +564,9 @@ def main():
     p.add_argument("--steps", type=int, default=32, help="Heun steps")
     p.add_argument("--guide-kimg", type=float, help="autoguidance: the snapshot of the same run at this kimg guides")
     p.add_argument("--guidance", type=float, default=1.3, help="guidance weight w with --guide-kimg")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="discriminator seeds")
+    p.add_argument("--churn", type=float, default=0, help="S_churn of the stochastic sampler (0: deterministic)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
+                   help="discriminator seeds (the replication's real rows have the same ones)")
     p.set_defaults(func=repro_check)
     p = sub.add_parser("replication", help="the replication's main table (and --sensitivity rows), resumable")
     p.add_argument("--identities", type=int, default=32, help="N: the default toy set's identities")
