@@ -40,6 +40,22 @@ def toy_data(identities, seed=0, per_identity=None):
     return out
 
 
+def images_per_identity(folder):
+    """Images in the first identity folder of an image-folder dataset (the toy sets are balanced)."""
+    return len(os.listdir(os.path.join(folder, sorted(os.listdir(folder))[0])))
+
+
+def measure_samples(samples, data, model):
+    """Consistency, cleanliness, identity spread and nearest-real distance of a sample folder under a
+    discriminator, next to the held-out real renders (evaluate.py --consistency; SAMPLES.json)."""
+    sh("evaluate.py", "--consistency", samples, os.path.join(data, "heldout"), "--data", os.path.join(data, "train"),
+       "--model", model, "--out", samples + ".json")
+    with open(samples + ".json") as f:
+        stats = json.load(f)
+    return {"samples": stats["samples"][samples], "real_heldout": stats["samples"][os.path.join(data, "heldout")],
+            "real_train": {"intra_cosine": stats["real_intra_cosine"], "inter_cosine": stats["real_inter_cosine"]}}
+
+
 def discriminator_run(group, row, seed, data_dirs, bench_dir, extra=(), note="", result_name=None,
                       need_model=False, **fields):
     """Train one discriminator on `data_dirs`, evaluate it on the five toy benchmarks, record it.
@@ -139,7 +155,7 @@ def repro_check(args):
     tag += f"-steps{args.steps}" if args.steps != 32 else ""
     tag += f"-churn{args.churn:g}" if args.churn else ""
     samples = os.path.join(run, "repro-full" + tag)
-    per_class = len(os.listdir(os.path.join(data, "train", sorted(os.listdir(os.path.join(data, "train")))[0])))
+    per_class = images_per_identity(os.path.join(data, "train"))
     guide = ["--guide", os.path.join(run, f"network-snapshot-{args.guide_kimg:06.0f}.pt"),
              "--guidance", args.guidance] if args.guide_kimg else []
     t0 = time.time()
@@ -150,13 +166,8 @@ def repro_check(args):
            f"churn {args.churn:g}, sampling {time.time() - t0:.0f} s this sitting"
     with open(os.path.join(RESULTS, "calibration", f"real-n{args.identities}-seed0.json")) as f:
         baseline_steps = json.load(f)["steps"]  # the (=) row: real + Repro at real only's number of steps
-    if not os.path.exists(samples + ".json"):  # consistency, cleanliness, spread of these very samples
-        sh("evaluate.py", "--consistency", samples, os.path.join(data, "heldout"), "--data",
-           os.path.join(data, "train"), "--model", os.path.join(RUNS, "calibration", f"real-n{args.identities}-seed0",
-                                                                "model.pt"), "--out", samples + ".json")
-    with open(samples + ".json") as f:
-        stats = json.load(f)["samples"]
-    stats = {"samples": stats[samples], "real_heldout": stats[os.path.join(data, "heldout")]}
+    stats = measure_samples(samples, data, os.path.join(RUNS, "calibration", f"real-n{args.identities}-seed0",
+                                                        "model.pt"))  # these very samples
     for seed in args.seeds:
         for row, flags in ((f"real+repro-{args.name}{tag}", []), (f"real+repro-{args.name}{tag} (=)",
                                                                   ["--steps", str(baseline_steps)])):
@@ -229,20 +240,14 @@ def sample_set(args, name, mode, selection, data, alpha=0.5, guidance=None, step
     real = os.path.join(data, "train")
     n_real = len(os.listdir(real))
     identities = identities or n_real
-    per_identity = per_identity or len(os.listdir(os.path.join(real, sorted(os.listdir(real))[0])))
+    per_identity = per_identity or images_per_identity(real)
     info_path = os.path.join(RESULTS, "replication", "synthetic", f"{name}.json")
     out = os.path.join(RUNS, "replication", "synthetic", name)
     count = lambda: len(glob.glob(os.path.join(out, "*", "*.png")))
     recorded = os.path.exists(info_path)
     baseline = os.path.join(RUNS, "replication", "real-seed0", "model.pt")
 
-    def measure():  # consistency, cleanliness and identity spread under the seed-0 baseline
-        sh("evaluate.py", "--consistency", out, os.path.join(data, "heldout"), "--data", real, "--model", baseline,
-           "--out", out + ".json")
-        with open(out + ".json") as f:
-            stats = json.load(f)
-        return {"samples": stats["samples"][out], "real_heldout": stats["samples"][os.path.join(data, "heldout")],
-                "real_train": {"intra_cosine": stats["real_intra_cosine"], "inter_cosine": stats["real_inter_cosine"]}}
+    measure = lambda: measure_samples(out, data, baseline)  # noqa: E731 (under the seed-0 baseline)
 
     if recorded and os.path.isdir(out) and count() >= identities * per_identity:
         with open(info_path) as f:
@@ -286,9 +291,9 @@ def replication(args):
     n = args.identities
     data, oracle = toy_data(n), toy_data(2 * n)
     bench = os.path.join(data, "bench")
-    per_identity = len(os.listdir(os.path.join(data, "train", "id00000")))
+    fresh = toy_data(n, per_identity=2 * images_per_identity(os.path.join(data, "train")))
     sources = {"real": os.path.join(data, "train"), "oracle": os.path.join(oracle, "train"),
-               "fresh": os.path.join(toy_data(n, per_identity=2 * per_identity), "train")}
+               "fresh": os.path.join(fresh, "train")}
     rows = REPLICATION_ROWS + (sensitivity_rows(args) if args.sensitivity else [])
     for row, srcs, flags, main_row in rows:
         if args.rows and row not in args.rows:
