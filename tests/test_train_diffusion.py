@@ -106,11 +106,10 @@ def test_power_function_ema_golden_values_and_first_update_copies():
             assert torch.equal(a, b)
 
 
-def test_learning_rate_schedules():
+def test_linear_learning_rate_schedule():
     args = parse_args(["--data", "d", "--out", "o", "--duration", "100", "--rampup-kimg", "10", "--lr", "1e-3"])
-    assert [learning_rate(args, n * 1000) for n in (5, 10, 50, 75, 100)] == pytest.approx([5e-4, 1e-3, 1e-3, 5e-4, 0])
-    args = parse_args(["--data", "d", "--out", "o", "--preset", "edm2-s"])
-    assert learning_rate(args, 71680e3 * 4) == pytest.approx(1e-2 / 2)
+    ends = [learning_rate(args, n * 1000 - 64) for n in (5, 10, 50, 75, 100)]  # steps ending at n kimg
+    assert ends == pytest.approx([5e-4, 1e-3, 1e-3, 5e-4, 0])
 
 
 def test_seed_gives_the_same_image_alone_or_in_a_batch():
@@ -144,7 +143,7 @@ def test_mp_variant_with_null_class_and_uncertainty_trains():
     y = torch.rand(4, 3, 16, 16) * 2 - 1
     loss = edm_loss(net, y, torch.tensor([0, 1, 4, 4]), -0.8, 1.6, 0.5, torch.Generator().manual_seed(0))
     loss.backward()
-    assert torch.isfinite(loss) and net.logvar[1].weight.grad.abs().sum() > 0
+    assert torch.isfinite(loss) and net.logvar_linear.weight.grad.abs().sum() > 0
     assert net.unet.emb_label.weight.grad[:, 4].abs().sum() > 0  # the null class is trained
     assert net.eval()(y, 1.0, None).shape == y.shape and condition_vectors(net).shape == (4, 16)
 
