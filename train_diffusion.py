@@ -708,6 +708,7 @@ PRESETS = {
 }
 DENOISE_SIGMAS = (0.002, 0.01, 0.05, 0.2, 0.5, 1, 5, 20, 80)
 STATS_IMAGES = 10000  # images decoded for sigma_data 'auto' and the mean image (all of a smaller set)
+HELD_IMAGES = 128  # training images of the denoising-error table when there is no --heldout
 
 
 epoch_permutation = functools.lru_cache(maxsize=4)(epoch_order)
@@ -925,7 +926,7 @@ def train(args):
     try:
         dataset, shape, held = open_training_data(args)
         if held is None:  # no held-out set: a fixed slice of the training images (not held out)
-            pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:128]
+            pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:HELD_IMAGES]
             held = next(decode(dataset, pick))
         sample = statistics_sample(len(dataset))
         pixel_std, mean_image = pixel_statistics(im for im, _ in decode(dataset, sample, stats_chunk(shape)))
