@@ -477,10 +477,10 @@ def from_edm2(state_dict, **edm2_kwargs):
     if kw["label_dim"] < 1:
         raise ValueError("an unconditional EDM2 model (label_dim 0) has no classes to mix")
     extra = {k: kw.pop(k) for k in list(kw) if k in EDM2_DEFAULTS}
-    net = Denoiser(kw.pop("img_resolution"), kw.pop("img_channels"), kw.pop("label_dim"), sigma_data=kw.pop("sigma_data"),
-                   uncertainty=True, channels=kw.pop("model_channels"), channel_mult=list(kw.pop("channel_mult")),
-                   num_blocks=kw.pop("num_blocks"), num_mid_blocks=2, attn_resolutions=list(kw.pop("attn_resolutions")),
-                   mp=True, dropout=kw.pop("dropout"), **extra)
+    net = Denoiser(kw["img_resolution"], kw["img_channels"], kw["label_dim"], sigma_data=kw["sigma_data"],
+                   uncertainty=True, channels=kw["model_channels"], channel_mult=list(kw["channel_mult"]),
+                   num_blocks=kw["num_blocks"], num_mid_blocks=2, attn_resolutions=list(kw["attn_resolutions"]),
+                   mp=True, dropout=kw["dropout"], **extra)
     state = {k.removeprefix("module."): v for k, v in state_dict.items()}
     try:
         net.load_state_dict(state)
@@ -562,7 +562,8 @@ def reconstruct_ema(paths, std, out_kimg=None):
     out_nimg = max(p[1] for p in profiles) if out_kimg is None else round(out_kimg * 1e3)
     if not any(p[1] == out_nimg for p in profiles):
         raise ValueError(f"no snapshot at {out_nimg / 1e3:g} kimg (the reconstruction time must be a snapshot's)")
-    profiles = [p for p in profiles if 0 < p[1] <= out_nimg]
+    unique = {(p[1], p[2]): p for p in reversed(profiles)}  # a profile given twice: once (else A is singular)
+    profiles = sorted((p for p in unique.values() if 0 < p[1] <= out_nimg), key=lambda p: (p[1], p[2]))
     coefs = posthoc_coefficients([p[1] for p in profiles], [p[2] for p in profiles], out_nimg, std)[:, 0]
     total, snap, last = None, None, None
     for (path, nimg, _, key), c in zip(profiles, coefs):
@@ -593,7 +594,9 @@ def learning_rate(args, nimg):
     count for the same global batch. linear (cpu): warm-up to lr, constant for half the run, then to 0,
     evaluated at the step's end."""
     if args.lr_schedule == "isqrt":
-        lr = args.lr / math.sqrt(max(nimg / (args.ref_batches * args.batch_size), 1)) if args.ref_batches > 0 else args.lr
+        lr = args.lr
+        if args.ref_batches > 0:
+            lr /= math.sqrt(max(nimg / (args.ref_batches * args.batch_size), 1))
         return lr * min(nimg / (args.rampup_kimg * 1e3), 1) if args.rampup_kimg > 0 else lr
     end = nimg + args.batch_size
     lr = args.lr * min(end / max(args.rampup_kimg * 1e3, 1), 1)
@@ -1017,8 +1020,8 @@ def train(args):
             gen = torch.Generator(device).manual_seed(seed_for(args.seed, pos))
             try:
                 images, lab = next(loader)
-            except DataError as e:
-                sys.exit(f"error: {e}")
+            except DataError as e:  # from a loader process: the original message is the last line
+                sys.exit(f"error: {str(e).strip().splitlines()[-1].split('DataError: ')[-1]}")
             y, lab = to_float(images.to(device, non_blocking=True)), lab.to(device, non_blocking=True)
             if args.xflip:
                 flip = torch.rand(micro, generator=gen, device=device) < 0.5
@@ -1101,7 +1104,7 @@ def import_edm2(argv):
             if len(names) != net.num_classes:
                 raise ValueError(f"--class-names has {len(names)} names for {net.num_classes} classes")
             net.class_names = names
-    except (ValueError, TypeError, OSError, RuntimeError, json.JSONDecodeError) as e:
+    except Exception as e:  # a foreign or truncated file: torch / pickle raise many kinds
         sys.exit(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     save_atomic({"config": net.config, "ema": net.state_dict(), "class_names": net.class_names, "kimg": 0.0,
                  "sigma_data": net.sigma_data, "source": "edm2"}, args.out)
@@ -1129,8 +1132,8 @@ def posthoc_ema(argv):
         sys.exit(f"error: no snapshots: give --run RUN (with network-snapshot-*.pt) or --snapshots")
     try:
         snap = reconstruct_ema(paths, args.std, args.kimg)
-    except (ValueError, OSError, RuntimeError, np.linalg.LinAlgError) as e:
-        sys.exit(f"error: {str(e).splitlines()[0]}")
+    except Exception as e:  # a foreign or truncated snapshot: torch / pickle raise many kinds
+        sys.exit(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     if not all(torch.isfinite(v).all() for v in snap["ema"].values()):
         sys.exit("error: the reconstruction has non-finite weights (too few or too similar profiles?)")
     save_atomic(snap, args.out)

@@ -342,8 +342,8 @@ def test_attention_follows_the_levels_at_any_resolution(capsys):
 
 
 def edm2_tiny(*extra):
-    return ["--preset", "edm2-xs", "--resolution", 16, "--channels", 8, "--channel-mult", 1, 2, "--num-blocks", 1, "--attn", 8,
-            "--batch-size", 4, "--rampup-kimg", 0.004, "--ref-batches", 2, "--status-every", 0.004, *extra]
+    return ["--preset", "edm2-xs", "--resolution", 16, "--channels", 8, "--channel-mult", 1, 2, "--num-blocks", 1,
+            "--attn", 8, "--batch-size", 4, "--rampup-kimg", 0.004, "--ref-batches", 2, "--status-every", 0.004, *extra]
 
 
 def test_edm2_run_posthoc_ema_and_sampling(tiny_toy, tmp_path):
@@ -439,7 +439,8 @@ def test_guide_of_another_architecture_is_accepted_and_another_resolution_refuse
     pairs = tmp_path / "pairs.csv"
     pairs.write_text(f"class_a,class_b,distance,rank\n{names[0]},{names[1]},1,0\n")
     common = ["--net", str(net), "--pairs", str(pairs), "--per-pair", "1", "--steps", "2"]
-    scoremix_sample.main([*common, "--guide", str(guide / "network-snapshot-000000.pt"), "--out", str(tmp_path / "s")])
+    scoremix_sample.main([*common, "--guide", str(guide / "network-snapshot-000000.pt"),
+                          "--out", str(tmp_path / "s")])
     assert len(list((tmp_path / "s").rglob("*.png"))) == 1
     other = tmp_path / "other"
     main(["--data", tiny_toy / "train", "--out", other, "--preset", "cpu-guide", "--resolution", "8",
@@ -448,3 +449,21 @@ def test_guide_of_another_architecture_is_accepted_and_another_resolution_refuse
     with pytest.raises(SystemExit, match="error: --guide .* 8 px"):
         scoremix_sample.main([*common, "--guide", str(other / "network-snapshot-000000.pt"),
                               "--out", str(tmp_path / "s2")])
+
+
+def test_a_corrupt_image_met_by_a_loader_process_gives_one_error_line(tiny_toy, tmp_path, monkeypatch):
+    data = tmp_path / "train"
+    shutil.copytree(tiny_toy / "train", data)
+    monkeypatch.setattr(td, "STATS_IMAGES", 1)
+    monkeypatch.setattr(td, "HELD_IMAGES", 1)
+    files = td.open_datasets([str(data)]).datasets[0].files
+    decoded_first = {int(td.statistics_sample(len(files))[0]),
+                     int(torch.randperm(len(files), generator=torch.Generator().manual_seed(0))[0])}
+    bad = next(f for i, f in enumerate(files) if i not in decoded_first and i > 0)
+    with open(bad, "wb") as f:
+        f.write(b"not an image")
+    with pytest.raises(SystemExit) as e:
+        main(["--data", data, "--out", tmp_path / "run", "--resolution", "16", "--channels", "8", "--batch-size", "8",
+              "--duration", "0.048", "--snapshot-every", "0", "--workers", "1"])
+    message = str(e.value.code)
+    assert message.startswith(f"error: corrupt image {bad}") and len(message.splitlines()) == 1
