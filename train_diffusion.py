@@ -695,13 +695,13 @@ def edm2_preset(channels, lr, dropout, duration_mimg):
                 attn=[16, 8], mp=True, uncertainty=True, dropout=dropout, batch_size=2048, lr=lr,
                 lr_schedule="isqrt", rampup_kimg=10000, ref_batches=35000, duration=duration_mimg * 1048.576,
                 p_mean=-0.8, p_std=1.6, ema_std=[0.05, 0.10], sigma_data="0.5", xflip=0,
-                snapshot_every=8388.608, checkpoint_every=8388.608)
+                snapshot_every=8388.608, checkpoint_every=8388.608, status_every=131.072)
 
 
 CPU_PRESET = dict(resolution=32, channels=32, channel_mult=[1, 2, 4], num_blocks=2, num_mid_blocks=1, attn=[],
                   mp=False, uncertainty=False, dropout=0.0, batch_size=64, lr=2e-3, lr_schedule="linear",
                   rampup_kimg=6.4, ref_batches=0, duration=150, p_mean=-1.2, p_std=1.2, ema_std=[0.05],
-                  sigma_data="auto", xflip=1, snapshot_every=50, checkpoint_every=10)
+                  sigma_data="auto", xflip=1, snapshot_every=50, checkpoint_every=10, status_every=1.0)
 PRESETS = {
     "cpu": CPU_PRESET,
     "cpu-guide": {**CPU_PRESET, "channels": 16, "duration": 50},  # ~1/4 of the cpu net's cost per call
@@ -857,7 +857,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("run")
     g.add_argument("--snapshot-every", type=float, help="kimg between snapshots + sample grids (None: preset)")
     g.add_argument("--checkpoint-every", type=float, help="kimg between checkpoints (None: preset)")
-    g.add_argument("--status-every", type=float, default=1.0, help="kimg between status lines in log.jsonl")
+    g.add_argument("--status-every", type=float, help="kimg between status lines in log.jsonl (None: preset)")
     g.add_argument("--workers", type=int, help="data-loading processes per rank (None: 4 on CUDA, 0 on CPU)")
     g.add_argument("--seed", type=int, default=0, help="random seed")
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -1033,7 +1033,7 @@ def train(args):
             with model.no_sync() if sync else nullcontext(), ctx:
                 loss = edm_loss(forward, y, lab, args.p_mean, args.p_std, sigma_data, gen, pixel_sum=bool(args.mp))
             scaler.scale(loss / args.grad_accum).backward()
-            loss_sum += loss.detach() / args.grad_accum
+            loss_sum += loss.detach() / (args.grad_accum * (y[0].numel() if args.mp else 1))  # logged per pixel
         if world > 1:
             dist.all_reduce(loss_sum)
             loss_sum /= world
