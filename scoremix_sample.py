@@ -444,6 +444,9 @@ def main(argv=None):
     guide = load(args.guide, "--guide") if args.guide else None
     if guide is not None and guide.class_names != net.class_names:
         sys.exit(f"error: --guide {args.guide} has other classes than --net (autoguidance uses the same labels)")
+    if guide is not None and (guide.img_resolution, guide.img_channels) != (net.img_resolution, net.img_channels):
+        sys.exit(f"error: --guide {args.guide} makes {guide.img_channels}-channel {guide.img_resolution} px images, "
+                 f"--net {net.img_channels}-channel {net.img_resolution} px (any architecture, same images)")
     if guide is None and args.guidance != 1 and not net.null_class:
         sys.exit(f"error: --guidance {args.guidance:g} without --guide is classifier-free guidance, and {args.net} "
                  "has no null class (train with --label-dropout > 0, or give --guide)")

@@ -4,24 +4,39 @@ the Heun sampler that the later stages reuse (ScoreMix, Rahimi & Marcel, arXiv 2
 A raw UNet F becomes the denoiser D by the EDM preconditioning (Karras et al. 2022, PROTOCOLS.md 1):
     D(x; s, y) = c_skip(s) x + c_out(s) F(c_in(s) x, ln(s)/4, y),  c_skip = sd^2/(s^2+sd^2), ...
 trained on ln s ~ N(P_mean, P_std^2) with loss (s^2+sd^2)/(s*sd)^2 * (D(y+s*n; s, label) - y)^2
-(+ EDM2's learned uncertainty u(s): loss/exp(u) + u). The loss is averaged over pixels where EDM sums
-them: a constant factor C*H*W that Adam's normalisation cancels (only epsilon's relative size changes;
-with SGD it would be a rescaled learning rate).
+(+ EDM2's learned uncertainty u(s): loss/exp(u) + u), averaged over images. The EDM2 presets sum it
+over pixels as EDM2 does; the `cpu` presets average it (a constant factor C*H*W that Adam's
+normalisation cancels, except for epsilon's relative size).
 The class embedding (one row per identity) is added to the noise embedding; its rows are the
 "condition space" that ScoreMix compares with the discriminator (`condition_vectors`).
 
-Presets: `cpu` (default) is the 2-core recipe of DESIGN.md (plain GroupNorm UNet, 32/64/128 channels
-at 32/16/8 px, 2.6M parameters, batch 64, lr 2e-3 with warm-up, constant then linear to 0);
-`edm2-s` is EDM2-S-like (magnitude-preserving layers, 192 x [1,2,3,4] channels, attention at 16 and
-8 px, learned uncertainty, inverse-sqrt lr). State is counted in images; re-running a command resumes
-from RUN/checkpoint.pt and gives the same weights as an uninterrupted run.
+Two networks:
+- `UNet` is EDM2's magnitude-preserving UNet (Karras et al. 2024, "Analyzing and Improving the
+  Training Dynamics of Diffusion Models", Fig. 21), layer for layer and with EDM2's module names, so
+  EDM2 weights load as they are (`from_edm2`). Presets `edm2-xs` / `edm2-s` / `edm2-m` use EDM2's
+  img64 hyper-parameters and training rules: sigma_data 0.5, no flips unless --xflip, the
+  inverse-square-root lr anchored in batches (`learning_rate`), two power-function EMA profiles per
+  snapshot and post-hoc EMA reconstruction (`posthoc-ema` below).
+- `CpuUNet` is the 2-core recipe of DESIGN.md (preset `cpu`: GroupNorm UNet, 32/64/128 channels at
+  32/16/8 px, 2.6M parameters, batch 64, lr 2e-3 with warm-up, constant then linear to 0); `cpu-guide`
+  is a 4x cheaper version trained 1/3 as long, the light autoguidance guide of the `cpu` generator
+  (as `edm2-xs` is for `edm2-s`).
+State is counted in images; re-running a command resumes from RUN/checkpoint.pt and gives the same
+weights as an uninterrupted run. Training images are decoded per item as they stream (bounded memory).
 
     python train_diffusion.py --data toy/train --heldout toy/heldout --out runs/gen
     torchrun --nproc_per_node=8 train_diffusion.py --preset edm2-s --data train.rec --out runs/gen --amp
+    python train_diffusion.py posthoc-ema --run runs/gen --std 0.045 --out runs/gen/phema-0.045.pt
+    python train_diffusion.py import-edm2 STATE.pt --edm2-kwargs '{"img_resolution": 64, "img_channels": 3,
+        "label_dim": 1000, "model_channels": 192, "dropout": 0.0}' --out edm2-img64-s.pt
+
+`import-edm2` converts a state dict of EDM2's Precond (saved with `torch.save(net.state_dict())`)
+and its constructor keyword arguments into a snapshot; `posthoc-ema` solves EDM2's post-hoc EMA
+(Alg. 3) for a relative std from the EMA profiles stored in a run's snapshots.
 
 Snapshot RUN/network-snapshot-<kimg:06d>.pt (load with `load_generator`, weights_only=True):
     {"config": Denoiser kwargs, "ema": EMA state_dict for the first --ema-std,
-     "ema_std_<x>": the others, "class_names": [...], "kimg": float, "sigma_data": float}
+     "ema_std_<x>": the others, "ema_stds": [...], "class_names": [...], "kimg": float, "sigma_data": float}
 """
 import argparse
 import copy
@@ -29,6 +44,7 @@ import functools
 import json
 import math
 import os
+import re
 import sys
 import time
 from contextlib import nullcontext
@@ -44,7 +60,7 @@ from tqdm import tqdm
 from train_arcface import (DataError, autocast_context, epoch_order, load_images, open_datasets, save_atomic,
                            seed_for, setup_distributed, write_text_atomic)
 
-# ----------------------------------------------------------------------------- layers
+# ----------------------------------------------------------------------------- EDM2 layers
 
 
 def normalize(x, dim=None, eps=1e-4):
@@ -55,49 +71,36 @@ def normalize(x, dim=None, eps=1e-4):
     return x / norm.to(x.dtype)
 
 
-def mp_silu(x):  # EDM2: SiLU rescaled to unit magnitude for unit-variance input
+def mp_silu(x):  # EDM2 eq. 81: SiLU rescaled to unit magnitude for unit-variance input
     return F.silu(x) / 0.596
 
 
-def mp_sum(a, b, t=0.5):
+def mp_sum(a, b, t=0.5):  # EDM2 eq. 88
     return a.lerp(b, t) / math.sqrt((1 - t) ** 2 + t ** 2)
 
 
-def mp_cat(a, b, t=0.5):
+def mp_cat(a, b, t=0.5):  # EDM2 eq. 103
     na, nb = a.shape[1], b.shape[1]
     c = math.sqrt((na + nb) / ((1 - t) ** 2 + t ** 2))
     return torch.cat([a * (c / math.sqrt(na) * (1 - t)), b * (c / math.sqrt(nb) * t)], dim=1)
 
 
-class MPConv(nn.Module):
-    """EDM2 magnitude-preserving conv (kernel k) or linear (k = 0) with forced weight normalisation."""
-
-    def __init__(self, cin, cout, kernel):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(cout, cin, *([kernel] * 2 if kernel else [])))
-
-    def forward(self, x, gain=1):
-        w = self.weight.to(torch.float32)
-        if self.training:
-            with torch.no_grad():
-                self.weight.copy_(normalize(w))  # forced weight normalisation
-        w = (normalize(w) * (gain / math.sqrt(w[0].numel()))).to(x.dtype)
-        return x @ w.t() if w.ndim == 2 else F.conv2d(x, w, padding=w.shape[-1] // 2)
-
-
-def layer(cin, cout, kernel, mp):
-    """Conv (kernel > 0) or linear (kernel 0), plain or magnitude-preserving."""
-    if mp:
-        return MPConv(cin, cout, kernel)
-    return nn.Conv2d(cin, cout, kernel, padding=kernel // 2) if kernel else nn.Linear(cin, cout)
-
-
-def group_norm(channels):
-    return nn.GroupNorm(max(1, min(32, channels // 4)), channels)
+def resample(x, f=(1, 1), mode="keep"):
+    """EDM2 resampling with the separable filter f (normalised to sum 1 per axis): 'down' is a stride-2
+    depthwise convolution (f = [1, 1]: 2x2 average), 'up' a stride-2 transposed one with 4 f x f
+    ([1, 1]: nearest neighbour), 'keep' returns x."""
+    if mode == "keep":
+        return x
+    f = torch.as_tensor(f, dtype=torch.float32)
+    c, pad = x.shape[1], (len(f) - 1) // 2
+    w = (torch.outer(f, f) / f.sum() ** 2).to(x.device, x.dtype)[None, None].tile([c, 1, 1, 1])
+    if mode == "down":
+        return F.conv2d(x, w, groups=c, stride=2, padding=pad)
+    return F.conv_transpose2d(x, w * 4, groups=c, stride=2, padding=pad)
 
 
 class Fourier(nn.Module):
-    """Random Fourier features of the noise level (EDM2 MPFourier): sqrt(2) cos(2 pi (f c + phase))."""
+    """Random Fourier features of the noise level (EDM2 eq. 75): sqrt(2) cos(2 pi (f c + phase))."""
 
     def __init__(self, num_channels, bandwidth=1.0):
         super().__init__()
@@ -108,117 +111,230 @@ class Fourier(nn.Module):
         return (c.float().ger(self.freqs) + self.phases).cos() * math.sqrt(2)
 
 
-class Block(nn.Module):
-    """Residual block conditioned on the embedding, optionally followed by self-attention.
+class MPConv(nn.Module):
+    """EDM2 magnitude-preserving conv (kernel k) or linear (k = 0), eq. 47, with weight normalisation.
 
-    plain: x + conv(SiLU(GN(h) * (1 + scale) + shift)), h = conv(SiLU(GN(x))), (scale, shift) from emb.
-    mp:    EDM2 block: pixel norm (encoder), mp_silu, multiplicative embedding, mp_sum with t = 0.3."""
+    EDM2's forced weight normalisation (eq. 66) rewrites the stored weight in every training forward;
+    here the trainer calls `normalize_weight_` before each step's forward passes instead, which stores
+    the same numbers and keeps the forward free of in-place writes (torch.compile, DDP)."""
 
-    def __init__(self, cin, cout, cemb, mp, flavor="enc", attention=False, dropout=0.0, channels_per_head=64):
+    def __init__(self, cin, cout, kernel):
         super().__init__()
-        self.mp, self.flavor, self.dropout = mp, flavor, dropout
-        self.conv0 = layer(cout if mp and flavor == "enc" else cin, cout, 3, mp)
-        self.conv1 = layer(cout, cout, 3, mp)
-        self.skip = layer(cin, cout, 1, mp) if cin != cout else None
-        self.emb = layer(cemb, cout if mp else 2 * cout, 0, mp)
+        self.out_channels = cout
+        self.weight = nn.Parameter(torch.randn(cout, cin, *([kernel] * 2 if kernel else [])))
+
+    @torch.no_grad()
+    def normalize_weight_(self):
+        self.weight.copy_(normalize(self.weight.to(torch.float32)))
+
+    def forward(self, x, gain=1):
+        w = normalize(self.weight.to(torch.float32))  # traditional weight normalisation
+        w = (w * (gain / math.sqrt(w[0].numel()))).to(x.dtype)  # magnitude-preserving scaling
+        return x @ w.t() if w.ndim == 2 else F.conv2d(x, w, padding=w.shape[-1] // 2)
+
+
+class Block(nn.Module):
+    """EDM2 encoder ('enc') or decoder ('dec') block (Fig. 21): resampling, pixel norm (encoder),
+    a residual branch modulated by the embedding, mp_sum with t = res_balance, optional attention."""
+
+    def __init__(self, in_channels, out_channels, emb_channels, flavor="enc", resample_mode="keep",
+                 resample_filter=(1, 1), attention=False, channels_per_head=64, dropout=0.0,
+                 res_balance=0.3, attn_balance=0.3, clip_act=256):
+        super().__init__()
+        self.out_channels, self.flavor, self.dropout = out_channels, flavor, dropout
+        self.resample_mode, self.resample_filter = resample_mode, list(resample_filter)
+        self.num_heads = out_channels // channels_per_head if attention else 0
+        self.res_balance, self.attn_balance, self.clip_act = res_balance, attn_balance, clip_act
+        self.emb_gain = nn.Parameter(torch.zeros([]))
+        self.conv_res0 = MPConv(out_channels if flavor == "enc" else in_channels, out_channels, 3)
+        self.emb_linear = MPConv(emb_channels, out_channels, 0)
+        self.conv_res1 = MPConv(out_channels, out_channels, 3)
+        self.conv_skip = MPConv(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.attn_qkv = MPConv(out_channels, out_channels * 3, 1) if self.num_heads else None
+        self.attn_proj = MPConv(out_channels, out_channels, 1) if self.num_heads else None
+
+    def attention(self, x):
+        """Multi-head self-attention over pixels; q, k, v pixel-normalised per head (EDM2)."""
+        y = self.attn_qkv(x)
+        y = y.reshape(y.shape[0], self.num_heads, -1, 3, y.shape[2] * y.shape[3])
+        q, k, v = normalize(y, dim=2).transpose(2, 4).unbind(3)  # [N, heads, pixels, channels] each
+        y = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(channels)) v
+        return self.attn_proj(y.transpose(2, 3).reshape(x.shape))
+
+    def forward(self, x, emb):
+        x = resample(x, self.resample_filter, self.resample_mode)
+        if self.flavor == "enc":
+            x = normalize(x if self.conv_skip is None else self.conv_skip(x), dim=1)  # pixel norm
+        y = self.conv_res0(mp_silu(x))
+        c = self.emb_linear(emb, gain=self.emb_gain) + 1
+        y = mp_silu(y * c[:, :, None, None].to(y.dtype))
+        if self.training and self.dropout:
+            y = F.dropout(y, self.dropout)
+        y = self.conv_res1(y)
+        if self.flavor == "dec" and self.conv_skip is not None:
+            x = self.conv_skip(x)
+        x = mp_sum(x, y, t=self.res_balance)
+        if self.num_heads:
+            x = mp_sum(x, self.attention(x), t=self.attn_balance)
+        return x if self.clip_act is None else x.clip(-self.clip_act, self.clip_act)
+
+
+class UNet(nn.Module):
+    """EDM2's UNet (Fig. 21). Encoder: at the top level a conv of the image plus a constant channel,
+    at each lower level a 'down' Block, then num_blocks Blocks; every output is kept as a skip.
+    Decoder: at the lowest level two Blocks ('in0' with attention), at the others an 'up' Block, then
+    num_blocks + 1 Blocks, each fed mp_cat(x, skip). Attention where the level's resolution is in
+    attn_resolutions. Output: a conv with a learned gain (0 at init, so D starts as c_skip x)."""
+
+    def __init__(self, img_resolution, img_channels, label_dim, model_channels=192, channel_mult=(1, 2, 3, 4),
+                 channel_mult_noise=None, channel_mult_emb=None, num_blocks=3, attn_resolutions=(16, 8),
+                 label_balance=0.5, concat_balance=0.5, **block_kwargs):
+        super().__init__()
+        widths = [model_channels * m for m in channel_mult]
+        cnoise = model_channels * channel_mult_noise if channel_mult_noise is not None else widths[0]
+        cemb = model_channels * channel_mult_emb if channel_mult_emb is not None else max(widths)
+        self.label_dim, self.label_balance, self.concat_balance = label_dim, label_balance, concat_balance
+        self.out_gain = nn.Parameter(torch.zeros([]))
+        self.emb_fourier = Fourier(cnoise)
+        self.emb_noise = MPConv(cnoise, cemb, 0)
+        self.emb_label = MPConv(label_dim, cemb, 0)  # one-hot labels through a magnitude-preserving linear map
+        self.enc, cout = nn.ModuleDict(), img_channels + 1
+        for level, width in enumerate(widths):
+            res = img_resolution >> level
+            if level == 0:
+                self.enc[f"{res}x{res}_conv"], cout = MPConv(cout, width, 3), width
+            else:
+                self.enc[f"{res}x{res}_down"] = Block(cout, cout, cemb, resample_mode="down", **block_kwargs)
+            for i in range(num_blocks):
+                self.enc[f"{res}x{res}_block{i}"] = Block(cout, width, cemb, attention=res in attn_resolutions,
+                                                          **block_kwargs)
+                cout = width
+        skips = [block.out_channels for block in self.enc.values()]
+        self.dec = nn.ModuleDict()
+        for level, width in reversed(list(enumerate(widths))):
+            res = img_resolution >> level
+            if level == len(widths) - 1:
+                self.dec[f"{res}x{res}_in0"] = Block(cout, cout, cemb, flavor="dec", attention=True, **block_kwargs)
+                self.dec[f"{res}x{res}_in1"] = Block(cout, cout, cemb, flavor="dec", **block_kwargs)
+            else:
+                self.dec[f"{res}x{res}_up"] = Block(cout, cout, cemb, flavor="dec", resample_mode="up",
+                                                    **block_kwargs)
+            for i in range(num_blocks + 1):
+                self.dec[f"{res}x{res}_block{i}"] = Block(cout + skips.pop(), width, cemb, flavor="dec",
+                                                          attention=res in attn_resolutions, **block_kwargs)
+                cout = width
+        self.out_conv = MPConv(cout, img_channels, 3)
+
+    def class_embedding(self, labels):
+        """int64 [B] -> one-hot; float class weights [B, L] (L = label_dim, or num_classes without the
+        null column) -> the same weights: condition mixing. Scaled by sqrt(label_dim) as in EDM2."""
+        if labels.is_floating_point():
+            onehot = F.pad(labels.float(), (0, self.label_dim - labels.shape[1]))
+        else:
+            onehot = F.one_hot(labels, self.label_dim).float()
+        return self.emb_label(onehot * math.sqrt(self.label_dim))
+
+    def forward(self, x, c_noise, labels):
+        emb = self.emb_noise(self.emb_fourier(c_noise))
+        emb = mp_silu(mp_sum(emb, self.class_embedding(labels).to(emb.dtype), t=self.label_balance))
+        x, skips = torch.cat([x, torch.ones_like(x[:, :1])], dim=1), []  # the constant input channel
+        for name, block in self.enc.items():
+            x = block(x) if name.endswith("_conv") else block(x, emb)
+            skips.append(x)
+        for name, block in self.dec.items():
+            if "_block" in name:
+                x = mp_cat(x, skips.pop(), t=self.concat_balance)
+            x = block(x, emb)
+        return self.out_conv(x, gain=self.out_gain)
+
+# ----------------------------------------------------------------------------- the CPU UNet
+
+
+def group_norm(channels):
+    return nn.GroupNorm(max(1, min(32, channels // 4)), channels)
+
+
+class CpuBlock(nn.Module):
+    """Residual block conditioned on the embedding, optionally followed by self-attention:
+    x + conv(SiLU(GN(h) * (1 + scale) + shift)), h = conv(SiLU(GN(x))), (scale, shift) from emb."""
+
+    def __init__(self, cin, cout, cemb, attention=False, dropout=0.0, channels_per_head=64):
+        super().__init__()
+        self.dropout = dropout
+        self.conv0 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.conv1 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else None
+        self.emb = nn.Linear(cemb, 2 * cout)
         self.heads = max(1, cout // channels_per_head) if attention else 0
         if attention:
-            self.qkv, self.proj = layer(cout, 3 * cout, 1, mp), layer(cout, cout, 1, mp)
-        if mp:
-            self.emb_gain = nn.Parameter(torch.zeros([]))
-        else:
-            self.norm0, self.norm1 = group_norm(cin), group_norm(cout)
-            if attention:
-                self.norm2 = group_norm(cout)
-                nn.init.zeros_(self.proj.weight), nn.init.zeros_(self.proj.bias)
+            self.qkv, self.proj = nn.Conv2d(cout, 3 * cout, 1), nn.Conv2d(cout, cout, 1)
+        self.norm0, self.norm1 = group_norm(cin), group_norm(cout)
+        if attention:
+            self.norm2 = group_norm(cout)
+            nn.init.zeros_(self.proj.weight), nn.init.zeros_(self.proj.bias)
 
     def attention(self, x):
         b, c, h, w = x.shape
         q, k, v = self.qkv(x).reshape(b, self.heads, c // self.heads, 3, h * w).unbind(3)
-        if self.mp:
-            q, k, v = normalize(q, dim=2), normalize(k, dim=2), normalize(v, dim=2)
         y = F.scaled_dot_product_attention(q.transpose(2, 3), k.transpose(2, 3), v.transpose(2, 3))
         return self.proj(y.transpose(2, 3).reshape(b, c, h, w))
 
     def forward(self, x, emb):
-        if not self.mp:
-            h = self.conv0(F.silu(self.norm0(x)))
-            scale, shift = self.emb(emb)[:, :, None, None].chunk(2, dim=1)
-            h = F.silu(torch.addcmul(shift, self.norm1(h), scale + 1))
-            h = self.conv1(F.dropout(h, self.dropout, self.training))
-            x = h + (x if self.skip is None else self.skip(x))
-            return x + self.attention(self.norm2(x)) if self.heads else x
-        if self.flavor == "enc":
-            x = normalize(x if self.skip is None else self.skip(x), dim=1)  # pixel norm
-        y = self.conv0(mp_silu(x))
-        c = self.emb(emb, gain=self.emb_gain) + 1
-        y = self.conv1(F.dropout(mp_silu(y * c[:, :, None, None].to(y.dtype)), self.dropout, self.training))
-        if self.flavor == "dec" and self.skip is not None:
-            x = self.skip(x)
-        x = mp_sum(x, y, t=0.3)
-        if self.heads:
-            x = mp_sum(x, self.attention(x), t=0.3)
-        return x.clip(-256, 256)
+        h = self.conv0(F.silu(self.norm0(x)))
+        scale, shift = self.emb(emb)[:, :, None, None].chunk(2, dim=1)
+        h = F.silu(torch.addcmul(shift, self.norm1(h), scale + 1))
+        h = self.conv1(F.dropout(h, self.dropout, self.training))
+        x = h + (x if self.skip is None else self.skip(x))
+        return x + self.attention(self.norm2(x)) if self.heads else x
 
 
-class UNet(nn.Module):
-    """Encoder/decoder with skip connections; levels at resolution R, R/2, ... (widths channels*mult)."""
+class CpuUNet(nn.Module):
+    """The plain UNet of the CPU presets: levels at R, R/2, ... (widths channels * mult), num_blocks
+    blocks per level on both sides, average-pool / nearest resampling, a middle block, class embedding
+    added to the noise embedding, zero-initialised output layer."""
 
     def __init__(self, img_resolution, img_channels, label_dim, channels, channel_mult, num_blocks,
-                 num_mid_blocks, attn_resolutions, mp, dropout):
+                 num_mid_blocks, attn_resolutions, dropout):
         super().__init__()
-        self.mp, self.label_dim = mp, label_dim
+        self.label_dim = label_dim
         widths = [channels * m for m in channel_mult]
-        cemb = max(widths) if mp else 4 * channels
+        cemb = 4 * channels
         self.fourier = Fourier(widths[0])
-        if mp:  # EDM2: one-hot labels through a magnitude-preserving linear map
-            self.emb_noise, self.emb_label = MPConv(widths[0], cemb, 0), MPConv(label_dim, cemb, 0)
-            self.out_gain = nn.Parameter(torch.zeros([]))
-        else:
-            self.emb_noise = nn.Sequential(nn.Linear(widths[0], cemb), nn.SiLU(), nn.Linear(cemb, cemb))
-            self.emb_label = nn.Embedding(label_dim, cemb)
-        kw = dict(cemb=cemb, mp=mp, dropout=dropout)
-        self.conv_in = layer(img_channels + mp, widths[0], 3, mp)  # EDM2 appends a constant channel
+        self.emb_noise = nn.Sequential(nn.Linear(widths[0], cemb), nn.SiLU(), nn.Linear(cemb, cemb))
+        self.emb_label = nn.Embedding(label_dim, cemb)
+        kw = dict(cemb=cemb, dropout=dropout)
+        self.conv_in = nn.Conv2d(img_channels, widths[0], 3, padding=1)
         self.enc, skips, cout = nn.ModuleList(), [], widths[0]
         for level, width in enumerate(widths):
             blocks = nn.ModuleList()
             for _ in range(num_blocks):
-                blocks.append(Block(cout, width, attention=(img_resolution >> level) in attn_resolutions, **kw))
+                blocks.append(CpuBlock(cout, width, attention=(img_resolution >> level) in attn_resolutions, **kw))
                 skips.append(cout := width)
             self.enc.append(blocks)
-        low = img_resolution >> (len(widths) - 1)  # as EDM2: attention in the first middle block
-        self.mid = nn.ModuleList(Block(cout, cout, flavor="dec", attention=i == 0 and low in attn_resolutions, **kw)
+        low = img_resolution >> (len(widths) - 1)
+        self.mid = nn.ModuleList(CpuBlock(cout, cout, attention=i == 0 and low in attn_resolutions, **kw)
                                  for i in range(num_mid_blocks))
         self.dec = nn.ModuleList()
         for level, width in reversed(list(enumerate(widths))):
             blocks = nn.ModuleList()
             for _ in range(num_blocks):
-                blocks.append(Block(cout + skips.pop(), width, flavor="dec",
-                                    attention=(img_resolution >> level) in attn_resolutions, **kw))
+                blocks.append(CpuBlock(cout + skips.pop(), width,
+                                       attention=(img_resolution >> level) in attn_resolutions, **kw))
                 cout = width
             self.dec.append(blocks)
-        self.out_norm = None if mp else group_norm(cout)
-        self.out_conv = layer(cout, img_channels, 3, mp)
-        if not mp:  # zero-initialised output: D starts as c_skip * x
-            nn.init.zeros_(self.out_conv.weight), nn.init.zeros_(self.out_conv.bias)
+        self.out_norm = group_norm(cout)
+        self.out_conv = nn.Conv2d(cout, img_channels, 3, padding=1)
+        nn.init.zeros_(self.out_conv.weight), nn.init.zeros_(self.out_conv.bias)  # D starts as c_skip x
 
     def class_embedding(self, labels):
         """int64 [B] -> [B, d]: the learned class-condition vectors. Float class weights [B, L] (L =
         label_dim, or num_classes without the null column) -> weights @ table: condition mixing."""
         if labels.is_floating_point():
-            weights = F.pad(labels.float(), (0, self.label_dim - labels.shape[1]))
-            return self.emb_label(weights * math.sqrt(self.label_dim)) if self.mp else weights @ self.emb_label.weight
-        if self.mp:
-            return self.emb_label(F.one_hot(labels, self.label_dim).float() * math.sqrt(self.label_dim))
+            return F.pad(labels.float(), (0, self.label_dim - labels.shape[1])) @ self.emb_label.weight
         return self.emb_label(labels)
 
     def forward(self, x, c_noise, labels):
-        emb = self.emb_noise(self.fourier(c_noise))
-        if self.mp:
-            emb = mp_silu(mp_sum(emb, self.class_embedding(labels), t=0.5))
-            x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
-        else:
-            emb = F.silu(emb + self.class_embedding(labels))
+        emb = F.silu(self.emb_noise(self.fourier(c_noise)) + self.class_embedding(labels))
         x, skips = self.conv_in(x), []
         for level, blocks in enumerate(self.enc):
             x = F.avg_pool2d(x, 2) if level else x
@@ -229,10 +345,10 @@ class UNet(nn.Module):
         for level, blocks in enumerate(self.dec):
             x = F.interpolate(x, scale_factor=2, mode="nearest") if level else x
             for block in blocks:
-                x = block(mp_cat(x, skips.pop()) if self.mp else torch.cat([x, skips.pop()], dim=1), emb)
-        if self.mp:
-            return self.out_conv(x, gain=self.out_gain)
+                x = block(torch.cat([x, skips.pop()], dim=1), emb)
         return self.out_conv(F.silu(self.out_norm(x)))
+
+# ----------------------------------------------------------------------------- the denoiser
 
 
 def edm_precond(sigma, sigma_data):
@@ -241,23 +357,56 @@ def edm_precond(sigma, sigma_data):
     return sd2 / (s2 + sd2), sigma * sigma_data / (s2 + sd2).sqrt(), 1 / (s2 + sd2).sqrt(), sigma.log() / 4
 
 
+# EDM2's UNet / Block / Precond keyword arguments beyond the Denoiser's own, with EDM2's defaults
+EDM2_DEFAULTS = dict(channels_per_head=64, channel_mult_noise=None, channel_mult_emb=None, label_balance=0.5,
+                     concat_balance=0.5, res_balance=0.3, attn_balance=0.3, clip_act=256, resample_filter=[1, 1],
+                     logvar_channels=128)
+
+
 class Denoiser(nn.Module):
     """D(x; sigma, class_labels) = c_skip x + c_out F(c_in x, c_noise, y); output in x's dtype.
 
+    F is EDM2's `UNet` with mp=True (then EDM2_DEFAULTS' names may be given too) or the `CpuUNet`.
     With `null_class` the embedding has a row num_classes: the unconditional model of classifier-free
-    guidance (class_labels=None selects it)."""
+    guidance (class_labels=None selects it). `uncertainty` adds EDM2's u(sigma) head (eq. 21)."""
 
     def __init__(self, img_resolution, img_channels, num_classes, null_class=False, sigma_data=0.5,
                  uncertainty=False, channels=32, channel_mult=(1, 2, 4), num_blocks=2, num_mid_blocks=1,
-                 attn_resolutions=(), mp=False, dropout=0.0):
+                 attn_resolutions=(), mp=False, dropout=0.0, **edm2):
         super().__init__()
-        self.config = {k: list(v) if isinstance(v, tuple) else v for k, v in locals().items()
-                       if k not in ("self", "__class__")}  # the constructor's arguments, stored in snapshots
+        if set(edm2) - set(EDM2_DEFAULTS) or (edm2 and not mp):
+            raise TypeError(f"unexpected arguments {sorted(edm2)} (EDM2's names need mp=True)")
+        self.config = {k: list(v) if isinstance(v, tuple) else v for k, v in {**locals(), **edm2}.items()
+                       if k not in ("self", "__class__", "edm2")}  # the constructor's arguments, for snapshots
         self.img_resolution, self.img_channels, self.num_classes = img_resolution, img_channels, num_classes
         self.sigma_data, self.null_class, self.class_names = float(sigma_data), null_class, None
-        self.unet = UNet(img_resolution, img_channels, num_classes + null_class, channels, channel_mult,
-                         num_blocks, num_mid_blocks, attn_resolutions, mp, dropout)
-        self.logvar = nn.Sequential(Fourier(128), layer(128, 1, 0, mp)) if uncertainty else None
+        label_dim = num_classes + null_class
+        if mp:  # EDM2's Precond: UNet, then the uncertainty head (num_mid_blocks: EDM2 always has 2)
+            e = {**EDM2_DEFAULTS, **edm2}
+            logvar_channels = e.pop("logvar_channels")
+            self.unet = UNet(img_resolution, img_channels, label_dim, model_channels=channels,
+                             channel_mult=channel_mult, num_blocks=num_blocks, attn_resolutions=attn_resolutions,
+                             dropout=dropout, **e)
+            if uncertainty:
+                self.logvar_fourier = Fourier(logvar_channels)
+                self.logvar_linear = MPConv(logvar_channels, 1, 0)
+        else:
+            self.unet = CpuUNet(img_resolution, img_channels, label_dim, channels, channel_mult, num_blocks,
+                                num_mid_blocks, attn_resolutions, dropout)
+            self.logvar = nn.Sequential(Fourier(128), nn.Linear(128, 1)) if uncertainty else None
+
+    def logvar_of(self, c_noise):
+        """u(sigma) [B] (EDM2 eq. 21), or 0 without the head."""
+        if hasattr(self, "logvar_linear"):
+            return self.logvar_linear(self.logvar_fourier(c_noise)).float().flatten()
+        return self.logvar(c_noise).float().flatten() if getattr(self, "logvar", None) is not None else 0
+
+    @torch.no_grad()
+    def normalize_weights_(self):
+        """EDM2's forced weight normalisation (eq. 66) of every MPConv; call before each training step."""
+        for m in self.modules():
+            if isinstance(m, MPConv):
+                m.normalize_weight_()
 
     def forward(self, x, sigma, class_labels=None, return_logvar=False):
         b = x.shape[0]
@@ -275,14 +424,15 @@ class Denoiser(nn.Module):
         D = c_skip * x32 + c_out * self.unet(c_in * x32, c_noise.flatten(), labels).to(torch.float32)
         if not return_logvar:
             return D.to(x.dtype)
-        logvar = self.logvar(c_noise.flatten()).float().reshape(-1, 1, 1, 1) if self.logvar is not None else 0
-        return D.to(x.dtype), logvar  # u(sigma), EDM2 eq. 21
+        logvar = self.logvar_of(c_noise.flatten())
+        return D.to(x.dtype), torch.as_tensor(logvar, device=x.device).reshape(-1, 1, 1, 1)
 
 
 def condition_vectors(net):
     """The learned class embeddings [num_classes, d] (the generator's "condition space")."""
+    device = next(net.parameters()).device
     with torch.no_grad():
-        return net.unet.class_embedding(torch.arange(net.num_classes, device=net.unet.fourier.freqs.device)).float()
+        return net.unet.class_embedding(torch.arange(net.num_classes, device=device)).float()
 
 
 def load_generator(path, device="cpu", ema_std=None):
@@ -291,21 +441,67 @@ def load_generator(path, device="cpu", ema_std=None):
     if not (isinstance(snap, dict) and {"config", "ema", "class_names", "kimg"} <= snap.keys()):
         raise ValueError(f"{path} is not a network snapshot of train_diffusion.py")
     net = Denoiser(**snap["config"])
-    net.load_state_dict(snap["ema" if ema_std is None else f"ema_std_{ema_std:g}"])
+    key = "ema" if ema_std is None or ema_std == snap.get("ema_std") else f"ema_std_{ema_std:g}"
+    try:
+        net.load_state_dict(snap[key])
+    except RuntimeError:
+        raise ValueError(f"{path} was written for another network layout (an older train_diffusion.py?)") from None
     net.class_names = list(snap["class_names"])
     return net.to(device).eval().requires_grad_(False)
 
-# ----------------------------------------------------------------------------- EMA, lr, loss
+# ----------------------------------------------------------------------------- EDM2 weights
+
+
+EDM2_PRECOND_KWARGS = {"img_resolution", "img_channels", "label_dim", "use_fp16", "sigma_data", "logvar_channels",
+                       "model_channels", "channel_mult", "num_blocks", "attn_resolutions", "dropout"}
+
+
+def from_edm2(state_dict, **edm2_kwargs):
+    """EDM2 `Precond` weights -> the same denoiser D as a `Denoiser` (eval mode, fp32).
+
+    `state_dict`: EDM2's Precond.state_dict() (any float dtype; EDM2's snapshots hold fp16);
+    `edm2_kwargs`: Precond's / UNet's / Block's keyword arguments under EDM2's names (img_resolution,
+    img_channels, label_dim, model_channels, channel_mult, num_blocks, attn_resolutions, dropout,
+    sigma_data, logvar_channels, channels_per_head, ...), EDM2's defaults for the rest. `use_fp16` is
+    accepted and ignored (run the net under autocast instead). Class names: "0" ... "label_dim-1"."""
+    kw = dict(model_channels=192, channel_mult=[1, 2, 3, 4], num_blocks=3, attn_resolutions=[16, 8],
+              dropout=0.0, sigma_data=0.5)
+    unknown = set(edm2_kwargs) - EDM2_PRECOND_KWARGS - set(EDM2_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown EDM2 keyword argument(s): {', '.join(sorted(unknown))}")
+    missing = {"img_resolution", "img_channels", "label_dim"} - set(edm2_kwargs)
+    if missing:
+        raise ValueError(f"missing EDM2 keyword argument(s): {', '.join(sorted(missing))}")
+    kw.update(edm2_kwargs)
+    kw.pop("use_fp16", None)
+    if kw["label_dim"] < 1:
+        raise ValueError("an unconditional EDM2 model (label_dim 0) has no classes to mix")
+    extra = {k: kw.pop(k) for k in list(kw) if k in EDM2_DEFAULTS}
+    net = Denoiser(kw["img_resolution"], kw["img_channels"], kw["label_dim"], sigma_data=kw["sigma_data"],
+                   uncertainty=True, channels=kw["model_channels"], channel_mult=list(kw["channel_mult"]),
+                   num_blocks=kw["num_blocks"], num_mid_blocks=2, attn_resolutions=list(kw["attn_resolutions"]),
+                   mp=True, dropout=kw["dropout"], **extra)
+    state = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"the state dict does not fit these EDM2 arguments: {str(e).splitlines()[0]}") from None
+    if not all(torch.isfinite(p).all() for p in net.parameters()):
+        raise ValueError("the state dict has non-finite weights")
+    net.class_names = [str(i) for i in range(net.num_classes)]
+    return net.eval().requires_grad_(False)
+
+# ----------------------------------------------------------------------------- EMA, post-hoc EMA, lr, loss
 
 
 def std_to_gamma(std):
-    """EDM2 power-function EMA: the exponent gamma whose profile has relative std `std`."""
+    """EDM2 power-function EMA (eq. 126, Alg. 2): the exponent gamma whose profile has relative std `std`."""
     t = float(std) ** -2  # solve (g+1) / ((g+2)^2 (g+3)) = std^2 for the largest real g
     return float(np.roots([1, 7, 16 - t, 12 - t]).real.max())
 
 
 def power_function_beta(std, nimg, batch):
-    """EMA decay after reaching `nimg` images with a step of `batch`: (1 - batch/nimg)^(gamma+1)."""
+    """EMA decay after reaching `nimg` images with a step of `batch`: (1 - batch/nimg)^(gamma+1) (eq. 127)."""
     return (1 - batch / nimg) ** (std_to_gamma(std) + 1)
 
 
@@ -325,22 +521,97 @@ class PowerEMA:
                 b_ema.copy_(b)
 
 
+def profile_inner_product(t_a, std_a, t_b, std_b):
+    """<p_a, p_b> of two power-function EMA profiles p(t) = (g+1)/T (t/T)^g on [0, T] (EDM2 eq. 151):
+    with T_a <= T_b it is (g_a+1)(g_b+1) / ((g_a+g_b+1) T_b) * (T_a/T_b)^g_b, symmetric otherwise."""
+    g_a, g_b = np.vectorize(std_to_gamma)(std_a), np.vectorize(std_to_gamma)(std_b)
+    t_a, t_b = np.float64(t_a), np.float64(t_b)
+    ratio = np.where(t_a <= t_b, (t_a / t_b) ** g_b, (t_b / t_a) ** g_a)
+    return (g_a + 1) * (g_b + 1) / ((g_a + g_b + 1) * np.maximum(t_a, t_b)) * ratio
+
+
+def posthoc_coefficients(in_nimg, in_std, out_nimg, out_std):
+    """EDM2 Alg. 3: weights [inputs, outputs] whose sums of the stored profiles (ending at in_nimg,
+    relative stds in_std) are the least-squares fits of the requested profiles, normalised to sum 1."""
+    col = lambda v: np.float64(v).reshape(-1, 1)  # noqa: E731
+    row = lambda v: np.float64(v).reshape(1, -1)  # noqa: E731
+    in_nimg, in_std = np.broadcast_arrays(np.float64(in_nimg), np.float64(in_std))
+    out_nimg, out_std = np.broadcast_arrays(np.float64(out_nimg), np.float64(out_std))
+    A = profile_inner_product(col(in_nimg), col(in_std), row(in_nimg), row(in_std))
+    B = profile_inner_product(col(in_nimg), col(in_std), row(out_nimg), row(out_std))
+    X = np.linalg.solve(A, B)
+    return X / X.sum(axis=0)
+
+
+def snapshot_profiles(paths):
+    """-> [(path, nimg, std, key)] for every EMA profile stored in these snapshots."""
+    out = []
+    for path in paths:
+        snap = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if not (isinstance(snap, dict) and "ema_stds" in snap):
+            raise ValueError(f"{path} holds no EMA profiles (a post-hoc output or an older snapshot?)")
+        nimg = round(snap["kimg"] * 1e3)
+        out += [(path, nimg, std, "ema" if i == 0 else f"ema_std_{std:g}") for i, std in enumerate(snap["ema_stds"])]
+    return out
+
+
+def reconstruct_ema(paths, std, out_kimg=None):
+    """EDM2 post-hoc EMA: the snapshot (a dict) whose EMA has relative std `std` at `out_kimg` (default:
+    the latest snapshot's), a weighted sum of the profiles stored in the snapshots up to then."""
+    profiles = snapshot_profiles(paths)
+    out_nimg = max(p[1] for p in profiles) if out_kimg is None else round(out_kimg * 1e3)
+    if not any(p[1] == out_nimg for p in profiles):
+        raise ValueError(f"no snapshot at {out_nimg / 1e3:g} kimg (the reconstruction time must be a snapshot's)")
+    unique = {(p[1], p[2]): p for p in reversed(profiles)}  # a profile given twice: once (else A is singular)
+    profiles = sorted((p for p in unique.values() if 0 < p[1] <= out_nimg), key=lambda p: (p[1], p[2]))
+    coefs = posthoc_coefficients([p[1] for p in profiles], [p[2] for p in profiles], out_nimg, std)[:, 0]
+    total, snap, last = None, None, None
+    for (path, nimg, _, key), c in zip(profiles, coefs):
+        if path != last:
+            snap, last = torch.load(path, map_location="cpu", weights_only=True, mmap=True), path
+        if total is None:
+            config, names, sigma_data = snap["config"], snap["class_names"], snap.get("sigma_data")
+            with torch.device("meta"):
+                params = {name for name, _ in Denoiser(**config).named_parameters()}
+            total = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in snap[key].items()}
+        elif snap["config"] != config or snap["class_names"] != names:
+            raise ValueError(f"{path} was made with another network or classes than the other snapshots")
+        for k, v in snap[key].items():
+            if k in params:
+                total[k] += c * v.float()
+            else:
+                total[k] = v.clone()  # buffers: the last one
+    return {"config": config, "ema": total, "class_names": names, "kimg": out_nimg / 1e3, "sigma_data": sigma_data,
+            "posthoc_ema": {"std": float(std), "inputs": [[os.path.basename(p[0]), p[1], p[2]] for p in profiles],
+                            "coefficients": coefs.tolist()}}
+
+
 def learning_rate(args, nimg):
-    """lr for the step that ends at `nimg` images: warm-up, then linear (constant, then to 0) or isqrt."""
-    lr = args.lr * min(nimg / max(args.rampup_kimg * 1e3, 1), 1)
-    if args.lr_schedule == "isqrt":  # EDM2
-        return lr / math.sqrt(max(nimg / (args.ref_kimg * 1e3), 1))
-    return lr * min(1, 2 * max(0.0, 1 - nimg / (args.duration * 1e3)))
+    """lr of the step that starts after `nimg` images.
+
+    isqrt (EDM2's schedule, anchored in batches): lr / sqrt(max(nimg / (ref_batches * batch), 1)),
+    times min(nimg / rampup, 1); so any --batch-size / --grad-accum gives EDM2's lr at the same image
+    count for the same global batch. linear (cpu): warm-up to lr, constant for half the run, then to 0,
+    evaluated at the step's end."""
+    if args.lr_schedule == "isqrt":
+        lr = args.lr
+        if args.ref_batches > 0:
+            lr /= math.sqrt(max(nimg / (args.ref_batches * args.batch_size), 1))
+        return lr * min(nimg / (args.rampup_kimg * 1e3), 1) if args.rampup_kimg > 0 else lr
+    end = nimg + args.batch_size
+    lr = args.lr * min(end / max(args.rampup_kimg * 1e3, 1), 1)
+    return lr * min(1, 2 * max(0.0, 1 - end / (args.duration * 1e3)))
 
 
-def edm_loss(net, y, labels, P_mean, P_std, sigma_data, generator):
-    """EDM loss averaged over pixels and images (EDM2 uncertainty when the net has the head)."""
+def edm_loss(net, y, labels, P_mean, P_std, sigma_data, generator, pixel_sum=False):
+    """EDM loss averaged over images and over pixels, or summed over pixels (EDM2: `pixel_sum`), with
+    EDM2's uncertainty weighting when the net has the head (eq. 21)."""
     sigma = (torch.randn([y.shape[0], 1, 1, 1], generator=generator, device=y.device) * P_std + P_mean).exp()
     weight = (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
     noise = torch.randn(y.shape, generator=generator, device=y.device) * sigma
     D, logvar = net(y + noise, sigma.flatten(), labels, return_logvar=True)
-    return (weight / torch.as_tensor(logvar).exp() * (D.float() - y) ** 2 + logvar).mean()
-
+    loss = (weight / logvar.exp() * (D.float() - y) ** 2 + logvar).mean()
+    return loss * y[0].numel() if pixel_sum else loss
 # ----------------------------------------------------------------------------- sampler
 
 
@@ -413,20 +684,34 @@ def generate_images(denoise, class_labels, seeds, num_steps=32, batch_size=64, s
         out.append((x * 127.5 + 128).clip(0, 255).to(torch.uint8).cpu())
     return torch.cat(out)
 
+
 # ----------------------------------------------------------------------------- training
 
 
+def edm2_preset(channels, lr, dropout, duration_mimg):
+    """EDM2's img64 configuration at width `channels` (batch 2048, isqrt decay after 35k batches, 10 Mimg
+    warm-up, ln sigma ~ N(-0.8, 1.6^2), EMA profiles 0.05 and 0.10, sigma_data 0.5, no flips)."""
+    return dict(resolution=64, channels=channels, channel_mult=[1, 2, 3, 4], num_blocks=3, num_mid_blocks=2,
+                attn=[16, 8], mp=True, uncertainty=True, dropout=dropout, batch_size=2048, lr=lr,
+                lr_schedule="isqrt", rampup_kimg=10000, ref_batches=35000, duration=duration_mimg * 1048.576,
+                p_mean=-0.8, p_std=1.6, ema_std=[0.05, 0.10], sigma_data="0.5", xflip=0,
+                snapshot_every=8388.608, checkpoint_every=8388.608, status_every=131.072)
+
+
+CPU_PRESET = dict(resolution=32, channels=32, channel_mult=[1, 2, 4], num_blocks=2, num_mid_blocks=1, attn=[],
+                  mp=False, uncertainty=False, dropout=0.0, batch_size=64, lr=2e-3, lr_schedule="linear",
+                  rampup_kimg=6.4, ref_batches=0, duration=150, p_mean=-1.2, p_std=1.2, ema_std=[0.05],
+                  sigma_data="auto", xflip=1, snapshot_every=50, checkpoint_every=10, status_every=1.0)
 PRESETS = {
-    "cpu": dict(resolution=32, channels=32, channel_mult=[1, 2, 4], num_blocks=2, num_mid_blocks=1, attn=[],
-                mp=False, uncertainty=False, batch_size=64, lr=2e-3, lr_schedule="linear", rampup_kimg=6.4,
-                ref_kimg=0, duration=150, p_mean=-1.2, p_std=1.2, ema_std=[0.05], snapshot_every=50,
-                checkpoint_every=10),
-    "edm2-s": dict(resolution=64, channels=192, channel_mult=[1, 2, 3, 4], num_blocks=3, num_mid_blocks=2,
-                   attn=[16, 8], mp=True, uncertainty=True, batch_size=2048, lr=1e-2, lr_schedule="isqrt",
-                   rampup_kimg=10000, ref_kimg=71680, duration=1073741.824, p_mean=-0.8, p_std=1.6,
-                   ema_std=[0.05, 0.10], snapshot_every=8192, checkpoint_every=2048),
+    "cpu": CPU_PRESET,
+    "cpu-guide": {**CPU_PRESET, "channels": 16, "duration": 50},  # ~1/4 of the cpu net's cost per call
+    "edm2-xs": edm2_preset(128, 0.0120, 0.0, 1024),  # the light autoguidance guide of edm2-s
+    "edm2-s": edm2_preset(192, 0.0100, 0.0, 1024),
+    "edm2-m": edm2_preset(256, 0.0090, 0.1, 2048),
 }
 DENOISE_SIGMAS = (0.002, 0.01, 0.05, 0.2, 0.5, 1, 5, 20, 80)
+STATS_IMAGES = 10000  # images decoded for sigma_data 'auto' and the mean image (all of a smaller set)
+HELD_IMAGES = 128  # training images of the denoising-error table when there is no --heldout
 
 
 epoch_permutation = functools.lru_cache(maxsize=4)(epoch_order)
@@ -439,18 +724,56 @@ def stream_indices(start, count, n, seed):
     return torch.cat([epoch_permutation(n, 1, seed, int(e))[pos[pos // n == e] % n] for e in torch.unique(pos // n)])
 
 
+class StreamSampler(torch.utils.data.Sampler):
+    """This rank's micro-batches from image `start` on: micro-batch r of the step that starts at nimg
+    holds stream positions nimg + (r * world + rank) * micro ... + micro - 1 (resume = same batches)."""
+
+    def __init__(self, n, start, micro, batch_size, grad_accum, rank, world, seed):
+        self.n, self.start, self.micro, self.batch_size = n, start, micro, batch_size
+        self.grad_accum, self.rank, self.world, self.seed = grad_accum, rank, world, seed
+
+    def __iter__(self):
+        for nimg in range(self.start, 1 << 62, self.batch_size):
+            for r in range(self.grad_accum):
+                pos = nimg + (r * self.world + self.rank) * self.micro
+                yield stream_indices(pos, self.micro, self.n, self.seed).tolist()
+
+
 def to_float(images_u8):
     return images_u8.float() / 127.5 - 1
 
 
-def pixel_statistics(images, chunk=4096):
-    """-> (std of all pixels in [-1, 1], mean image [C,H,W]) in one chunked float64 pass."""
+def decode(dataset, indices, chunk=None):
+    """uint8 images + labels of dataset[indices], decoded per item, in chunks of `chunk` (an iterator)."""
+    indices = [int(i) for i in indices]
+    chunk = chunk or max(1, len(indices))
+    for lo in range(0, len(indices), chunk):
+        yield load_images(torch.utils.data.Subset(dataset, indices[lo:lo + chunk]), progress=False)
+
+
+def statistics_sample(n, cap=None):
+    """Indices of the images that sigma_data 'auto' and the mean image are measured on: all, or a
+    seeded sample of `cap` (STATS_IMAGES) of a larger set."""
+    cap = cap or STATS_IMAGES
+    if n <= cap:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(0))[:cap].sort().values
+
+
+def pixel_statistics(chunks):
+    """uint8 image chunks -> (std of all pixels in [-1, 1], mean image [C,H,W]) in one float64 pass."""
     s1 = s2 = 0
-    for i in range(0, len(images), chunk):
-        y = to_float(images[i:i + chunk]).double()
-        s1, s2 = s1 + y.sum(0), s2 + y.square().sum(0)
-    mean = s1 / len(images)
-    return math.sqrt((s2 / len(images)).mean() - mean.mean() ** 2), mean.float()
+    count = 0
+    for images in chunks:
+        y = to_float(images).double()
+        s1, s2, count = s1 + y.sum(0), s2 + y.square().sum(0), count + len(images)
+    mean = s1 / count
+    return math.sqrt((s2 / count).mean() - mean.mean() ** 2), mean.float()
+
+
+def stats_chunk(image_shape):
+    """Images per chunk of the statistics pass (at most 2^25 pixel values: 256 MB in float64)."""
+    return max(64, min(4096, 2 ** 25 // math.prod(image_shape)))
 
 
 @torch.no_grad()
@@ -476,55 +799,80 @@ def save_grid(net, path, device, num_steps=32):
     os.replace(tmp, path)
 
 
+
+
+def attention_levels(args, preset, error):
+    """--attn given: check it names level resolutions. Not given: the preset's attention levels (its
+    resolutions at its own image size) at this --resolution, e.g. edm2's 16 and 8 px at 64 px become
+    28 and 14 px at 112 px. Never silently none."""
+    levels = [args.resolution >> lvl for lvl in range(len(args.channel_mult))]
+    if args.attn is None:
+        wanted = [lvl for lvl in range(len(preset["channel_mult"])) if preset["resolution"] >> lvl in preset["attn"]]
+        args.attn = [levels[lvl] for lvl in wanted if lvl < len(levels)]
+        if wanted and not args.attn:
+            error(f"--channel-mult leaves none of the preset's attention levels; give --attn (levels: {levels})")
+    bad = [r for r in args.attn if r not in levels]
+    if bad:
+        error(f"--attn {bad} is not the resolution of a level at --resolution {args.resolution} (levels: {levels})")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog="Other commands: `train_diffusion.py import-edm2 --help` (EDM2 weights -> "
+                                       "snapshot), `train_diffusion.py posthoc-ema --help` (post-hoc EMA).")
     p.add_argument("--data", nargs="+", required=True, help="image folder(s) and/or train.rec file(s)")
     p.add_argument("--out", required=True, help="run folder (re-running resumes from its checkpoint.pt)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="defaults for every flag shown as None")
+    p.add_argument("--preset", choices=list(PRESETS), default="cpu", help="defaults for every flag shown as None")
     p.add_argument("--heldout", help="held-out real images (identity folders named as in --data) for the "
                                      "denoising-error table; without it a slice of training images is used")
     g = p.add_argument_group("network (None: from --preset)")
     g.add_argument("--resolution", type=int, help="image size in pixels (images are resized to it)")
     g.add_argument("--channels", type=int, help="base width (a narrower net can serve as an autoguidance guide)")
     g.add_argument("--channel-mult", type=int, nargs="+", help="width multipliers per resolution level")
-    g.add_argument("--num-blocks", type=int, help="residual blocks per level (encoder and decoder)")
-    g.add_argument("--num-mid-blocks", type=int, help="blocks at the lowest resolution")
-    g.add_argument("--attn", type=int, nargs="*", help="resolutions with self-attention")
-    g.add_argument("--mp", type=int, choices=[0, 1], help="1: EDM2 magnitude-preserving layers")
+    g.add_argument("--num-blocks", type=int, help="residual blocks per level (EDM2: +1 in the decoder)")
+    g.add_argument("--num-mid-blocks", type=int, help="cpu net: blocks at the lowest resolution (EDM2: 2)")
+    g.add_argument("--attn", type=int, nargs="*", help="resolutions with self-attention (None: the preset's "
+                                                       "attention levels at this --resolution)")
+    g.add_argument("--mp", type=int, choices=[0, 1], help="1: EDM2's magnitude-preserving UNet; 0: the cpu UNet")
     g.add_argument("--uncertainty", type=int, choices=[0, 1], help="1: EDM2 learned loss weighting u(sigma)")
-    g.add_argument("--dropout", type=float, default=0.0, help="dropout in the residual blocks")
+    g.add_argument("--dropout", type=float, help="dropout in the residual blocks")
     g.add_argument("--label-dropout", type=float, default=0.0,
                    help="probability of the null class in training (classifier-free guidance); 0: conditional only")
-    g.add_argument("--sigma-data", default="auto", help="'auto' (pixel std of the data in [-1, 1]) or a number")
+    g.add_argument("--sigma-data", help="'auto' (pixel std of the data in [-1, 1]) or a number")
+    g.add_argument("--xflip", type=int, choices=[0, 1], help="1: random horizontal flips")
     g = p.add_argument_group("optimisation (None: from --preset)")
     g.add_argument("--duration", type=float, help="training length in kimg")
     g.add_argument("--batch-size", type=int, help="global batch size (images per optimiser step)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per rank and step")
     g.add_argument("--lr", type=float, help="reference learning rate (Adam, betas 0.9 0.99)")
     g.add_argument("--lr-schedule", choices=["linear", "isqrt"],
-                   help="linear: constant for half the run, then to 0; isqrt: lr / sqrt(max(kimg/ref_kimg, 1))")
+                   help="linear: constant for half the run, then to 0; isqrt: EDM2's lr / sqrt(max(nimg / "
+                        "(ref_batches * batch), 1))")
     g.add_argument("--rampup-kimg", type=float, help="linear lr warm-up length")
-    g.add_argument("--ref-kimg", type=float, help="isqrt decay reference")
+    g.add_argument("--ref-batches", type=float, help="isqrt: optimiser steps before the decay starts (EDM2)")
     g.add_argument("--p-mean", type=float, help="mean of ln(sigma) in training")
     g.add_argument("--p-std", type=float, help="std of ln(sigma) in training")
     g.add_argument("--ema-std", type=float, nargs="+", help="relative std(s) of the power-function EMA")
     g = p.add_argument_group("run")
     g.add_argument("--snapshot-every", type=float, help="kimg between snapshots + sample grids (None: preset)")
     g.add_argument("--checkpoint-every", type=float, help="kimg between checkpoints (None: preset)")
-    g.add_argument("--status-every", type=float, default=1.0, help="kimg between status lines in log.jsonl")
+    g.add_argument("--status-every", type=float, help="kimg between status lines in log.jsonl (None: preset)")
+    g.add_argument("--workers", type=int, help="data-loading processes per rank (None: 4 on CUDA, 0 on CPU)")
     g.add_argument("--seed", type=int, default=0, help="random seed")
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     g.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (fp16 + GradScaler without bf16)")
     g.add_argument("--compile", action="store_true", help="torch.compile the training forward pass")
     g.add_argument("--stop-after-kimg", type=float, help="debug: save the checkpoint and stop here, as if killed")
     args = p.parse_args(argv)
-    for k, v in PRESETS[args.preset].items():
-        if getattr(args, k) is None:
+    preset = PRESETS[args.preset]
+    for k, v in preset.items():
+        if getattr(args, k) is None and k != "attn":
             setattr(args, k, v)
     levels = 2 ** (len(args.channel_mult) - 1)
     if args.resolution % levels:
         p.error(f"--resolution {args.resolution} must be a multiple of {levels} for {len(args.channel_mult)} levels")
+    attention_levels(args, preset, p.error)
     if not 0 <= args.label_dropout < 1:
         p.error("--label-dropout must be in [0, 1)")
     if not all(0 < s < 0.28 for s in args.ema_std):
@@ -534,11 +882,44 @@ def parse_args(argv=None):
             assert float(args.sigma_data) > 0
         except (ValueError, AssertionError):
             p.error(f"--sigma-data must be 'auto' or a positive number, not {args.sigma_data!r}")
+    if args.workers is not None and args.workers < 0:
+        p.error("--workers must be >= 0")
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def load_scaler_state(scaler, state):
+    """GradScaler state from a checkpoint, when both it and this run use one (fp16 --amp); a run written
+    without it (fp32, bf16, CPU) stores an empty state, and this run may not need one."""
+    if state and scaler.is_enabled():
+        scaler.load_state_dict(state)
+
+
+def open_training_data(args):
+    """-> (dataset decoding resized uint8 items, image shape, held-out (images, labels) or None); only
+    --heldout's first 256 matching images are decoded here."""
+    dataset = open_datasets(args.data, size=args.resolution)
+    if len(dataset) == 0:
+        raise DataError("the dataset is empty")
+    shape = tuple(dataset[0][0].shape)
+    held = None
+    if args.heldout:
+        hds = open_datasets([args.heldout], size=args.resolution)
+        index = {n: i for i, n in enumerate(dataset.classes)}
+        keep = [i for i, t in enumerate(hds.targets) if hds.classes[t] in index]
+        keep = keep[::max(1, len(keep) // 256)][:256]  # spread over the identities
+        if not keep:
+            raise DataError(f"no identity of --heldout {args.heldout} is among the training identities")
+        hi, hl = next(decode(hds, keep))
+        held = hi, torch.as_tensor([index[hds.classes[t]] for t in hl.tolist()])
+    return dataset, shape, held
+
+
+def check_finite(net, nimg):
+    if not all(torch.isfinite(p).all() for p in net.parameters()):
+        sys.exit(f"error: non-finite weights at {nimg / 1e3:g} kimg; nothing saved (lower --lr or check the data)")
+
+
+def train(args):
     rank, _, world, device = setup_distributed(args.device)
     micro, rem = divmod(args.batch_size, world * args.grad_accum)
     if rem or micro == 0:
@@ -546,32 +927,24 @@ def main(argv=None):
                  f"{args.grad_accum}")
     log = print if rank == 0 else (lambda *a, **k: None)
     try:
-        dataset = open_datasets(args.data)
-        images, labels = load_images(dataset, args.resolution, progress=rank == 0)
-        held = None
-        if args.heldout:
-            hds = open_datasets([args.heldout])
-            index = {n: i for i, n in enumerate(dataset.classes)}
-            keep = [i for i, t in enumerate(hds.targets) if hds.classes[t] in index]
-            keep = keep[::max(1, len(keep) // 256)][:256]  # spread over the identities
-            if not keep:
-                sys.exit(f"error: no identity of --heldout {args.heldout} is among the training identities")
-            hi, hl = load_images(torch.utils.data.Subset(hds, keep), args.resolution, progress=False)
-            held = hi, torch.as_tensor([index[hds.classes[t]] for t in hl.tolist()])
+        dataset, shape, held = open_training_data(args)
+        if held is None:  # no held-out set: a fixed slice of the training images (not held out)
+            pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:HELD_IMAGES]
+            held = next(decode(dataset, pick))
+        sample = statistics_sample(len(dataset))
+        pixel_std, mean_image = pixel_statistics(im for im, _ in decode(dataset, sample, stats_chunk(shape)))
     except DataError as e:
         sys.exit(f"error: {e}")
-    if held is None:  # no held-out set: a fixed slice of the training images (not held out)
-        pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:128]
-        held = images[pick], labels[pick]
     os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True) if os.path.exists(ckpt_path) else None
+    ckpt = None  # mapped, not read whole by every rank
+    if os.path.exists(ckpt_path):
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
 
-    pixel_std, mean_image = pixel_statistics(images)
     sigma_data = float(args.sigma_data) if args.sigma_data != "auto" else pixel_std
     sigma_data = ckpt["config"]["sigma_data"] if ckpt is not None else sigma_data
     torch.manual_seed(args.seed)  # same initial weights on every rank
-    net = Denoiser(args.resolution, images.shape[1], len(dataset.classes), null_class=args.label_dropout > 0,
+    net = Denoiser(args.resolution, shape[0], len(dataset.classes), null_class=args.label_dropout > 0,
                    sigma_data=sigma_data, uncertainty=bool(args.uncertainty), channels=args.channels,
                    channel_mult=args.channel_mult, num_blocks=args.num_blocks, num_mid_blocks=args.num_mid_blocks,
                    attn_resolutions=args.attn, mp=bool(args.mp), dropout=args.dropout).to(device).train()
@@ -588,26 +961,34 @@ def main(argv=None):
         for e, sd in zip(ema.emas, ckpt["ema"]):
             e.load_state_dict(sd)
         opt.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        load_scaler_state(scaler, ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"])
         nimg = ckpt["nimg"]
         log(f"resuming from {ckpt_path} at {nimg / 1e3:g} kimg")
-    log(f"{len(images)} images, {net.num_classes} classes, {args.resolution} px, sigma_data {sigma_data:.4f}, "
+        del ckpt
+    log(f"{len(dataset)} images, {net.num_classes} classes, {args.resolution} px, sigma_data {sigma_data:.4f}, "
         f"{sum(p.numel() for p in net.parameters()):,} parameters, {world} process(es) x {args.grad_accum} x {micro}")
     if rank == 0:
         write_text_atomic(json.dumps({**vars(args), "net": net.config, "world_size": world}, indent=1),
                           os.path.join(args.out, "config.json"))
     model = nn.parallel.DistributedDataParallel(net) if world > 1 else net
     forward = torch.compile(model) if args.compile else model
+    workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
+    loader = iter(torch.utils.data.DataLoader(
+        dataset, batch_sampler=StreamSampler(len(dataset), nimg, micro, args.batch_size, args.grad_accum, rank,
+                                             world, args.seed),
+        num_workers=workers, pin_memory=device.type == "cuda"))
 
     def save_checkpoint():
+        check_finite(net, nimg)
         save_atomic({"net": net.state_dict(), "ema": [e.state_dict() for e in ema.emas], "optimizer": opt.state_dict(),
                      "scaler": scaler.state_dict(), "nimg": nimg, "rng": torch.get_rng_state(),
                      "config": net.config, "class_names": net.class_names}, ckpt_path)
 
     def save_snapshot():
+        check_finite(ema.emas[0], nimg)
         snap = {"config": net.config, "ema": ema.emas[0].state_dict(), "class_names": net.class_names,
-                "kimg": nimg / 1e3, "sigma_data": sigma_data}
+                "kimg": nimg / 1e3, "sigma_data": sigma_data, "ema_stds": ema.stds, "ema_std": ema.stds[0]}
         snap.update({f"ema_std_{s:g}": e.state_dict() for s, e in zip(ema.stds[1:], ema.emas[1:])})
         save_atomic(snap, os.path.join(args.out, f"network-snapshot-{nimg // 1000:06d}.pt"))
         ema.emas[0].class_names = net.class_names
@@ -629,26 +1010,30 @@ def main(argv=None):
     bar = tqdm(total=total, initial=nimg, unit="img", unit_scale=True, disable=rank != 0, dynamic_ncols=True)
     t_status, n_status, losses = time.time(), nimg, []
     while nimg < min(total, stop):
-        lr = learning_rate(args, nimg + args.batch_size)
+        lr = learning_rate(args, nimg)
         for group in opt.param_groups:
             group["lr"] = lr
+        net.normalize_weights_()  # EDM2's forced weight normalisation, outside the (compiled) forward
         loss_sum = torch.zeros((), device=device)
         for r in range(args.grad_accum):
             pos = nimg + (r * world + rank) * micro  # this micro-batch's place in the global stream
             gen = torch.Generator(device).manual_seed(seed_for(args.seed, pos))
-            idx = stream_indices(pos, micro, len(images), args.seed)
-            y = to_float(images[idx].to(device))
-            flip = torch.rand(micro, generator=gen, device=device) < 0.5
-            y = torch.where(flip[:, None, None, None], y.flip(3), y)
-            lab = labels[idx].to(device)
+            try:
+                images, lab = next(loader)
+            except DataError as e:  # from a loader process: the original message is the last line
+                sys.exit(f"error: {str(e).strip().splitlines()[-1].split('DataError: ')[-1]}")
+            y, lab = to_float(images.to(device, non_blocking=True)), lab.to(device, non_blocking=True)
+            if args.xflip:
+                flip = torch.rand(micro, generator=gen, device=device) < 0.5
+                y = torch.where(flip[:, None, None, None], y.flip(3), y)
             if args.label_dropout > 0:
                 drop = torch.rand(micro, generator=gen, device=device) < args.label_dropout
                 lab = torch.where(drop, torch.full_like(lab, net.num_classes), lab)
             sync = world > 1 and r < args.grad_accum - 1
             with model.no_sync() if sync else nullcontext(), ctx:
-                loss = edm_loss(forward, y, lab, args.p_mean, args.p_std, sigma_data, gen)
+                loss = edm_loss(forward, y, lab, args.p_mean, args.p_std, sigma_data, gen, pixel_sum=bool(args.mp))
             scaler.scale(loss / args.grad_accum).backward()
-            loss_sum += loss.detach() / args.grad_accum
+            loss_sum += loss.detach() / (args.grad_accum * (y[0].numel() if args.mp else 1))  # logged per pixel
         if world > 1:
             dist.all_reduce(loss_sum)
             loss_sum /= world
@@ -686,6 +1071,84 @@ def main(argv=None):
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
+
+# ----------------------------------------------------------------------------- other commands
+
+
+def import_edm2(argv):
+    p = argparse.ArgumentParser(prog="train_diffusion.py import-edm2",
+                                description="EDM2 Precond weights -> a snapshot that scoremix_sample.py --net reads. "
+                                            "STATE.pt: torch.save(net.state_dict()) of EDM2's Precond, made with "
+                                            "EDM2's own code from its network pickle.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("state", help="the saved state dict (.pt)")
+    p.add_argument("--edm2-kwargs", required=True,
+                   help="JSON object of EDM2's Precond/UNet keyword arguments (img_resolution, img_channels, "
+                        "label_dim, model_channels, channel_mult, num_blocks, attn_resolutions, dropout, ...)")
+    p.add_argument("--class-names", help="text file with one class name per line (default: 0 ... label_dim-1)")
+    p.add_argument("--out", required=True, help="output snapshot .pt")
+    args = p.parse_args(argv)
+    try:
+        kwargs = json.loads(args.edm2_kwargs)
+        if not isinstance(kwargs, dict):
+            raise ValueError("--edm2-kwargs must be a JSON object")
+        if not os.path.isfile(args.state):
+            raise ValueError(f"state dict not found: {args.state}")
+        state = torch.load(args.state, map_location="cpu", weights_only=True, mmap=True)
+        if not isinstance(state, dict):
+            raise ValueError(f"{args.state} is not a state dict")
+        net = from_edm2(state, **kwargs)
+        if args.class_names:
+            with open(args.class_names) as f:
+                names = [line.strip() for line in f if line.strip()]
+            if len(names) != net.num_classes:
+                raise ValueError(f"--class-names has {len(names)} names for {net.num_classes} classes")
+            net.class_names = names
+    except Exception as e:  # a foreign or truncated file: torch / pickle raise many kinds
+        sys.exit(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    save_atomic({"config": net.config, "ema": net.state_dict(), "class_names": net.class_names, "kimg": 0.0,
+                 "sigma_data": net.sigma_data, "source": "edm2"}, args.out)
+    print(f"wrote {args.out}: {net.num_classes} classes, {sum(q.numel() for q in net.parameters()):,} parameters")
+
+
+def posthoc_ema(argv):
+    p = argparse.ArgumentParser(prog="train_diffusion.py posthoc-ema",
+                                description="EDM2 post-hoc EMA (Alg. 3): the EMA with relative std --std, solved "
+                                            "from the EMA profiles that a run's snapshots store.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--run", help="run folder: all its network-snapshot-*.pt are the inputs")
+    p.add_argument("--snapshots", nargs="+", help="these snapshots instead of all of --run's")
+    p.add_argument("--std", type=float, required=True, help="relative std of the reconstructed EMA (EDM2: 0.01-0.25)")
+    p.add_argument("--kimg", type=float, help="reconstruct at this snapshot's kimg (default: the latest)")
+    p.add_argument("--out", required=True, help="output snapshot .pt (scoremix_sample.py --net reads it)")
+    args = p.parse_args(argv)
+    if not 0 < args.std < 0.28:
+        sys.exit("error: --std must be in (0, 0.28)")
+    paths = args.snapshots
+    if not paths and args.run and os.path.isdir(args.run):
+        paths = sorted(os.path.join(args.run, f) for f in os.listdir(args.run)
+                       if re.fullmatch(r"network-snapshot-\d+\.pt", f))
+    if not paths:
+        sys.exit(f"error: no snapshots: give --run RUN (with network-snapshot-*.pt) or --snapshots")
+    try:
+        snap = reconstruct_ema(paths, args.std, args.kimg)
+    except Exception as e:  # a foreign or truncated snapshot: torch / pickle raise many kinds
+        sys.exit(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    if not all(torch.isfinite(v).all() for v in snap["ema"].values()):
+        sys.exit("error: the reconstruction has non-finite weights (too few or too similar profiles?)")
+    save_atomic(snap, args.out)
+    print(f"wrote {args.out}: std {args.std:g} at {snap['kimg']:g} kimg from {len(snap['posthoc_ema']['inputs'])} "
+          "EMA profiles")
+
+
+COMMANDS = {"import-edm2": import_edm2, "posthoc-ema": posthoc_ema}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    if argv and argv[0] in COMMANDS:
+        return COMMANDS[argv[0]](argv[1:])
+    train(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Overhead of train_diffusion.py's training loop over a bare forward + backward + Adam step.
 
-Both run in one process, on the same data, network and batch: first the real command (data
-indexing, flips, lr schedule, EMA, logging; snapshots and checkpoints switched off), then a bare loop
-that only calls edm_loss, backward and the optimiser. Prints images/s of each and their ratio.
+Both run in one process, on the same data, network and batch: first the real command (images
+decoded per item as they stream, --workers loader processes, flips, lr schedule, weight
+normalisation, EMA, logging; snapshots and checkpoints switched off), then a bare loop over images
+decoded beforehand that only calls edm_loss, backward and the optimiser. Prints images/s of each and
+their ratio.
 
     python benchmarks/diffusion_loop_overhead.py --data data/toy/train --kimg 3
 """
@@ -25,13 +27,14 @@ def main():
     parser.add_argument("--data", required=True, help="training image folder (e.g. the default toy set)")
     parser.add_argument("--kimg", type=float, default=3.0, help="images (thousands) timed in each loop")
     parser.add_argument("--batch-size", type=int, default=64, help="batch size of both loops")
+    parser.add_argument("--workers", type=int, default=0, help="data-loading processes of the training loop")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as run:
         warm = 0.64  # the first status window (warm-up) is left out of the loop's figure
         td.main(["--data", args.data, "--out", run, "--duration", str(warm + args.kimg), "--batch-size",
                  str(args.batch_size), "--snapshot-every", "0", "--checkpoint-every", "0",
-                 "--status-every", str(warm)])
+                 "--status-every", str(warm), "--workers", str(args.workers)])
         with open(os.path.join(run, "log.jsonl")) as f:
             status = [json.loads(line) for line in f if '"images_per_s"' in line]
         first, last = status[0], status[-1]  # from the end of the warm-up window to the end

@@ -1,5 +1,7 @@
 """train_diffusion.py: EDM preconditioning, Karras schedule, Heun sampler against the Gaussian oracle,
-power-function EMA, per-sample seeding, and tiny training runs (resume, 2 processes, snapshot, errors)."""
+power-function EMA, per-sample seeding, tiny training runs (resume, 2 processes, snapshot, errors), and
+EDM2 itself: golden outputs of EDM2's Precond (tests/fixtures/edm2), parameter counts, lr schedule and
+post-hoc EMA coefficients computed by running EDM2's code."""
 import json
 import math
 import os
@@ -15,9 +17,13 @@ import torch.nn as nn
 from PIL import Image
 
 from conftest import ROOT, run_script
-from train_diffusion import (Denoiser, PowerEMA, condition_vectors, edm_loss, edm_precond, generate_images,
-                             heun_sample, karras_sigmas, learning_rate, load_generator, main, parse_args,
-                             power_function_beta, std_to_gamma)
+import train_diffusion as td
+from train_diffusion import (PRESETS, Denoiser, MPConv, PowerEMA, condition_vectors, edm_loss, edm_precond,
+                             from_edm2, generate_images, heun_sample, karras_sigmas, learning_rate, load_generator,
+                             main, normalize, parse_args, posthoc_coefficients, power_function_beta,
+                             profile_inner_product, std_to_gamma)
+
+FIXTURE = os.path.join(ROOT, "tests", "fixtures", "edm2", "tiny_precond.pt")
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TINY = ["--resolution", 16, "--channels", 8, "--batch-size", 8, "--duration", 0.064, "--rampup-kimg", 0,
@@ -106,11 +112,10 @@ def test_power_function_ema_golden_values_and_first_update_copies():
             assert torch.equal(a, b)
 
 
-def test_learning_rate_schedules():
+def test_linear_learning_rate_schedule():
     args = parse_args(["--data", "d", "--out", "o", "--duration", "100", "--rampup-kimg", "10", "--lr", "1e-3"])
-    assert [learning_rate(args, n * 1000) for n in (5, 10, 50, 75, 100)] == pytest.approx([5e-4, 1e-3, 1e-3, 5e-4, 0])
-    args = parse_args(["--data", "d", "--out", "o", "--preset", "edm2-s"])
-    assert learning_rate(args, 71680e3 * 4) == pytest.approx(1e-2 / 2)
+    ends = [learning_rate(args, n * 1000 - 64) for n in (5, 10, 50, 75, 100)]  # steps ending at n kimg
+    assert ends == pytest.approx([5e-4, 1e-3, 1e-3, 5e-4, 0])
 
 
 def test_seed_gives_the_same_image_alone_or_in_a_batch():
@@ -144,7 +149,7 @@ def test_mp_variant_with_null_class_and_uncertainty_trains():
     y = torch.rand(4, 3, 16, 16) * 2 - 1
     loss = edm_loss(net, y, torch.tensor([0, 1, 4, 4]), -0.8, 1.6, 0.5, torch.Generator().manual_seed(0))
     loss.backward()
-    assert torch.isfinite(loss) and net.logvar[1].weight.grad.abs().sum() > 0
+    assert torch.isfinite(loss) and net.logvar_linear.weight.grad.abs().sum() > 0
     assert net.unet.emb_label.weight.grad[:, 4].abs().sum() > 0  # the null class is trained
     assert net.eval()(y, 1.0, None).shape == y.shape and condition_vectors(net).shape == (4, 16)
 
@@ -224,3 +229,241 @@ def test_bad_inputs_give_one_clear_error_line(runs, tiny_toy, tmp_path, capsys):
     with pytest.raises(SystemExit, match="another network or data"):
         main(["--data", str(tiny_toy / "train"), "--out", str(tmp_path / "mismatch"), *map(str, TINY[:2]),
               "--channels", "16"])
+
+# ----------------------------------------------------------------------------- EDM2, exactly
+
+
+def relative_difference(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def test_from_edm2_equals_edm2_precond_on_the_golden_fixture():
+    fx = torch.load(FIXTURE, weights_only=True)
+    net = from_edm2(fx["state_dict"], **fx["edm2_kwargs"])
+    x, sigma, labels = fx["x"], fx["sigma"], fx["labels"]
+    D, logvar = net(x, sigma, labels, return_logvar=True)  # int64 labels
+    assert relative_difference(D, fx["D"]) < 1e-5  # measured: 2.7e-7
+    assert relative_difference(net(x, sigma, nn.functional.one_hot(labels, 5).float()), fx["D"]) < 1e-5
+    assert relative_difference(logvar.flatten(), fx["logvar"]) < 1e-5
+    soft = fx["soft_labels"][None].expand(len(x), -1)
+    assert relative_difference(net(x, sigma, soft), fx["D_soft"]) < 1e-5  # condition mixing = EDM2's soft labels
+    assert not net.training and net.class_names == ["0", "1", "2", "3", "4"] and not net.null_class
+
+
+def test_edm2_unet_layout_and_names():
+    fx = torch.load(FIXTURE, weights_only=True)
+    net = from_edm2(fx["state_dict"], **fx["edm2_kwargs"])
+    assert list(net.unet.enc) == ["16x16_conv", "16x16_block0", "8x8_down", "8x8_block0"]
+    assert list(net.unet.dec) == ["8x8_in0", "8x8_in1", "8x8_block0", "8x8_block1", "16x16_up", "16x16_block0",
+                                  "16x16_block1"]  # num_blocks + 1 decoder blocks per level
+    assert net.unet.enc["8x8_down"].resample_mode == "down" and net.unet.dec["16x16_up"].resample_mode == "up"
+    heads = {name: block.num_heads for name, block in net.unet.dec.items()}
+    assert heads == {"8x8_in0": 4, "8x8_in1": 0, "8x8_block0": 4, "8x8_block1": 4, "16x16_up": 0,
+                     "16x16_block0": 0, "16x16_block1": 0}
+    assert net.unet.enc["16x16_conv"].weight.shape[1] == 4  # RGB + the constant channel
+    assert list(net.state_dict()) == list(fx["state_dict"])  # EDM2's names, in EDM2's order
+
+
+@pytest.mark.parametrize("preset, params", [("edm2-xs", 124_710_949), ("edm2-s", 280_209_381),
+                                            ("edm2-m", 497_803_173)])
+def test_edm2_presets_have_edm2_parameter_counts_at_img64(preset, params):
+    """Counted by instantiating EDM2's Precond(64, 3, 1000, model_channels=...): 203 state tensors each."""
+    p = PRESETS[preset]
+    args = parse_args(["--data", "d", "--out", "o", "--preset", preset])
+    with torch.device("meta"):
+        net = Denoiser(64, 3, 1000, uncertainty=True, channels=p["channels"], channel_mult=p["channel_mult"],
+                       num_blocks=p["num_blocks"], attn_resolutions=args.attn, mp=True, dropout=p["dropout"])
+    assert sum(q.numel() for q in net.parameters()) == params and len(net.state_dict()) == 203
+    assert (args.sigma_data, args.xflip, args.batch_size, args.p_mean, args.p_std) == ("0.5", 0, 2048, -0.8, 1.6)
+    assert args.ema_std == [0.05, 0.10] and args.attn == [16, 8]
+
+
+def test_cpu_guide_is_a_fraction_of_the_cpu_net():
+    def count(preset):
+        p = PRESETS[preset]
+        return sum(q.numel() for q in Denoiser(32, 3, 32, channels=p["channels"], channel_mult=p["channel_mult"],
+                                               num_blocks=p["num_blocks"]).parameters())
+    assert count("cpu") == pytest.approx(2.6e6, rel=0.05) and count("cpu-guide") < count("cpu") / 3.5
+
+
+def test_isqrt_lr_matches_edm2_schedule_in_batches():
+    """EDM2's learning_rate_schedule(cur_nimg, batch_size, ref_lr=0.01, ref_batches=35000, rampup_Mimg=10),
+    evaluated with EDM2's code, at three image counts for two global batch sizes."""
+    golden = {2048: [0.005, 0.006912790078301718, 0.003456395039150859],
+              256: [0.005, 0.002444040370643115, 0.0012220201853215575]}
+    for batch, values in golden.items():
+        for accum in (1, 4):
+            args = parse_args(["--data", "d", "--out", "o", "--preset", "edm2-s", "--batch-size", str(batch),
+                               "--grad-accum", str(accum)])
+            lrs = [learning_rate(args, n) for n in (5_000_000, 150_000_000, 600_000_000)]
+            assert lrs == pytest.approx(values, rel=1e-12)
+    assert learning_rate(args, 0) == 0  # EDM2's first step has lr 0 (the warm-up starts at 0 images)
+
+
+def test_posthoc_ema_solver_matches_edm2():
+    """EDM2's phema.solve_posthoc_coefficients / power_function_correlation, evaluated with EDM2's code."""
+    assert profile_inner_product(3.0, 0.05, 5.0, 0.1) == pytest.approx(0.03310742573981591, rel=1e-12)
+    nimg, std = [100000, 200000, 300000, 400000] * 2, [0.05] * 4 + [0.10] * 4
+    golden = [6.4121507127724e-08, 0.0013421340681085492, 0.6794188503302134, 0, -3.5112875832693634e-06,
+              -0.012405097659733978, 0.3316475604274883, 0]
+    np.testing.assert_allclose(posthoc_coefficients(nimg, std, 300000, 0.06)[:, 0], golden, rtol=1e-9, atol=1e-15)
+    golden = [[1.2044703402012271, 0.3364241579366232], [-0.2233718164818554, 0.6973172169973304]]
+    X = posthoc_coefficients(nimg, std, 400000, [0.045, 0.075])
+    np.testing.assert_allclose(X[[3, 7]], golden, rtol=1e-9)
+    np.testing.assert_allclose(X.sum(0), 1, rtol=1e-12)
+
+
+def test_mpconv_forward_leaves_its_weight_and_normalize_weights_is_edm2s_forced_normalisation():
+    torch.manual_seed(0)
+    conv = MPConv(4, 6, 3).train()
+    w0 = conv.weight.detach().clone()
+    x = torch.randn(2, 4, 5, 5)
+    y = conv(x, gain=0.7)
+    assert torch.equal(conv.weight, w0)  # no in-place write inside the forward (torch.compile, DDP)
+    expected = nn.functional.conv2d(x, normalize(w0) * (0.7 / math.sqrt(36)), padding=1)
+    torch.testing.assert_close(y, expected)
+    net = Denoiser(16, 3, 4, channels=8, channel_mult=[1, 2], mp=True, uncertainty=True).train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    net.normalize_weights_()  # EDM2: weight <- normalize(weight) in each training forward (eq. 66)
+    convs = [name for name, m in net.named_modules() if isinstance(m, MPConv)]
+    assert len(convs) > 20
+    for name in convs:
+        assert torch.equal(net.get_submodule(name).weight, normalize(before[name + ".weight"]))
+
+
+def test_attention_follows_the_levels_at_any_resolution(capsys):
+    args = parse_args(["--data", "d", "--out", "o", "--preset", "edm2-s", "--resolution", "112"])
+    assert args.attn == [28, 14]  # EDM2's 16 and 8 px at 64 px: the two lowest levels
+    assert parse_args(["--data", "d", "--out", "o", "--preset", "edm2-xs", "--resolution", "32"]).attn == [8, 4]
+    assert parse_args(["--data", "d", "--out", "o"]).attn == []  # the cpu net has none
+    with pytest.raises(SystemExit):
+        parse_args(["--data", "d", "--out", "o", "--preset", "edm2-s", "--resolution", "112", "--attn", "16", "8"])
+    assert "not the resolution of a level" in capsys.readouterr().err
+
+
+def edm2_tiny(*extra):
+    return ["--preset", "edm2-xs", "--resolution", 16, "--channels", 8, "--channel-mult", 1, 2, "--num-blocks", 1,
+            "--attn", 8, "--batch-size", 4, "--rampup-kimg", 0.004, "--ref-batches", 2, "--status-every", 0.004, *extra]
+
+
+def test_edm2_run_posthoc_ema_and_sampling(tiny_toy, tmp_path):
+    """A tiny EDM2-preset run (2 snapshots x 2 EMA profiles), post-hoc EMA through the command, sampling."""
+    run, first = tmp_path / "run", tmp_path / "first.pt"
+    flags = ["--data", tiny_toy / "train", "--out", run, *edm2_tiny("--duration", 0.016, "--snapshot-every", 0.008)]
+    main([*flags, "--stop-after-kimg", 0.008])
+    os.replace(run / "network-snapshot-000000.pt", first)  # sub-kimg snapshots share a name: keep the first
+    main(flags)
+    snap = torch.load(run / "network-snapshot-000000.pt", weights_only=True)
+    assert snap["ema_stds"] == [0.05, 0.10] and "ema_std_0.1" in snap and snap["sigma_data"] == 0.5
+    assert snap["kimg"] == 0.016 and torch.load(first, weights_only=True)["kimg"] == 0.008
+    for std, key in ((0.05, "ema"), (0.10, "ema_std_0.1")):  # a stored profile is reconstructed as itself
+        out = tmp_path / f"phema-{std}.pt"
+        main(["posthoc-ema", "--run", run, "--std", std, "--out", out])
+        rec = torch.load(out, weights_only=True)
+        for k, v in snap[key].items():
+            torch.testing.assert_close(rec["ema"][k], v, rtol=1e-4, atol=1e-5)
+    both = ["--snapshots", first, run / "network-snapshot-000000.pt"]
+    main(["posthoc-ema", *both, "--std", 0.07, "--out", tmp_path / "mid.pt"])
+    mid = torch.load(tmp_path / "mid.pt", weights_only=True)
+    assert len(mid["posthoc_ema"]["inputs"]) == 4 and mid["kimg"] == 0.016
+    net = load_generator(tmp_path / "mid.pt")
+    assert net.class_names == snap["class_names"]
+    assert generate_images(net, 0, [0, 1], num_steps=2).shape == (2, 3, 16, 16)
+    with pytest.raises(SystemExit, match="error: no snapshot at 0.004 kimg"):
+        main(["posthoc-ema", *both, "--std", 0.07, "--kimg", 0.004, "--out", tmp_path / "x.pt"])
+    with pytest.raises(SystemExit, match="error: --std"):
+        main(["posthoc-ema", "--run", run, "--std", 0.5, "--out", tmp_path / "x.pt"])
+
+
+def test_import_edm2_command_writes_a_snapshot_the_sampler_reads(tmp_path):
+    fx = torch.load(FIXTURE, weights_only=True)
+    torch.save(fx["state_dict"], tmp_path / "state.pt")
+    out = tmp_path / "edm2.pt"
+    main(["import-edm2", tmp_path / "state.pt", "--edm2-kwargs", json.dumps(fx["edm2_kwargs"]), "--out", out])
+    net = load_generator(out)
+    assert relative_difference(net(fx["x"], fx["sigma"], fx["labels"]), fx["D"]) < 1e-5
+    bad = [(["--edm2-kwargs", "{"], "error: "),
+           (["--edm2-kwargs", json.dumps({**fx["edm2_kwargs"], "model_channels": 16})], "does not fit"),
+           (["--edm2-kwargs", json.dumps({**fx["edm2_kwargs"], "colour": 1})], "unknown EDM2 keyword argument")]
+    for args, message in bad:
+        with pytest.raises(SystemExit, match=message):
+            main(["import-edm2", tmp_path / "state.pt", *args, "--out", tmp_path / "bad.pt"])
+    r = run_script("train_diffusion.py", "import-edm2", tmp_path / "missing.pt", "--edm2-kwargs", "{}",
+                   "--out", tmp_path / "bad.pt", env=ENV)
+    assert r.returncode != 0 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+
+# ----------------------------------------------------------------------------- real-data path fixes
+
+
+def test_fp16_amp_resumes_from_a_checkpoint_written_without_a_scaler(runs, tiny_toy, tmp_path, monkeypatch):
+    shutil.copytree(runs / "straight", tmp_path / "run")
+    loads = []
+    real_load = torch.load
+
+    def spy_load(*a, **k):
+        loads.append(k)
+        return real_load(*a, **k)
+
+    monkeypatch.setattr(td, "autocast_context",  # what --amp gives on a CUDA GPU without bf16
+                        lambda device, amp: (torch.autocast("cpu", enabled=False), torch.amp.GradScaler("cpu")))
+    monkeypatch.setattr(td.torch, "load", spy_load)
+    main(["--data", tiny_toy / "train", "--out", tmp_path / "run", *TINY, "--duration", "0.072", "--amp"])
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["scaler"]["scale"] > 0
+    assert loads[0].get("mmap") and loads[0].get("weights_only")  # the resume maps the checkpoint
+
+
+def test_training_images_stream_with_bounded_decoding(tiny_toy, tmp_path, monkeypatch):
+    """36 training images: nothing decodes more than 8 at once (statistics and table samples capped at 8)."""
+    real = td.load_images
+
+    def bounded(dataset, *a, **k):
+        assert len(dataset) <= 8, f"decoded {len(dataset)} images at once"
+        return real(dataset, *a, **k)
+
+    monkeypatch.setattr(td, "load_images", bounded)
+    monkeypatch.setattr(td, "STATS_IMAGES", 8)
+    monkeypatch.setattr(td, "HELD_IMAGES", 8)
+    main(["--data", tiny_toy / "train", "--out", tmp_path / "run", "--resolution", "16", "--channels", "8",
+          "--batch-size", "8", "--duration", "0.016", "--snapshot-every", "0", "--workers", "1"])
+    assert (tmp_path / "run" / "network-snapshot-000000.pt").exists()
+
+
+def test_guide_of_another_architecture_is_accepted_and_another_resolution_refused(runs, tiny_toy, tmp_path):
+    import scoremix_sample
+    net = runs / "straight" / "network-snapshot-000000.pt"
+    guide = tmp_path / "guide"
+    main(["--data", tiny_toy / "train", "--out", guide, "--preset", "cpu-guide", "--resolution", "16",
+          "--channels", "4", "--channel-mult", "1", "2", "--batch-size", "8", "--duration", "0.008",
+          "--snapshot-every", "0", "--label-dropout", "0.25"])
+    names = load_generator(net).class_names
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text(f"class_a,class_b,distance,rank\n{names[0]},{names[1]},1,0\n")
+    common = ["--net", str(net), "--pairs", str(pairs), "--per-pair", "1", "--steps", "2"]
+    scoremix_sample.main([*common, "--guide", str(guide / "network-snapshot-000000.pt"),
+                          "--out", str(tmp_path / "s")])
+    assert len(list((tmp_path / "s").rglob("*.png"))) == 1
+    other = tmp_path / "other"
+    main(["--data", tiny_toy / "train", "--out", other, "--preset", "cpu-guide", "--resolution", "8",
+          "--channels", "4", "--channel-mult", "1", "2", "--batch-size", "8", "--duration", "0.008",
+          "--snapshot-every", "0", "--label-dropout", "0.25"])
+    with pytest.raises(SystemExit, match="error: --guide .* 8 px"):
+        scoremix_sample.main([*common, "--guide", str(other / "network-snapshot-000000.pt"),
+                              "--out", str(tmp_path / "s2")])
+
+
+def test_a_corrupt_image_met_by_a_loader_process_gives_one_error_line(tiny_toy, tmp_path, monkeypatch):
+    data = tmp_path / "train"
+    shutil.copytree(tiny_toy / "train", data)
+    monkeypatch.setattr(td, "STATS_IMAGES", 1)
+    monkeypatch.setattr(td, "HELD_IMAGES", 1)
+    files = td.open_datasets([str(data)]).datasets[0].files
+    decoded_first = {int(td.statistics_sample(len(files))[0]),
+                     int(torch.randperm(len(files), generator=torch.Generator().manual_seed(0))[0])}
+    bad = next(f for i, f in enumerate(files) if i not in decoded_first and i > 0)
+    with open(bad, "wb") as f:
+        f.write(b"not an image")
+    with pytest.raises(SystemExit) as e:
+        main(["--data", data, "--out", tmp_path / "run", "--resolution", "16", "--channels", "8", "--batch-size", "8",
+              "--duration", "0.048", "--snapshot-every", "0", "--workers", "1"])
+    message = str(e.value.code)
+    assert message.startswith(f"error: corrupt image {bad}") and len(message.splitlines()) == 1
