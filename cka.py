@@ -19,8 +19,8 @@ import re
 
 import numpy as np
 
-from common import (ArgumentParser, InputError, check_finite, check_output_file, fail, non_negative_int,
-                    output_lock, positive_int, remove_stale_tmp, write_atomic)
+from common import (ArgumentParser, InputError, check_finite, check_output_file, fail, load_checkpoint,
+                    non_negative_int, output_lock, positive_int, remove_stale_tmp, write_atomic)
 
 
 def as_float64(X):
@@ -133,23 +133,16 @@ def parse_args(argv=None):
     return args
 
 
-def load_checkpoint(loader, path, what):
-    """loader(path), with one line naming the file for anything that is not such a checkpoint."""
-    try:
-        return loader(path)
-    except Exception as e:  # torch / pickle raise many kinds for foreign or truncated files
-        raise InputError(f"{path} is not a {what} ({type(e).__name__})") from None
-
-
 def main(argv=None):
     args = parse_args(argv)
+    from train_arcface import DataError  # imported here so the metrics above stay usable without torch
     try:
         check_output_file(args.out)
         with output_lock(args.out, is_dir=False):
             folder, name = os.path.split(os.path.abspath(args.out))
             remove_stale_tmp(folder, f"{name}.*.tmp")  # left by a killed run
             compare(args)
-    except (InputError, ValueError, OSError, RuntimeError) as e:
+    except (InputError, DataError, ValueError, OSError, RuntimeError) as e:
         fail(e)
 
 
@@ -160,7 +153,7 @@ def discriminator_centres(args, dataset):
     from train_arcface import load_backbone
     centres = {}
     for path in args.fr:
-        model = load_checkpoint(lambda p: load_backbone(p, args.device or "cpu"), path, "train_arcface.py model.pt")
+        model = load_checkpoint(load_backbone, path, "train_arcface.py model.pt").to(args.device or "cpu")
         check_finite(f"the discriminator {path}", model.state_dict())
         label = os.path.basename(os.path.dirname(os.path.abspath(path))) or path
         centres[label] = class_centres(model, dataset, batch_size=args.batch_size, device=args.device)
@@ -184,11 +177,8 @@ def generator_vectors(path, names):
 
 def compare(args):
     """Every comparison of the module docstring -> the printed table and --out (finite values only)."""
-    from train_arcface import DataError, open_datasets
-    try:
-        dataset = open_datasets([args.data])
-    except DataError as e:
-        raise InputError(str(e)) from None
+    from train_arcface import open_datasets
+    dataset = open_datasets([args.data])
     names = list(dataset.classes)
     if len(names) < 4:  # the unbiased HSIC divides by n - 3
         raise InputError(f"--data {args.data} has {len(names)} classes; the metrics need at least 4")

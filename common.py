@@ -10,6 +10,7 @@ Every stage refuses bad input at the door with one `error:` line and never keeps
 - `remove_stale_tmp` deletes the temporary files a killed run left (only under the lock);
 - `write_atomic` writes a temporary file beside the target and renames it (a kill never leaves half a
   file, and a failed write removes its temporary file);
+- `load_checkpoint` turns any failure to load a checkpoint into one line naming the file;
 - `check_finite` names the first tensor holding NaN or infinity;
 - `read_csv` reads a CSV by column name, with `utf-8-sig` so a spreadsheet's byte-order mark does not
   rename the first column.
@@ -22,6 +23,7 @@ import math
 import os
 import shutil
 import sys
+import warnings
 from contextlib import contextmanager
 
 import numpy as np
@@ -88,6 +90,21 @@ def fail(message):
     sys.exit(f"error: {error_line(message)}")
 
 # ----------------------------------------------------------------------------- checks
+
+
+def load_checkpoint(loader, path, what):
+    """loader(path), or one InputError naming the file and what it should have been.
+
+    A foreign, truncated or code-running file makes torch and pickle raise many kinds of exception
+    (and warn on the way); the one line says it all."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return loader(path)
+    except MemoryError:
+        raise
+    except Exception as e:
+        raise InputError(f"{path} is not a {what} ({type(e).__name__})") from None
 
 
 def check_finite(name, tensors):

@@ -38,7 +38,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from common import (ArgumentParser, InputError, check_finite, check_output_dir, check_output_file, fail,
-                    finite_float, non_negative_float, non_negative_int, output_lock, positive_float,
+                    finite_float, load_checkpoint, non_negative_float, non_negative_int, output_lock, positive_float,
                     positive_int, probability, read_csv, remove_stale_tmp, write_atomic)
 from train_arcface import autocast_context, seed_for, setup_distributed
 from train_diffusion import generate_images, load_generator
@@ -444,12 +444,14 @@ def parse_args(argv=None):
 
 
 def load(path, what):
+    if os.path.isdir(path):
+        sys.exit(f"error: {what} {path} is a folder, not a snapshot")
     if not os.path.isfile(path):
         sys.exit(f"error: {what} snapshot not found: {path}")
     try:
-        return load_generator(path)
-    except Exception as e:  # a truncated or foreign file: torch / pickle raise many kinds
-        sys.exit(f"error: cannot load {what} snapshot {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        return load_checkpoint(load_generator, path, "train_diffusion.py network snapshot")
+    except InputError as e:
+        sys.exit(f"error: cannot load {what} snapshot: {e}")
 
 
 def check_generator(net, path, what):

@@ -37,15 +37,15 @@ import io
 import itertools
 import math
 import os
-import pickle
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (ArgumentParser, InputError, check_finite, check_output_file, fail, non_negative_float,
-                    non_negative_int, output_lock, positive_int, remove_stale_tmp, write_atomic)
+from common import (ArgumentParser, InputError, check_finite, check_output_file, fail, load_checkpoint,
+                    non_negative_float, non_negative_int, output_lock, positive_int, remove_stale_tmp,
+                    write_atomic)
 from evaluate import PROGRESS, embed
 from train_arcface import DataError, load_backbone, open_datasets
 from train_diffusion import condition_vectors, load_generator
@@ -320,14 +320,6 @@ def reorder_rows(vectors, names, target):
     return vectors[[index[n] for n in target]]
 
 
-def load_checkpoint(loader, path, what):
-    """loader(path), with a one-line ValueError for a file that is not such a checkpoint."""
-    try:
-        return loader(path)
-    except (pickle.UnpicklingError, RuntimeError, KeyError, TypeError, EOFError) as e:
-        raise ValueError(f"{path} is not a {what} ({type(e).__name__})") from None
-
-
 def streaming_centres(model, dataset, batch_size=256, device=None, workers=0):
     """evaluate.class_centres in one pass that holds one batch of images at a time: per-class sums of
     the L2-normalised embeddings (with flips), re-normalised [C, d]."""
@@ -345,7 +337,7 @@ def class_vectors(args):
     """(vectors [C, d] numpy, class names) for --space embedding or condition."""
     if args.space == "embedding":
         dataset = open_datasets(args.data)
-        model = load_checkpoint(lambda p: load_backbone(p, args.device), args.fr, "train_arcface.py model.pt")
+        model = load_checkpoint(load_backbone, args.fr, "train_arcface.py model.pt").to(args.device)
         check_finite(f"the discriminator {args.fr}", model.state_dict())
         print(f"class centres of {len(dataset.classes)} classes ({len(dataset)} images) under {args.fr}")
         centres = streaming_centres(model, dataset, args.batch_size, args.device, args.workers)
@@ -427,7 +419,7 @@ def parse_args(argv=None):
         p.error("--space condition needs --generator SNAPSHOT.pt")
     for f in [args.fr if args.space == "embedding" else None, args.generator]:
         if f and not os.path.isfile(f):
-            p.error(f"no such file: {f}")
+            p.error(f"{f} is a folder, not a checkpoint" if os.path.isdir(f) else f"no such file: {f}")
     return args
 
 

@@ -272,7 +272,7 @@ def test_cli_condition_space_uses_the_generator_class_embeddings(models, tiny_to
     (["--fr", "missing/model.pt", "--data", "DATA"], "no such file"),
     (["--fr", "BAD", "--data", "DATA"], "is not a train_arcface.py model.pt"),
     (["--space", "condition", "--generator", "BAD"], "is not a train_diffusion.py network snapshot"),
-    (["--space", "condition", "--generator", "FR"], "not a network snapshot"),
+    (["--space", "condition", "--generator", "FR"], "is not a train_diffusion.py network snapshot"),
     (["--data", "DATA"], "needs --fr"),
     (["--space", "condition"], "needs --generator"),
     (["--fr", "FR", "--data", "DATA", "--num-pairs", 16], "at most 15"),
