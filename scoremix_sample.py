@@ -309,25 +309,34 @@ def sample_identities(args, net, guide, identities, rank, world, device):
     written = dict.fromkeys(mine, 0)
     ctx, _ = autocast_context(device, args.amp)
     bar = tqdm(total=len(items), unit="img", disable=rank != 0, dynamic_ncols=True, desc=f"{args.mode} (rank 0)")
-    for lo in range(0, len(items), args.batch_size):
-        chunk = items[lo:lo + args.batch_size]
-        k = len(identities[chunk[0][0]]["classes"])
-        classes = [torch.tensor([identities[i]["classes"][c] for i, _ in chunk], device=device) for c in range(k)]
-        denoise = make_denoiser(args.mode, net, classes, identities[chunk[0][0]]["weights"], guide, args.guidance)
-        with ctx:
-            images = generate_images(denoise, None, [seed_for(args.seed, i, j) for i, j in chunk],
-                                     num_steps=args.steps, batch_size=len(chunk), shape=shape, device=device,
-                                     **churn_kwargs(args))
-        for (i, j), image in zip(chunk, images):
-            name = identities[i]["name"]
-            partial = os.path.join(args.out, f".{name}.partial")
-            os.makedirs(partial, exist_ok=True)
-            save_png(image, os.path.join(partial, f"{j}.png"))
-            written[i] += 1
-            if written[i] == args.per_pair:  # visible only when complete (foreign names refused earlier)
-                os.replace(partial, os.path.join(args.out, name))
-        bar.update(len(chunk))
-    bar.close()
+    try:
+        for lo in range(0, len(items), args.batch_size):
+            chunk = items[lo:lo + args.batch_size]
+            k = len(identities[chunk[0][0]]["classes"])
+            classes = [torch.tensor([identities[i]["classes"][c] for i, _ in chunk], device=device)
+                       for c in range(k)]
+            denoise = make_denoiser(args.mode, net, classes, identities[chunk[0][0]]["weights"], guide,
+                                    args.guidance)
+            with ctx:
+                images = generate_images(denoise, None, [seed_for(args.seed, i, j) for i, j in chunk],
+                                         num_steps=args.steps, batch_size=len(chunk), shape=shape,
+                                         device=device, **churn_kwargs(args))
+            for (i, j), image in zip(chunk, images):
+                name = identities[i]["name"]
+                partial = os.path.join(args.out, f".{name}.partial")
+                os.makedirs(partial, exist_ok=True)
+                save_png(image, os.path.join(partial, f"{j}.png"))
+                written[i] += 1
+                if written[i] == args.per_pair:  # visible only when complete (foreign names refused earlier)
+                    os.replace(partial, os.path.join(args.out, name))
+            bar.update(len(chunk))
+    except BaseException:  # a full disk, an interrupt: no half-written identity stays behind
+        for i in mine:
+            if written[i] < args.per_pair:
+                shutil.rmtree(os.path.join(args.out, f".{identities[i]['name']}.partial"), ignore_errors=True)
+        raise
+    finally:
+        bar.close()
 
 # ----------------------------------------------------------------------------- figures
 

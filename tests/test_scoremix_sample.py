@@ -591,3 +591,24 @@ def test_two_writers_on_one_out_give_one_complete_result(gen, slow_reference, tm
     result = read_folder(out)
     assert sorted(result) == sorted(images) and (out / "manifest.csv").read_text() == manifest
     assert all(np.array_equal(result[n], images[n]) for n in images)
+
+
+def test_a_full_disk_leaves_complete_identities_and_nothing_half_written(gen, tmp_path, monkeypatch):
+    import errno
+    import scoremix_sample
+    snapshot, pairs, _ = gen
+    saved, real = [], scoremix_sample.save_png
+
+    def save_until_full(image, path):
+        if len(saved) == 4:  # one identity of 3 complete, the second half-written
+            raise OSError(errno.ENOSPC, "No space left on device")
+        saved.append(path)
+        real(image, path)
+    monkeypatch.setattr(scoremix_sample, "save_png", save_until_full)
+    out = tmp_path / "o"
+    text = error_of(["--net", snapshot, "--pairs", pairs, *SAMPLE, "--out", out])
+    assert_one_error_line(text, f"writing {out}: No space left on device")
+    assert len(os.listdir(out)) == 1 and len(os.listdir(out / os.listdir(out)[0])) == 3  # only the complete one
+    monkeypatch.setattr(scoremix_sample, "save_png", real)
+    main([*map(str, ["--net", snapshot, "--pairs", pairs, *SAMPLE, "--out", out])])  # the re-run completes it
+    assert len(read_folder(out)) == 3 and (out / "manifest.csv").exists()
