@@ -153,7 +153,8 @@ def discriminator_centres(args, dataset):
     from train_arcface import load_backbone
     centres = {}
     for path in args.fr:
-        model = load_checkpoint(load_backbone, path, "train_arcface.py model.pt").to(args.device or "cpu")
+        model = load_checkpoint(load_backbone, path, "train_arcface.py model.pt")
+        model = model.to(args.device or "cpu")
         check_finite(f"the discriminator {path}", model.state_dict())
         label = os.path.basename(os.path.dirname(os.path.abspath(path))) or path
         centres[label] = class_centres(model, dataset, batch_size=args.batch_size, device=args.device)
@@ -164,12 +165,13 @@ def discriminator_centres(args, dataset):
 def generator_vectors(path, names):
     """The generator's condition vectors [C, d] in the order of `names`, finite."""
     from train_diffusion import condition_vectors, load_generator
-    net = load_checkpoint(lambda p: load_generator(p, "cpu"), path, "train_diffusion.py network snapshot")
+    net = load_checkpoint(load_generator, path, "train_diffusion.py network snapshot")
     check_finite(f"the generator {path}", net.state_dict())
     index = {c: i for i, c in enumerate(net.class_names)}
     missing = [c for c in names if c not in index]
     if missing:
-        raise InputError(f"{path}: the generator has no class named {missing[0]} (of {len(missing)} missing)")
+        raise InputError(f"{path}: the generator has no class named {missing[0]} "
+                         f"(of {len(missing)} missing)")
     cond = condition_vectors(net).detach().cpu().numpy()[[index[c] for c in names]]
     check_finite(f"the condition vectors of {path}", cond)
     return cond

@@ -116,15 +116,15 @@ def check_finite(name, tensors):
     for key, value in items:
         if value is None or isinstance(value, (str, bytes)):
             continue
-        if hasattr(value, "is_floating_point"):  # torch
-            if (value.is_floating_point() or value.is_complex()) and not bool(value.isfinite().all()):
-                bad = int((~value.isfinite()).sum())
-                raise InputError(f"{name}: {bad} non-finite value(s) in {key if isinstance(key, str) else 'it'}")
-            continue
-        array = np.asarray(value)
-        if array.dtype.kind in "fc" and not np.isfinite(array).all():
-            bad = int((~np.isfinite(array)).sum())
-            raise InputError(f"{name}: {bad} non-finite value(s) in {key if isinstance(key, str) else 'it'}")
+        if hasattr(value, "is_floating_point"):  # torch: counted where it lives (no copy to the CPU)
+            floating = value.is_floating_point() or value.is_complex()
+            bad = int((~value.isfinite()).sum()) if floating else 0
+        else:
+            array = np.asarray(value)
+            bad = int((~np.isfinite(array)).sum()) if array.dtype.kind in "fc" else 0
+        if bad:
+            where = key if isinstance(key, str) else "it"
+            raise InputError(f"{name}: {bad} non-finite value(s) in {where}")
 
 
 def _nearest_existing(path):
@@ -162,7 +162,7 @@ def check_output_dir(path, need_bytes=0, flag="--out"):
 
 
 def check_output_file(path, need_bytes=0, flag="--out"):
-    """Before any work: `path` can be written as a file (not a folder; its folder writable, room left)."""
+    """Before any work: `path` can be written as a file (not a folder, its folder writable, room left)."""
     if os.path.isdir(path):
         raise InputError(f"{flag} {path} is a folder, not a file")
     if os.path.exists(path) and not os.access(path, os.W_OK):
@@ -331,8 +331,8 @@ def read_csv(path, required, what="CSV file"):
                 if not any(v.strip() for v in values):
                     continue
                 if len(values) != len(header):
-                    raise InputError(f"{path} line {reader.line_num}: {len(values)} fields, the header has "
-                                     f"{len(header)}")
+                    raise InputError(f"{path} line {reader.line_num}: {len(values)} fields, "
+                                     f"the header has {len(header)}")
                 row = dict(zip(header, (v.strip() for v in values)))
                 empty = [c for c in required if row[c] == ""]
                 if empty:

@@ -38,8 +38,8 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from common import (ArgumentParser, InputError, check_finite, check_output_dir, check_output_file, fail,
-                    finite_float, load_checkpoint, non_negative_float, non_negative_int, output_lock, positive_float,
-                    positive_int, probability, read_csv, remove_stale_tmp, write_atomic)
+                    finite_float, load_checkpoint, non_negative_float, non_negative_int, output_lock,
+                    positive_float, positive_int, probability, read_csv, remove_stale_tmp, write_atomic)
 from train_arcface import autocast_context, seed_for, setup_distributed
 from train_diffusion import generate_images, load_generator
 
@@ -327,13 +327,14 @@ def sample_identities(args, net, guide, identities, rank, world, device):
                 os.makedirs(partial, exist_ok=True)
                 save_png(image, os.path.join(partial, f"{j}.png"))
                 written[i] += 1
-                if written[i] == args.per_pair:  # visible only when complete (foreign names refused earlier)
+                if written[i] == args.per_pair:  # visible only when complete (foreign names refused)
                     os.replace(partial, os.path.join(args.out, name))
             bar.update(len(chunk))
     except BaseException:  # a full disk, an interrupt: no half-written identity stays behind
         for i in mine:
             if written[i] < args.per_pair:
-                shutil.rmtree(os.path.join(args.out, f".{identities[i]['name']}.partial"), ignore_errors=True)
+                partial = os.path.join(args.out, f".{identities[i]['name']}.partial")
+                shutil.rmtree(partial, ignore_errors=True)
         raise
     finally:
         bar.close()
@@ -475,13 +476,13 @@ def check_generator(net, path, what):
 
 
 def check_guide(net, guide):
-    """Autoguidance evaluates the guide on the net's images and labels: same classes, same image shape."""
+    """Autoguidance runs the guide on the net's images and labels: same classes, same image shape."""
     if guide.class_names != net.class_names:
         raise InputError("--guide has other classes than --net (autoguidance uses the same labels)")
     mine, theirs = (net.img_channels, net.img_resolution), (guide.img_channels, guide.img_resolution)
     if mine != theirs:
-        raise InputError(f"--guide makes {theirs[0]} x {theirs[1]} px images and --net {mine[0]} x {mine[1]} px "
-                         "(autoguidance needs the same resolution)")
+        raise InputError(f"--guide makes {theirs[0]} x {theirs[1]} px images and --net "
+                         f"{mine[0]} x {mine[1]} px (autoguidance needs the same resolution)")
 
 
 @contextmanager
@@ -499,7 +500,7 @@ def output_guard(args):
                     stack.enter_context(output_lock(args.out))
                     remove_stale_tmp(args.out)
                     for partial in glob.glob(os.path.join(glob.escape(args.out), ".*.partial")):
-                        shutil.rmtree(partial, ignore_errors=True)  # a killed run's unfinished identities
+                        shutil.rmtree(partial, ignore_errors=True)  # a killed run's unfinished ones
         except InputError as e:
             fail(e)
         yield
@@ -547,7 +548,7 @@ def run(args):
         dist.barrier()
     try:
         sample_identities(args, net, guide, identities, rank, world, device)
-    except OSError as e:  # a full disk, a folder removed under us: the hidden partial folders stay hidden
+    except OSError as e:  # a full disk, a folder removed under us (half-written identities removed)
         fail(f"writing {args.out}: {e.strerror or e}")
     if world > 1:
         dist.barrier()

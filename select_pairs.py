@@ -408,7 +408,8 @@ def parse_args(argv=None):
     a("--seed", type=non_negative_int, default=0, help="seed of the tie order and of --strategy random")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device for the embeddings")
     a("--batch-size", type=positive_int, default=256, help="images per forward pass")
-    a("--workers", type=non_negative_int, default=0, help="DataLoader workers decoding images for the class centres")
+    a("--workers", type=non_negative_int, default=0,
+      help="DataLoader workers decoding images for the class centres")
     a("--max-matrix-gb", type=non_negative_float, default=4.0,
       help=f"memory budget: the full C x C path (about {FULL_PATH_BYTES} bytes per C^2) when it fits, else "
            "distances block by block in blocks of this size")
@@ -450,11 +451,12 @@ def select(args):
     else:
         print(f"{C} classes: the full matrix path would need ~{full_path_bytes(C) / 2 ** 30:.0f} GiB "
               f"(--max-matrix-gb {args.max_matrix_gb:g}); distances block by block on {args.device}")
-        tuples, cap, d = select_blockwise(vectors, args.strategy, num, args.tuple_size, args.max_uses, args.seed,
-                                          budget, args.device)
+        tuples, cap, d = select_blockwise(vectors, args.strategy, num, args.tuple_size, args.max_uses,
+                                          args.seed, budget, args.device)
         sample = random_tuples(C, 2, 10 ** 6, np.random.default_rng([args.seed, 3]))
         allp = pair_distances(unit_rows(vectors, args.device), sample[:, 0], sample[:, 1])
-    check_finite(f"the distances from {args.fr if args.space == 'embedding' else args.generator}", [d, allp])
+    source = args.fr if args.space == "embedding" else args.generator
+    check_finite(f"the distances from {source}", [d, allp])
     write_pairs(args.out, names, tuples, d)
     print("\n".join(summary(d, tuples, C, allp, cap, initial_cap, sampled=len(allp) < math.comb(C, 2))))
     print(f"wrote {args.out}")
