@@ -19,7 +19,11 @@ Output: DIR/<identity>/<n>.png (one folder per new identity, `mix_<a>_<b>`; real
 mode) and DIR/manifest.csv (identity, mode, sources, weights, images, seed, index, guidance, steps, churn,
 net, guide). Image n of identity i uses the seed seed_for(--seed, i, n), so 1 or N processes and any batch
 size give the same images; a re-run skips complete identities (each is written to DIR/.<name>.partial
-and renamed when complete).
+and renamed when complete, so a visible identity folder is always complete and is never removed).
+One process writes DIR at a time: the run holds DIR/.lock (rank 0, for the whole run), and a second
+one on the same DIR stops at once with one `error:` line. pairs.csv is read by column name (a
+spreadsheet's byte-order mark is fine); the classes of a tuple must be distinct and known to --net.
+A generator or guide with a non-finite weight or output, or a guide of another resolution, is refused.
 """
 import argparse
 import csv

@@ -29,7 +29,9 @@ matrix; random pairs come from a seeded sample of max(20 P, 100000) pairs, as ra
     python select_pairs.py --space condition --generator runs/gen/network-snapshot-000150.pt --out pairs.csv
 
 pairs.csv: class_a, class_b[, class_c] (identity folder names), distance (pairs) or distance_ab,
-distance_ac, distance_bc, distance_sum (triplets), rank (1 = chosen first).
+distance_ac, distance_bc, distance_sum (triplets), rank (1 = chosen first). It is written atomically,
+only when every class vector and distance is finite, by one process at a time (a lock file
+.<name>.lock beside it for the run).
 """
 import argparse
 import csv
