@@ -13,10 +13,14 @@ and a permutation null (the rows of one space shuffled: mean +- std over --permu
     python cka.py --generator RUN/network-snapshot-*.pt --fr BASE/model.pt --data DATA/train --out cka.json
 """
 import argparse
+import json
 import os
 import re
 
 import numpy as np
+
+from common import (ArgumentParser, InputError, check_finite, check_output_file, fail, load_checkpoint,
+                    non_negative_int, output_lock, positive_int, remove_stale_tmp, write_atomic)
 
 
 def as_float64(X):
@@ -110,57 +114,99 @@ def snapshot_kimg(path):
     return int(m.group(1)) if m else None
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parse_args(argv=None):
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--generator", nargs="*", default=[], metavar="SNAPSHOT.pt",
                         help="generator snapshots (their learned class-condition vectors)")
     parser.add_argument("--fr", nargs="+", required=True, metavar="MODEL.pt", help="discriminators (model.pt)")
     parser.add_argument("--data", required=True, help="the labelled training images the class centres come from")
     parser.add_argument("--out", required=True, help="JSON output")
-    parser.add_argument("--k", type=int, default=10, help="neighbours for CKNNA and mutual kNN")
-    parser.add_argument("--permutations", type=int, default=20, help="row shuffles for the null")
-    parser.add_argument("--batch-size", type=int, default=256, help="embedding batch size")
+    parser.add_argument("--k", type=positive_int, default=10, help="neighbours for CKNNA and mutual kNN")
+    parser.add_argument("--permutations", type=positive_int, default=20, help="row shuffles for the null")
+    parser.add_argument("--batch-size", type=positive_int, default=256, help="embedding batch size")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the permutation null")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     for path in args.generator + args.fr + [args.data]:
         if not os.path.exists(path):
             parser.error(f"not found: {path}")
-    # imported here so the metrics above stay usable without torch
-    from train_arcface import DataError, load_backbone, open_datasets
-    from evaluate import class_centres, write_json
-    from train_diffusion import condition_vectors, load_generator
+    return args
 
+
+def main(argv=None):
+    args = parse_args(argv)
+    from train_arcface import DataError  # imported here so the metrics above stay usable without torch
     try:
-        dataset = open_datasets([args.data])
-    except DataError as e:
-        parser.error(str(e))
-    names = list(dataset.classes)
+        check_output_file(args.out)
+        with output_lock(args.out, is_dir=False):
+            folder, name = os.path.split(os.path.abspath(args.out))
+            remove_stale_tmp(folder, f"{name}.*.tmp")  # left by a killed run
+            compare(args)
+    except (InputError, DataError, ValueError, OSError, RuntimeError) as e:
+        fail(e)
+
+
+def discriminator_centres(args, dataset):
+    """{run name: class centres [C, d]} of every --fr, each model and its centres finite."""
+    # imported here so the metrics above stay usable without torch
+    from evaluate import class_centres
+    from train_arcface import load_backbone
     centres = {}
     for path in args.fr:
+        model = load_checkpoint(load_backbone, path, "train_arcface.py model.pt")
+        model = model.to(args.device or "cpu")
+        check_finite(f"the discriminator {path}", model.state_dict())
         label = os.path.basename(os.path.dirname(os.path.abspath(path))) or path
-        centres[label] = class_centres(load_backbone(path, args.device or "cpu"), dataset,
-                                       batch_size=args.batch_size, device=args.device)
+        centres[label] = class_centres(model, dataset, batch_size=args.batch_size, device=args.device)
+        check_finite(f"the class centres under {path}", centres[label])
+    return centres
+
+
+def generator_vectors(path, names):
+    """The generator's condition vectors [C, d] in the order of `names`, finite."""
+    from train_diffusion import condition_vectors, load_generator
+    net = load_checkpoint(load_generator, path, "train_diffusion.py network snapshot")
+    check_finite(f"the generator {path}", net.state_dict())
+    index = {c: i for i, c in enumerate(net.class_names)}
+    missing = [c for c in names if c not in index]
+    if missing:
+        raise InputError(f"{path}: the generator has no class named {missing[0]} "
+                         f"(of {len(missing)} missing)")
+    cond = condition_vectors(net).detach().cpu().numpy()[[index[c] for c in names]]
+    check_finite(f"the condition vectors of {path}", cond)
+    return cond
+
+
+def compare(args):
+    """Every comparison of the module docstring -> the printed table and --out (finite values only)."""
+    from train_arcface import open_datasets
+    dataset = open_datasets([args.data])
+    names = list(dataset.classes)
+    if len(names) < 4:  # the unbiased HSIC divides by n - 3
+        raise InputError(f"--data {args.data} has {len(names)} classes; the metrics need at least 4")
+    if args.k >= len(names):  # a row has only n - 1 neighbours; a larger k would count itself
+        print(f"note: --k {args.k} with {len(names)} classes; using k = {len(names) - 1}")
+        args.k = len(names) - 1
+    centres = discriminator_centres(args, dataset)
     rows, result = [], {"k": args.k, "permutations": args.permutations, "classes": len(names), "pairs": []}
 
     def add(kind, a, b, X, Y, kimg=None):
         entry = {"kind": kind, "a": a, "b": b, "kimg": kimg, **alignment(X, Y, args.k),
-                 "null": permutation_null(X, Y, args.k, args.permutations)}
+                 "null": permutation_null(X, Y, args.k, args.permutations, args.seed)}
         result["pairs"].append(entry)
         rows.append(entry)
 
     for path in args.generator:
-        net = load_generator(path, "cpu")
-        index = {c: i for i, c in enumerate(net.class_names)}
-        missing = [c for c in names if c not in index]
-        if missing:
-            parser.error(f"{path}: the generator has no class named {missing[0]} (of {len(missing)} missing)")
-        cond = condition_vectors(net).detach().cpu().numpy()[[index[c] for c in names]]
+        cond = generator_vectors(path, names)
         for label, C in centres.items():
             add("condition vs embedding", os.path.basename(path), label, cond, C, snapshot_kimg(path))
     labels = list(centres)
     for i in range(len(labels)):
         for j in range(i + 1, len(labels)):
             add("embedding vs embedding", labels[i], labels[j], centres[labels[i]], centres[labels[j]])
+    for r in rows:
+        check_finite(f"the {r['kind']} metrics of {r['a']} and {r['b']}",
+                     [r[m] for m in ("cka", "unbiased_cka", "cknna", "mutual_knn")])
 
     print(f"| comparison | a | b | kimg | CKA | unbiased CKA | CKNNA (k={args.k}) | mutual kNN | null CKA | null CKNNA |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -169,7 +215,7 @@ def main():
         print(f"| {r['kind']} | {r['a']} | {r['b']} | {'' if r['kimg'] is None else r['kimg']} | {r['cka']:.3f} | "
               f"{r['unbiased_cka']:.3f} | {r['cknna']:.3f} | {r['mutual_knn']:.3f} | "
               f"{n['cka']['mean']:.3f} +- {n['cka']['std']:.3f} | {n['cknna']['mean']:.3f} +- {n['cknna']['std']:.3f} |")
-    write_json(result, args.out)
+    write_atomic(args.out, json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

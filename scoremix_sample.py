@@ -19,23 +19,32 @@ Output: DIR/<identity>/<n>.png (one folder per new identity, `mix_<a>_<b>`; real
 mode) and DIR/manifest.csv (identity, mode, sources, weights, images, seed, index, guidance, steps, churn,
 net, guide). Image n of identity i uses the seed seed_for(--seed, i, n), so 1 or N processes and any batch
 size give the same images; a re-run skips complete identities (each is written to DIR/.<name>.partial
-and renamed when complete).
+and renamed when complete, so a visible identity folder is always complete and is never removed).
+One process writes DIR at a time: the run holds DIR/.lock (rank 0, for the whole run), and a second
+one on the same DIR stops at once with one `error:` line. pairs.csv is read by column name (a
+spreadsheet's byte-order mark is fine); the classes of a tuple must be distinct and known to --net.
+A generator or guide with a non-finite weight or output, or a guide of another resolution, is refused.
 """
 import argparse
 import csv
+import glob
 import io
 import math
 import os
 import re
 import shutil
 import sys
+from contextlib import ExitStack, contextmanager
 
 import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from train_arcface import autocast_context, seed_for, setup_distributed, write_text_atomic
+from common import (ArgumentParser, InputError, check_finite, check_output_dir, check_output_file, fail,
+                    finite_float, load_checkpoint, non_negative_float, non_negative_int, output_lock,
+                    positive_float, positive_int, probability, read_csv, remove_stale_tmp, write_atomic)
+from train_arcface import autocast_context, seed_for, setup_distributed
 from train_diffusion import generate_images, load_generator
 
 # ----------------------------------------------------------------------------- mixing denoisers
@@ -166,16 +175,20 @@ def class_index(net, name, where):
 
 
 def read_pairs(path, net):
-    """pairs.csv (select_pairs.py) -> list of class-index tuples from its `class_*` columns."""
-    if not os.path.isfile(path):
-        raise ValueError(f"pairs file not found: {path}")
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-        columns = [c for c in rows[0] if c.startswith("class_")] if rows else []
-    if not columns:
-        raise ValueError(f"{path} has no rows with class_a, class_b, ... columns")
-    return [tuple(class_index(net, row[c].strip(), f"{path} line {i + 2}") for c in columns)
-            for i, row in enumerate(rows)]
+    """pairs.csv (select_pairs.py) -> list of class-index tuples from its `class_*` columns, read by
+    name (class_a first, whatever the column order); the classes of a tuple must be distinct."""
+    header, rows = read_csv(path, ["class_a", "class_b"], "pairs file")
+    columns = sorted(c for c in header if c.startswith("class_"))
+    if not rows:
+        raise InputError(f"{path} has a header but no pairs")
+    tuples = []
+    for line, row in rows:
+        t = tuple(class_index(net, row[c], f"{path} line {line}") for c in columns)
+        if len(set(t)) < len(t):
+            raise InputError(f"{path} line {line}: a class appears twice in one tuple "
+                             f"({', '.join(row[c] for c in columns)}); a mix needs distinct classes")
+        tuples.append(t)
+    return tuples
 
 
 def read_classes_file(path, net):
@@ -224,6 +237,23 @@ def is_complete(out, name, count):
     return os.path.isdir(folder) and {f"{j}.png" for j in range(count)} <= set(os.listdir(folder))
 
 
+def check_no_foreign_folders(args, identities):
+    """An identity's name taken by something this sampler did not finish (a folder with fewer images,
+    a file) is refused: identity folders only ever appear complete, and none is ever removed."""
+    for d in identities:
+        path = os.path.join(args.out, d["name"])
+        if os.path.lexists(path) and not is_complete(args.out, d["name"], args.per_pair):
+            raise InputError(f"{path} exists but is not a complete identity folder of {args.per_pair} "
+                             "images; move it away or use another --out")
+
+
+def check_room(args, net, identities):
+    """Enough free disk for the missing identities' PNGs (at most about one raw image each)."""
+    todo = sum(not is_complete(args.out, d["name"], args.per_pair) for d in identities)
+    image = net.img_channels * net.img_resolution ** 2 + 1024
+    check_output_dir(args.out, need_bytes=todo * args.per_pair * image)
+
+
 def manifest_rows(args, identities):
     header = ["identity", "mode", "sources", "weights", "images", "seed", "index", "guidance", "steps", "churn", "net",
               "guide"]
@@ -256,7 +286,7 @@ def write_manifest(args, identities):
     header, rows = manifest_rows(args, identities)
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows([header, *rows])
-    write_text_atomic(buf.getvalue(), os.path.join(args.out, "manifest.csv"))
+    write_atomic(os.path.join(args.out, "manifest.csv"), buf.getvalue())
 
 
 def churn_kwargs(args):
@@ -283,28 +313,35 @@ def sample_identities(args, net, guide, identities, rank, world, device):
     written = dict.fromkeys(mine, 0)
     ctx, _ = autocast_context(device, args.amp)
     bar = tqdm(total=len(items), unit="img", disable=rank != 0, dynamic_ncols=True, desc=f"{args.mode} (rank 0)")
-    for lo in range(0, len(items), args.batch_size):
-        chunk = items[lo:lo + args.batch_size]
-        k = len(identities[chunk[0][0]]["classes"])
-        classes = [torch.tensor([identities[i]["classes"][c] for i, _ in chunk], device=device) for c in range(k)]
-        denoise = make_denoiser(args.mode, net, classes, identities[chunk[0][0]]["weights"], guide, args.guidance)
-        with ctx:
-            images = generate_images(denoise, None, [seed_for(args.seed, i, j) for i, j in chunk],
-                                     num_steps=args.steps, batch_size=len(chunk), shape=shape, device=device,
-                                     **churn_kwargs(args))
-        for (i, j), image in zip(chunk, images):
-            name = identities[i]["name"]
-            partial = os.path.join(args.out, f".{name}.partial")
-            os.makedirs(partial, exist_ok=True)
-            save_png(image, os.path.join(partial, f"{j}.png"))
-            written[i] += 1
-            if written[i] == args.per_pair:
-                final = os.path.join(args.out, name)
-                if os.path.isdir(final):  # an incomplete folder left by hand or another --per-pair
-                    shutil.rmtree(final)
-                os.replace(partial, final)
-        bar.update(len(chunk))
-    bar.close()
+    try:
+        for lo in range(0, len(items), args.batch_size):
+            chunk = items[lo:lo + args.batch_size]
+            k = len(identities[chunk[0][0]]["classes"])
+            classes = [torch.tensor([identities[i]["classes"][c] for i, _ in chunk], device=device)
+                       for c in range(k)]
+            denoise = make_denoiser(args.mode, net, classes, identities[chunk[0][0]]["weights"], guide,
+                                    args.guidance)
+            with ctx:
+                images = generate_images(denoise, None, [seed_for(args.seed, i, j) for i, j in chunk],
+                                         num_steps=args.steps, batch_size=len(chunk), shape=shape,
+                                         device=device, **churn_kwargs(args))
+            for (i, j), image in zip(chunk, images):
+                name = identities[i]["name"]
+                partial = os.path.join(args.out, f".{name}.partial")
+                os.makedirs(partial, exist_ok=True)
+                save_png(image, os.path.join(partial, f"{j}.png"))
+                written[i] += 1
+                if written[i] == args.per_pair:  # visible only when complete (foreign names refused)
+                    os.replace(partial, os.path.join(args.out, name))
+            bar.update(len(chunk))
+    except BaseException:  # a full disk, an interrupt: no half-written identity stays behind
+        for i in mine:
+            if written[i] < args.per_pair:
+                partial = os.path.join(args.out, f".{identities[i]['name']}.partial")
+                shutil.rmtree(partial, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
 
 # ----------------------------------------------------------------------------- figures
 
@@ -333,9 +370,7 @@ def labelled_grid(cells, row_labels, col_labels, title, zoom=2, pad=2, frames=()
 
 
 def save_image_atomic(image, path):
-    tmp = f"{path}.{os.getpid()}.tmp"
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def render_figures(args, net, guide, a, b, device):
@@ -379,37 +414,37 @@ def render_figures(args, net, guide, a, b, device):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--net", required=True, help="generator snapshot (train_diffusion.py network-snapshot-*.pt)")
     p.add_argument("--pairs", help="pairs.csv of select_pairs.py: columns class_a, class_b[, class_c] name classes")
-    p.add_argument("--per-pair", type=int, default=16, help="images per new identity")
+    p.add_argument("--per-pair", type=positive_int, default=16, help="images per new identity")
     p.add_argument("--out", help="output folder: <identity>/<n>.png and manifest.csv")
     p.add_argument("--mode", choices=["scoremix", "repro", "condmix"], default="scoremix",
                    help="scoremix: mix denoiser outputs; repro: plain samples of the real classes; "
                         "condmix: mix the class embeddings (AugGen)")
     p.add_argument("--classes-file", help="repro without --pairs: class names, one per line (None: all classes)")
     p.add_argument("--guide", help="autoguidance guide snapshot (same classes, smaller / shorter-trained)")
-    p.add_argument("--guidance", type=float, help="guidance weight w (None: 1.3 with --guide, else 1 = none; "
+    p.add_argument("--guidance", type=finite_float, help="guidance weight w (None: 1.3 with --guide, else 1 = none; "
                                                   "w != 1 without --guide: classifier-free, needs a null class)")
-    p.add_argument("--alpha", type=float, default=0.5, help="weight of class_a in a pair (class_b: 1 - alpha)")
-    p.add_argument("--weights", type=float, nargs="+", help="explicit convex weights, one per class column "
+    p.add_argument("--alpha", type=probability, default=0.5, help="weight of class_a in a pair (class_b: 1 - alpha)")
+    p.add_argument("--weights", type=non_negative_float, nargs="+", help="explicit convex weights, one per class column "
                                                             "(None: alpha, 1 - alpha for pairs; equal for tuples)")
-    p.add_argument("--steps", type=int, default=32, help="Heun steps (deterministic, Karras schedule)")
-    p.add_argument("--churn", type=float, default=0, help="S_churn of the stochastic Heun sampler (EDM Alg. 2; "
+    p.add_argument("--steps", type=positive_int, default=32, help="Heun steps (deterministic, Karras schedule)")
+    p.add_argument("--churn", type=non_negative_float, default=0, help="S_churn of the stochastic Heun sampler (EDM Alg. 2; "
                    "0: deterministic); the noise is seeded per image like the start")
-    p.add_argument("--churn-min", type=float, default=0.05, help="S_min: churn only where sigma >= this")
-    p.add_argument("--churn-max", type=float, default=50, help="S_max: churn only where sigma <= this")
-    p.add_argument("--churn-noise", type=float, default=1.003, help="S_noise: scale of the churn noise")
-    p.add_argument("--batch-size", type=int, default=64, help="images per sampler batch per process")
-    p.add_argument("--seed", type=int, default=0, help="base seed: image n of identity i uses seed_for(seed, i, n)")
+    p.add_argument("--churn-min", type=non_negative_float, default=0.05, help="S_min: churn only where sigma >= this")
+    p.add_argument("--churn-max", type=non_negative_float, default=50, help="S_max: churn only where sigma <= this")
+    p.add_argument("--churn-noise", type=positive_float, default=1.003, help="S_noise: scale of the churn noise")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per sampler batch per process")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="base seed: image n of identity i uses seed_for(seed, i, n)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (None: cuda if available)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
     g = p.add_argument_group("figures (instead of identity folders)")
     g.add_argument("--grid", help="write the alpha x beta sweep of --classes A B here (paper Fig. 2)")
     g.add_argument("--grid3", help="the Repro A | ScoreMix | Repro B figure (paper Fig. 3) (None: <grid>-triplets.png)")
     g.add_argument("--classes", nargs=2, metavar=("A", "B"), help="the two class names of the figures")
-    g.add_argument("--grid-seeds", type=int, default=4, help="rows (seeds) of the triplet figure")
+    g.add_argument("--grid-seeds", type=positive_int, default=4, help="rows (seeds) of the triplet figure")
     args = p.parse_args(argv)
     if args.guidance is None:
         args.guidance = 1.3 if args.guide else 1.0
@@ -419,34 +454,78 @@ def parse_args(argv=None):
         args.grid3 = args.grid3 or os.path.splitext(args.grid)[0] + "-triplets.png"
     elif not args.out:
         p.error("--out is required (or --grid for the figure)")
-    for flag in ("per_pair", "steps", "batch_size", "grid_seeds"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be at least 1")
-    if args.churn < 0:
-        p.error("--churn must be >= 0")
-    if not 0 <= args.alpha <= 1:
-        p.error("--alpha must be in [0, 1] (a convex mix; --grid shows the others)")
     return args
 
 
 def load(path, what):
+    if os.path.isdir(path):
+        sys.exit(f"error: {what} {path} is a folder, not a snapshot")
     if not os.path.isfile(path):
         sys.exit(f"error: {what} snapshot not found: {path}")
     try:
-        return load_generator(path)
-    except Exception as e:  # a truncated or foreign file: torch / pickle raise many kinds
-        sys.exit(f"error: cannot load {what} snapshot {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        return load_checkpoint(load_generator, path, "train_diffusion.py network snapshot")
+    except InputError as e:
+        sys.exit(f"error: cannot load {what} snapshot: {e}")
+
+
+def check_generator(net, path, what):
+    """Every parameter and buffer finite, and one forward pass (two noise levels, two classes) finite:
+    a diverged snapshot is refused before it samples anything."""
+    check_finite(f"{what} {path}", net.state_dict())
+    x = torch.randn(2, net.img_channels, net.img_resolution, net.img_resolution,
+                    generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        D = net(x, torch.tensor([80.0, 0.5]), torch.tensor([0, net.num_classes - 1]))
+    check_finite(f"{what} {path}", {"its output": D})
+
+
+def check_guide(net, guide):
+    """Autoguidance runs the guide on the net's images and labels: same classes, same image shape."""
+    if guide.class_names != net.class_names:
+        raise InputError("--guide has other classes than --net (autoguidance uses the same labels)")
+    mine, theirs = (net.img_channels, net.img_resolution), (guide.img_channels, guide.img_resolution)
+    if mine != theirs:
+        raise InputError(f"--guide makes {theirs[0]} x {theirs[1]} px images and --net "
+                         f"{mine[0]} x {mine[1]} px (autoguidance needs the same resolution)")
+
+
+@contextmanager
+def output_guard(args):
+    """Before any work: the outputs checked and, for --out, the one-writer lock held by this job's
+    rank 0 for the whole run (stale temporary files and half-written identities removed under it)."""
+    with ExitStack() as stack:
+        try:
+            if args.grid:
+                check_output_file(args.grid, flag="--grid")
+                check_output_file(args.grid3, flag="--grid3")
+            else:
+                check_output_dir(args.out)
+                if int(os.environ.get("RANK", 0)) == 0:
+                    stack.enter_context(output_lock(args.out))
+                    remove_stale_tmp(args.out)
+                    for partial in glob.glob(os.path.join(glob.escape(args.out), ".*.partial")):
+                        shutil.rmtree(partial, ignore_errors=True)  # a killed run's unfinished ones
+        except InputError as e:
+            fail(e)
+        yield
 
 
 def main(argv=None):
     args = parse_args(argv)
+    with output_guard(args):  # one writer per --out; a second process stops here at once
+        run(args)
+
+
+def run(args):
     net = load(args.net, "--net")
     guide = load(args.guide, "--guide") if args.guide else None
-    if guide is not None and guide.class_names != net.class_names:
-        sys.exit(f"error: --guide {args.guide} has other classes than --net (autoguidance uses the same labels)")
-    if guide is not None and (guide.img_resolution, guide.img_channels) != (net.img_resolution, net.img_channels):
-        sys.exit(f"error: --guide {args.guide} makes {guide.img_channels}-channel {guide.img_resolution} px images, "
-                 f"--net {net.img_channels}-channel {net.img_resolution} px (any architecture, same images)")
+    try:
+        check_generator(net, args.net, "--net")
+        if guide is not None:
+            check_generator(guide, args.guide, "--guide")
+            check_guide(net, guide)
+    except InputError as e:
+        fail(e)
     if guide is None and args.guidance != 1 and not net.null_class:
         sys.exit(f"error: --guidance {args.guidance:g} without --guide is classifier-free guidance, and {args.net} "
                  "has no null class (train with --label-dropout > 0, or give --guide)")
@@ -456,6 +535,8 @@ def main(argv=None):
         else:
             identities = plan_identities(args, net)
             check_manifest(args, identities)
+            check_no_foreign_folders(args, identities)
+            check_room(args, net, identities)
     except ValueError as e:
         sys.exit(f"error: {e}")
     if args.grid:  # one process draws the figures
@@ -469,7 +550,10 @@ def main(argv=None):
         os.makedirs(args.out, exist_ok=True)
     if world > 1:
         dist.barrier()
-    sample_identities(args, net, guide, identities, rank, world, device)
+    try:
+        sample_identities(args, net, guide, identities, rank, world, device)
+    except OSError as e:  # a full disk, a folder removed under us (half-written identities removed)
+        fail(f"writing {args.out}: {e.strerror or e}")
     if world > 1:
         dist.barrier()
     if rank == 0:

@@ -29,7 +29,9 @@ matrix; random pairs come from a seeded sample of max(20 P, 100000) pairs, as ra
     python select_pairs.py --space condition --generator runs/gen/network-snapshot-000150.pt --out pairs.csv
 
 pairs.csv: class_a, class_b[, class_c] (identity folder names), distance (pairs) or distance_ab,
-distance_ac, distance_bc, distance_sum (triplets), rank (1 = chosen first).
+distance_ac, distance_bc, distance_sum (triplets), rank (1 = chosen first). It is written atomically,
+only when every class vector and distance is finite, by one process at a time (a lock file
+.<name>.lock beside it for the run).
 """
 import argparse
 import csv
@@ -37,16 +39,17 @@ import io
 import itertools
 import math
 import os
-import pickle
-import sys
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from common import (ArgumentParser, InputError, check_finite, check_output_file, fail, load_checkpoint,
+                    non_negative_float, non_negative_int, output_lock, positive_int, remove_stale_tmp,
+                    write_atomic)
 from evaluate import PROGRESS, embed
-from train_arcface import DataError, load_backbone, open_datasets, write_text_atomic
+from train_arcface import DataError, load_backbone, open_datasets
 from train_diffusion import condition_vectors, load_generator
 
 STRATEGIES = ("dist", "close", "random")
@@ -319,14 +322,6 @@ def reorder_rows(vectors, names, target):
     return vectors[[index[n] for n in target]]
 
 
-def load_checkpoint(loader, path, what):
-    """loader(path), with a one-line ValueError for a file that is not such a checkpoint."""
-    try:
-        return loader(path)
-    except (pickle.UnpicklingError, RuntimeError, KeyError, TypeError, EOFError) as e:
-        raise ValueError(f"{path} is not a {what} ({type(e).__name__})") from None
-
-
 def streaming_centres(model, dataset, batch_size=256, device=None, workers=0):
     """evaluate.class_centres in one pass that holds one batch of images at a time: per-class sums of
     the L2-normalised embeddings (with flips), re-normalised [C, d]."""
@@ -344,12 +339,16 @@ def class_vectors(args):
     """(vectors [C, d] numpy, class names) for --space embedding or condition."""
     if args.space == "embedding":
         dataset = open_datasets(args.data)
-        model = load_checkpoint(lambda p: load_backbone(p, args.device), args.fr, "train_arcface.py model.pt")
+        model = load_checkpoint(load_backbone, args.fr, "train_arcface.py model.pt").to(args.device)
+        check_finite(f"the discriminator {args.fr}", model.state_dict())
         print(f"class centres of {len(dataset.classes)} classes ({len(dataset)} images) under {args.fr}")
         centres = streaming_centres(model, dataset, args.batch_size, args.device, args.workers)
+        check_finite(f"the class centres under {args.fr}", centres)
         return centres, list(dataset.classes)
     net = load_checkpoint(load_generator, args.generator, "train_diffusion.py network snapshot")
+    check_finite(f"the generator {args.generator}", net.state_dict())
     vectors, names = condition_vectors(net).cpu().numpy(), list(net.class_names)
+    check_finite(f"the condition vectors of {args.generator}", vectors)
     if args.data:  # rows in the order of the real set's classes
         target = list(open_datasets(args.data).classes)
         vectors, names = reorder_rows(vectors, names, target), target
@@ -370,9 +369,7 @@ def write_pairs(path, names, tuples, d):
     w.writerow(["class_a", "class_b", "class_c"][:k] + cols + ["rank"])
     for r, (t, row) in enumerate(zip(tuples, d), 1):
         w.writerow([names[c] for c in t] + [f"{v:.6f}" for v in row] + [r])
-    if os.path.dirname(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-    write_text_atomic(buf.getvalue(), path)
+    write_atomic(path, buf.getvalue())
 
 
 def summary(d, tuples, C, allp, cap, initial_cap, sampled=False):
@@ -394,7 +391,7 @@ def summary(d, tuples, C, allp, cap, initial_cap, sampled=False):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[2],
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[2],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--fr", metavar="RUN/model.pt", help="discriminator checkpoint (needed for --space embedding)")
@@ -406,15 +403,16 @@ def parse_args(argv=None):
     a("--generator", metavar="SNAPSHOT.pt", help="generator snapshot (needed for --space condition)")
     a("--strategy", choices=STRATEGIES, default="dist",
       help="dist: farthest first (triplets: Sum Max); close: closest first (Sum Min); random: seeded shuffle")
-    a("--num-pairs", type=int, help="tuples to select (None: the number of classes)")
+    a("--num-pairs", type=positive_int, help="tuples to select (None: the number of classes)")
     a("--tuple-size", type=int, choices=[2, 3], default=2, help="2: pairs; 3: triplets")
-    a("--max-uses", type=int, help="start cap on tuples per class, raised if it leaves too few "
+    a("--max-uses", type=positive_int, help="start cap on tuples per class, raised if it leaves too few "
                                    "(None: ceil(num-pairs * tuple-size / classes))")
-    a("--seed", type=int, default=0, help="seed of the tie order and of --strategy random")
+    a("--seed", type=non_negative_int, default=0, help="seed of the tie order and of --strategy random")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device for the embeddings")
-    a("--batch-size", type=int, default=256, help="images per forward pass")
-    a("--workers", type=int, default=0, help="DataLoader workers decoding images for the class centres")
-    a("--max-matrix-gb", type=float, default=4.0,
+    a("--batch-size", type=positive_int, default=256, help="images per forward pass")
+    a("--workers", type=non_negative_int, default=0,
+      help="DataLoader workers decoding images for the class centres")
+    a("--max-matrix-gb", type=non_negative_float, default=4.0,
       help=f"memory budget: the full C x C path (about {FULL_PATH_BYTES} bytes per C^2) when it fits, else "
            "distances block by block in blocks of this size")
     args = p.parse_args(argv)
@@ -424,9 +422,7 @@ def parse_args(argv=None):
         p.error("--space condition needs --generator SNAPSHOT.pt")
     for f in [args.fr if args.space == "embedding" else None, args.generator]:
         if f and not os.path.isfile(f):
-            p.error(f"no such file: {f}")
-    if args.num_pairs is not None and args.num_pairs < 1 or args.max_uses is not None and args.max_uses < 1:
-        p.error("--num-pairs and --max-uses must be positive")
+            p.error(f"{f} is a folder, not a checkpoint" if os.path.isdir(f) else f"no such file: {f}")
     return args
 
 
@@ -435,23 +431,34 @@ def main(argv=None):
     if int(os.environ.get("RANK", "0")) != 0:  # a single-process stage
         return
     try:
-        vectors, names = class_vectors(args)
-        C, budget = len(names), args.max_matrix_gb * 2 ** 30
-        num = C if args.num_pairs is None else args.num_pairs
-        initial_cap = args.max_uses or math.ceil(num * args.tuple_size / C)
-        if full_path_bytes(C) <= budget or args.tuple_size == 3 and C <= EXACT_TRIPLETS:  # (exact triplets)
-            dist = cosine_distances(vectors)
-            tuples, cap = select_tuples(dist, args.strategy, num, args.tuple_size, args.max_uses, args.seed)
-            d, allp = tuple_distances(dist, tuples), dist[np.triu_indices(C, 1)]
-        else:
-            print(f"{C} classes: the full matrix path would need ~{full_path_bytes(C) / 2 ** 30:.0f} GiB "
-                  f"(--max-matrix-gb {args.max_matrix_gb:g}); distances block by block on {args.device}")
-            tuples, cap, d = select_blockwise(vectors, args.strategy, num, args.tuple_size, args.max_uses, args.seed,
-                                              budget, args.device)
-            sample = random_tuples(C, 2, 10 ** 6, np.random.default_rng([args.seed, 3]))
-            allp = pair_distances(unit_rows(vectors, args.device), sample[:, 0], sample[:, 1])
-    except (DataError, ValueError, OSError, RuntimeError) as e:
-        sys.exit(f"error: {str(e).strip().splitlines()[0]}")
+        check_output_file(args.out)
+        with output_lock(args.out, is_dir=False):
+            folder, name = os.path.split(os.path.abspath(args.out))
+            remove_stale_tmp(folder, f"{name}.*.tmp")  # left by a killed run
+            select(args)
+    except (InputError, DataError, ValueError, OSError, RuntimeError) as e:
+        fail(e)
+
+
+def select(args):
+    """Class vectors -> pairs.csv (finite distances only) and the printed summary."""
+    vectors, names = class_vectors(args)
+    C, budget = len(names), args.max_matrix_gb * 2 ** 30
+    num = C if args.num_pairs is None else args.num_pairs
+    initial_cap = args.max_uses or math.ceil(num * args.tuple_size / C)
+    if full_path_bytes(C) <= budget or args.tuple_size == 3 and C <= EXACT_TRIPLETS:  # (exact triplets)
+        dist = cosine_distances(vectors)
+        tuples, cap = select_tuples(dist, args.strategy, num, args.tuple_size, args.max_uses, args.seed)
+        d, allp = tuple_distances(dist, tuples), dist[np.triu_indices(C, 1)]
+    else:
+        print(f"{C} classes: the full matrix path would need ~{full_path_bytes(C) / 2 ** 30:.0f} GiB "
+              f"(--max-matrix-gb {args.max_matrix_gb:g}); distances block by block on {args.device}")
+        tuples, cap, d = select_blockwise(vectors, args.strategy, num, args.tuple_size, args.max_uses,
+                                          args.seed, budget, args.device)
+        sample = random_tuples(C, 2, 10 ** 6, np.random.default_rng([args.seed, 3]))
+        allp = pair_distances(unit_rows(vectors, args.device), sample[:, 0], sample[:, 1])
+    source = args.fr if args.space == "embedding" else args.generator
+    check_finite(f"the distances from {source}", [d, allp])
     write_pairs(args.out, names, tuples, d)
     print("\n".join(summary(d, tuples, C, allp, cap, initial_cap, sampled=len(allp) < math.comb(C, 2))))
     print(f"wrote {args.out}")

@@ -23,3 +23,33 @@ def tiny_toy(tmp_path_factory):
                    "--test-identities", 12, "--pairs", 40, "--heldout", 2, "--seed", 0)
     assert r.returncode == 0, r.stderr
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_toy, tmp_path_factory):
+    """A 4-step discriminator model.pt and a tiny generator snapshot (16 px, 8 channels, null class)
+    on the tiny toy set, trained once per test session by the real CLIs (about 10 s)."""
+    out = tmp_path_factory.mktemp("tiny_models")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = run_script("train_arcface.py", "--data", tiny_toy / "train", "--out", out / "fr", "--steps", 4,
+                   "--width", 0.125, "--embedding-size", 16, "--batch-size", 8, env=env)
+    assert r.returncode == 0, r.stderr
+    r = run_script("train_diffusion.py", "--data", tiny_toy / "train", "--out", out / "gen", "--resolution", 16,
+                   "--channels", 8, "--channel-mult", 1, 2, "--batch-size", 8, "--duration", 0.05,
+                   "--snapshot-every", 0, "--label-dropout", 0.25, env=env)
+    assert r.returncode == 0, r.stderr
+    return out / "fr" / "model.pt", out / "gen" / "network-snapshot-000000.pt"
+
+
+def poisoned_copy(src, dst, key=None, value=float("nan")):
+    """A copy of a model.pt ("state_dict") or network snapshot ("ema") with one weight entry set to
+    `value` (default NaN): the first floating-point entry, or the one named `key`."""
+    import torch
+    ckpt = torch.load(src, map_location="cpu", weights_only=True)
+    state = ckpt["state_dict"] if "state_dict" in ckpt else ckpt["ema"]
+    key = key or next(k for k, v in state.items() if v.is_floating_point())
+    flat = state[key].clone().reshape(-1)
+    flat[0] = value
+    state[key] = flat.reshape(state[key].shape)
+    torch.save(ckpt, dst)
+    return dst, key

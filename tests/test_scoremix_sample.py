@@ -342,3 +342,273 @@ def test_bad_inputs_give_one_clear_error_line(gen, tmp_path):
         text = str(e.value.code)
         assert text.startswith("error: ") and message in text and "\n" not in text, (args, text)
     assert not (tmp_path / "o").exists()
+
+# ----------------------------------------------------------------------------- nothing bad is kept
+
+
+def error_of(argv):
+    """main(argv) in this process -> its one `error:` line (SystemExit with a message or status 2)."""
+    with pytest.raises(SystemExit) as e:
+        main([*map(str, argv)])
+    assert e.value.code not in (0, None)
+    return str(e.value.code)
+
+
+def assert_one_error_line(text, *needles):
+    lines = text.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in text, text
+    for needle in needles:
+        assert needle in lines[0], (needle, text)
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("unet.emb_label.weight", float("nan"), "1 non-finite value(s) in unet.emb_label.weight"),
+    ("unet.out_conv.bias", float("inf"), "non-finite value(s) in unet.out_conv.bias"),
+    ("unet.out_conv.weight", 3.4e38, "non-finite value(s) in its output"),  # finite weights, inf output
+])
+def test_a_generator_with_non_finite_weights_or_output_is_refused(gen, tmp_path, key, value, needle):
+    from conftest import poisoned_copy
+    snapshot, pairs, _ = gen
+    bad, _ = poisoned_copy(snapshot, tmp_path / "bad.pt", key, value)
+    for argv in (["--net", bad], ["--net", snapshot, "--guide", bad]):
+        text = error_of([*argv, "--pairs", pairs, *SAMPLE, "--out", tmp_path / "o"])
+        assert_one_error_line(text, str(bad), needle)
+    assert not (tmp_path / "o").exists()
+
+
+def snapshot_like(snapshot, path, **config):
+    """A copy of `snapshot` built with other Denoiser settings (fresh weights, the same classes)."""
+    snap = torch.load(snapshot, weights_only=True)
+    net = Denoiser(**{**snap["config"], **config})
+    torch.save({**snap, "config": net.config, "ema": net.state_dict()}, path)
+    return path
+
+
+def test_a_guide_of_another_resolution_or_other_classes_is_refused(gen, tmp_path):
+    snapshot, pairs, names = gen
+    small = snapshot_like(snapshot, tmp_path / "small.pt", img_resolution=8)
+    text = error_of(["--net", snapshot, "--guide", small, "--pairs", pairs, *SAMPLE, "--out", tmp_path / "o"])
+    assert_one_error_line(text, "--guide makes 3 x 8 px images and --net 3 x 16 px")
+    snap = torch.load(snapshot, weights_only=True)
+    other = tmp_path / "other.pt"
+    torch.save({**snap, "class_names": [n + "x" for n in names]}, other)
+    text = error_of(["--net", snapshot, "--guide", other, "--pairs", pairs, *SAMPLE, "--out", tmp_path / "o"])
+    assert_one_error_line(text, "other classes")
+    assert not (tmp_path / "o").exists()
+
+# ----------------------------------------------------------------------------- pairs.csv
+
+
+def write_pairs_file(path, rows, encoding="utf-8"):
+    with open(path, "w", newline="", encoding=encoding) as f:
+        csv.writer(f).writerows(rows)
+    return path
+
+
+def test_pairs_are_read_by_column_name_with_or_without_a_byte_order_mark(gen, tmp_path):
+    from scoremix_sample import read_pairs
+    snapshot, _, names = gen
+    net = load_generator(snapshot)
+    plain = write_pairs_file(tmp_path / "p.csv", [["class_a", "class_b", "distance"], [names[0], names[3], 1],
+                                                  [names[2], names[5], 1]])
+    bom = write_pairs_file(tmp_path / "bom.csv", [["class_a", "class_b", "distance"], [names[0], names[3], 1],
+                                                  [names[2], names[5], 1]], encoding="utf-8-sig")
+    moved = write_pairs_file(tmp_path / "moved.csv", [["rank", "class_b", "distance", " class_a "],
+                                                      [1, names[3], 1, names[0]], [], [2, names[5], 1, names[2]]])
+    assert bom.read_bytes().startswith(b"\xef\xbb\xbf")
+    expected = [(0, 3), (2, 5)]
+    assert read_pairs(plain, net) == read_pairs(bom, net) == read_pairs(moved, net) == expected
+
+
+@pytest.mark.parametrize("rows,needle", [
+    ([["class_a", "class_b"], ["N0", "N0"]], "line 2: a class appears twice in one tuple"),
+    ([["class_a", "class_b", "class_c"], ["N0", "N1", "N0"]], "appears twice"),
+    ([["class_a", "class_b"], ["N0", "nobody"]], "line 2: unknown class 'nobody'"),
+    ([["class_a", "klass_b"], ["N0", "N1"]], "no column 'class_b'"),
+    ([["class_a", "class_b"]], "no pairs"),
+    ([], "no column 'class_a'"),
+    ([["class_a", "class_b"], ["N0", "N1"], ["N0"]], "line 3: 1 fields, the header has 2"),
+    ([["class_a", "class_b"], ["N0", ""]], "line 2: empty class_b"),
+])
+def test_bad_pairs_files_give_one_clear_line(gen, tmp_path, rows, needle):
+    snapshot, _, names = gen
+    rows = [[{"N0": names[0], "N1": names[1]}.get(v, v) for v in row] for row in rows]
+    pairs = write_pairs_file(tmp_path / "p.csv", rows)
+    assert_one_error_line(error_of(["--net", snapshot, "--pairs", pairs, *SAMPLE, "--out", tmp_path / "o"]),
+                          needle)
+    assert not (tmp_path / "o").exists()
+
+# ----------------------------------------------------------------------------- the output folder
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--batch-size", 0], "--batch-size: must be a positive integer, got 0"),
+    (["--per-pair", -3], "--per-pair: must be a positive integer"),
+    (["--steps", 0], "--steps: must be a positive integer"),
+    (["--alpha", 1.5], "--alpha: must be a number in [0, 1]"),
+    (["--alpha", "nan"], "--alpha: not a finite number"),
+    (["--churn", -1], "--churn: must be a number >= 0"),
+    (["--seed", -1], "--seed: must be an integer >= 0"),
+    (["--weights", 0.5, -0.5], "--weights: must be a number >= 0"),
+    (["--guidance", "inf"], "--guidance: not a finite number"),
+    (["--steps", "ten"], "--steps: not an integer: 'ten'"),
+])
+def test_numeric_flags_are_checked_at_the_door(gen, tmp_path, capsys, argv, needle):
+    snapshot, pairs, _ = gen
+    with pytest.raises(SystemExit) as e:
+        main([*map(str, ["--net", snapshot, "--pairs", pairs, "--out", tmp_path / "o", *argv])])
+    assert e.value.code == 2
+    assert_one_error_line(capsys.readouterr().err, needle)
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_output_that_is_a_file_or_read_only_is_refused_before_any_work(gen, tmp_path):
+    snapshot, pairs, _ = gen
+    (tmp_path / "file").write_text("keep me")
+    assert_one_error_line(error_of(["--net", snapshot, "--pairs", pairs, "--out", tmp_path / "file"]),
+                          "is a file, not a folder")
+    assert (tmp_path / "file").read_text() == "keep me"
+    (tmp_path / "ro").mkdir()
+    os.chmod(tmp_path / "ro", 0o555)
+    try:
+        if os.access(tmp_path / "ro", os.W_OK):
+            pytest.skip("running as a user who can write anywhere")
+        for out in (tmp_path / "ro", tmp_path / "ro" / "new"):
+            assert_one_error_line(error_of(["--net", snapshot, "--pairs", pairs, "--out", out]), "not writable")
+    finally:
+        os.chmod(tmp_path / "ro", 0o755)
+    assert os.listdir(tmp_path / "ro") == []
+
+
+def test_a_half_written_or_foreign_identity_folder_is_never_overwritten(gen, tmp_path):
+    snapshot, pairs, names = gen
+    out = tmp_path / "o"
+    (out / f"mix_{names[0]}_{names[3]}").mkdir(parents=True)
+    (out / f"mix_{names[0]}_{names[3]}" / "0.png").write_bytes(b"mine")
+    (out / "manifest.csv.123.tmp").write_text("stale")
+    text = error_of(["--net", snapshot, "--pairs", pairs, *SAMPLE, "--out", out])
+    assert_one_error_line(text, f"mix_{names[0]}_{names[3]} exists but is not a complete identity folder")
+    assert (out / f"mix_{names[0]}_{names[3]}" / "0.png").read_bytes() == b"mine"
+    assert sorted(os.listdir(out)) == [f"mix_{names[0]}_{names[3]}"]  # the stale temporary file is gone
+
+
+def test_a_second_writer_on_the_same_out_stops_at_once(gen, tmp_path):
+    from common import output_lock
+    snapshot, pairs, _ = gen
+    out = tmp_path / "o"
+    with output_lock(str(out)):
+        text = error_of(["--net", snapshot, "--pairs", pairs, *SAMPLE, "--out", out])
+        assert_one_error_line(text, f"--out {out} is in use by another process (pid {os.getpid()})")
+        assert os.listdir(out) == [".lock"]
+    assert not out.exists()  # the lock and the folder it made are gone: nothing was written
+    (tmp_path / "o").mkdir()
+    (out / ".lock").write_text("999999999\n")  # left by a process that no longer exists
+    r = run_script("scoremix_sample.py", "--net", snapshot, "--pairs", pairs, *SAMPLE, "--out", out, env=ENV)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert ".lock" not in os.listdir(out) and "manifest.csv" in os.listdir(out)
+
+# ----------------------------------------------------------------------------- kill and resume, two writers
+
+
+SLOW = ["--guide", None, "--per-pair", 8, "--steps", 12, "--batch-size", 2]  # a few seconds on one core
+
+
+def slow_args(gen, out):
+    snapshot, pairs, _ = gen
+    return ["--net", snapshot, "--pairs", pairs, *[snapshot if a is None else a for a in SLOW], "--out", out]
+
+
+def start(args):
+    cmd = [sys.executable, os.path.join(ROOT, "scoremix_sample.py"), *map(str, args)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+
+
+def wait_for(condition, process, timeout=120):
+    """Poll until condition() or the process ends; -> whether the condition held first."""
+    import time
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return True
+        if process.poll() is not None:
+            return False
+        time.sleep(0.005)
+    raise TimeoutError
+
+
+def visible_folders(out):
+    return [d for d in os.listdir(out) if not d.startswith(".") and os.path.isdir(out / d)] if out.exists() else []
+
+
+def partial_images(out):
+    return sum(len(os.listdir(out / d)) for d in os.listdir(out) if d.endswith(".partial")) if out.exists() else 0
+
+
+@pytest.fixture(scope="module")
+def slow_reference(gen, tmp_path_factory):
+    out = tmp_path_factory.mktemp("slow") / "ref"
+    r = run_script("scoremix_sample.py", *slow_args(gen, out), env=ENV)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return read_folder(out), (out / "manifest.csv").read_text()
+
+
+@pytest.mark.parametrize("moment", ["first partial image", "first identity complete"])
+def test_a_killed_sampler_resumes_to_the_same_images(gen, slow_reference, tmp_path, moment):
+    import signal
+    out = tmp_path / "o"
+    p = start(slow_args(gen, out))
+    when = (lambda: partial_images(out) > 0) if moment == "first partial image" else \
+        (lambda: len(visible_folders(out)) > 0)
+    killed = wait_for(when, p)
+    p.send_signal(signal.SIGKILL)
+    p.communicate()
+    assert killed, "the sampler finished before the kill"
+    for name in visible_folders(out):  # only complete identities are visible, and no manifest yet
+        assert len(os.listdir(out / name)) == 8, name
+    assert not (out / "manifest.csv").exists()
+    r = run_script("scoremix_sample.py", *slow_args(gen, out), env=ENV)
+    assert r.returncode == 0, r.stderr[-3000:]
+    images, manifest = slow_reference
+    resumed = read_folder(out)
+    assert sorted(resumed) == sorted(images) and (out / "manifest.csv").read_text() == manifest
+    for name in images:
+        assert np.array_equal(resumed[name], images[name]), name  # same seeds, same batches: bit-identical
+    assert sorted(os.listdir(out)) == sorted([*images, "manifest.csv"])  # no lock, partial or temporary file
+
+
+def test_two_writers_on_one_out_give_one_complete_result(gen, slow_reference, tmp_path):
+    out = tmp_path / "o"
+    first = start(slow_args(gen, out))
+    assert wait_for(lambda: (out / ".lock").exists(), first)
+    second = run_script("scoremix_sample.py", *slow_args(gen, out), env=ENV)
+    seen = visible_folders(out)
+    assert first.wait(timeout=300) == 0, first.stderr.read()[-3000:]
+    assert second.returncode != 0
+    assert_one_error_line(second.stderr, "is in use by another process")
+    for name in seen:
+        assert len(os.listdir(out / name)) == 8
+    images, manifest = slow_reference
+    result = read_folder(out)
+    assert sorted(result) == sorted(images) and (out / "manifest.csv").read_text() == manifest
+    assert all(np.array_equal(result[n], images[n]) for n in images)
+
+
+def test_a_full_disk_leaves_complete_identities_and_nothing_half_written(gen, tmp_path, monkeypatch):
+    import errno
+    import scoremix_sample
+    snapshot, pairs, _ = gen
+    saved, real = [], scoremix_sample.save_png
+
+    def save_until_full(image, path):
+        if len(saved) == 4:  # one identity of 3 complete, the second half-written
+            raise OSError(errno.ENOSPC, "No space left on device")
+        saved.append(path)
+        real(image, path)
+    monkeypatch.setattr(scoremix_sample, "save_png", save_until_full)
+    out = tmp_path / "o"
+    text = error_of(["--net", snapshot, "--pairs", pairs, *SAMPLE, "--out", out])
+    assert_one_error_line(text, f"writing {out}: No space left on device")
+    assert len(os.listdir(out)) == 1 and len(os.listdir(out / os.listdir(out)[0])) == 3  # only the complete one
+    monkeypatch.setattr(scoremix_sample, "save_png", real)
+    main([*map(str, ["--net", snapshot, "--pairs", pairs, *SAMPLE, "--out", out])])  # the re-run completes it
+    assert len(read_folder(out)) == 3 and (out / "manifest.csv").exists()

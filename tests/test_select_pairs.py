@@ -184,17 +184,9 @@ def test_blockwise_random_pairs_respect_the_cap_and_the_seed():
 
 
 @pytest.fixture(scope="module")
-def models(tiny_toy, tmp_path_factory):
-    """A 4-step discriminator and a tiny generator snapshot on the tiny toy set."""
-    out = tmp_path_factory.mktemp("select_pairs")
-    r = run_script("train_arcface.py", "--data", tiny_toy / "train", "--out", out / "fr", "--steps", 4,
-                   "--width", 0.125, "--embedding-size", 16, "--batch-size", 8, env=ENV)
-    assert r.returncode == 0, r.stderr
-    r = run_script("train_diffusion.py", "--data", tiny_toy / "train", "--out", out / "gen", "--resolution", 16,
-                   "--channels", 8, "--channel-mult", 1, 2, "--batch-size", 8, "--duration", 0.05,
-                   "--snapshot-every", 0, env=ENV)
-    assert r.returncode == 0, r.stderr
-    return out / "fr" / "model.pt", out / "gen" / "network-snapshot-000000.pt"
+def models(tiny_models):
+    """A 4-step discriminator and a tiny generator snapshot on the tiny toy set (conftest)."""
+    return tiny_models
 
 
 def read_csv(path):
@@ -280,7 +272,7 @@ def test_cli_condition_space_uses_the_generator_class_embeddings(models, tiny_to
     (["--fr", "missing/model.pt", "--data", "DATA"], "no such file"),
     (["--fr", "BAD", "--data", "DATA"], "is not a train_arcface.py model.pt"),
     (["--space", "condition", "--generator", "BAD"], "is not a train_diffusion.py network snapshot"),
-    (["--space", "condition", "--generator", "FR"], "not a network snapshot"),
+    (["--space", "condition", "--generator", "FR"], "is not a train_diffusion.py network snapshot"),
     (["--data", "DATA"], "needs --fr"),
     (["--space", "condition"], "needs --generator"),
     (["--fr", "FR", "--data", "DATA", "--num-pairs", 16], "at most 15"),
@@ -306,3 +298,80 @@ def test_bad_input_from_the_command_line_has_no_traceback(models, tmp_path):
     assert r.returncode != 0 and "Traceback" not in r.stderr
     expected = f"error: {bad} is not a train_diffusion.py network snapshot (UnpicklingError)"
     assert r.stderr.strip().splitlines() == [expected]
+
+
+# ----------------------------------------------------------------------------- nothing bad is kept
+
+
+def one_error_line(argv, capsys):
+    """main(argv) in this process -> its single stderr / exit line, which must start with `error: `."""
+    with pytest.raises(SystemExit) as e:
+        main([*map(str, argv)])
+    assert e.value.code not in (0, None)
+    text = e.value.code if isinstance(e.value.code, str) else capsys.readouterr().err
+    lines = text.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in text, text
+    return lines[0]
+
+
+def test_a_discriminator_with_a_nan_weight_writes_no_pairs(models, tiny_toy, tmp_path, capsys):
+    from conftest import poisoned_copy
+    bad, key = poisoned_copy(models[0], tmp_path / "model.pt")
+    (tmp_path / "pairs.csv").write_text("earlier\n")
+    line = one_error_line(["--fr", bad, "--data", tiny_toy / "train", "--out", tmp_path / "pairs.csv"], capsys)
+    assert f"the discriminator {bad}: 1 non-finite value(s) in {key}" in line
+    assert (tmp_path / "pairs.csv").read_text() == "earlier\n"  # the earlier result is kept as it was
+    assert sorted(os.listdir(tmp_path)) == ["model.pt", "pairs.csv"]  # no lock or temporary file left
+
+
+def test_a_generator_with_a_nan_condition_vector_writes_no_pairs(models, tmp_path, capsys):
+    from conftest import poisoned_copy
+    bad, _ = poisoned_copy(models[1], tmp_path / "snap.pt", "unet.emb_label.weight")
+    line = one_error_line(["--space", "condition", "--generator", bad, "--out", tmp_path / "p.csv"], capsys)
+    assert f"the generator {bad}: 1 non-finite value(s) in unet.emb_label.weight" in line
+    assert sorted(os.listdir(tmp_path)) == ["snap.pt"]
+
+
+def test_non_finite_distances_write_no_pairs(models, tmp_path, capsys, monkeypatch):
+    import select_pairs
+    monkeypatch.setattr(select_pairs, "cosine_distances", lambda X: np.full((len(X), len(X)), np.nan))
+    line = one_error_line(["--space", "condition", "--generator", models[1], "--out", tmp_path / "p.csv"], capsys)
+    assert f"the distances from {models[1]}" in line and "non-finite" in line
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--batch-size", 0], "argument --batch-size: must be a positive integer, got 0"),
+    (["--num-pairs", -1], "argument --num-pairs: must be a positive integer"),
+    (["--max-uses", 0], "argument --max-uses: must be a positive integer"),
+    (["--workers", -1], "argument --workers: must be an integer >= 0"),
+    (["--seed", -2], "argument --seed: must be an integer >= 0"),
+    (["--max-matrix-gb", "-1"], "argument --max-matrix-gb: must be a number >= 0"),
+    (["--max-matrix-gb", "nan"], "argument --max-matrix-gb: not a finite number"),
+    (["--tuple-size", 4], "argument --tuple-size: invalid choice"),
+])
+def test_numeric_flags_are_checked_at_the_door(models, tiny_toy, tmp_path, capsys, argv, needle):
+    line = one_error_line(["--fr", models[0], "--data", tiny_toy / "train", "--out", tmp_path / "p.csv", *argv],
+                          capsys)
+    assert needle in line
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_out_that_is_a_folder_or_locked_is_refused_before_any_work(models, tiny_toy, tmp_path, capsys):
+    from common import output_lock
+    argv = ["--fr", models[0], "--data", tiny_toy / "train"]
+    (tmp_path / "dir.csv").mkdir()
+    assert "is a folder, not a file" in one_error_line([*argv, "--out", tmp_path / "dir.csv"], capsys)
+    with output_lock(str(tmp_path / "p.csv"), is_dir=False):
+        line = one_error_line([*argv, "--out", tmp_path / "p.csv"], capsys)
+        assert f"--out {tmp_path / 'p.csv'} is in use by another process (pid {os.getpid()})" in line
+    assert os.listdir(tmp_path) == ["dir.csv"]
+
+
+def test_stale_temporary_files_are_removed_and_the_lock_released(models, tmp_path):
+    (tmp_path / "p.csv.4242.tmp").write_text("half")
+    (tmp_path / "other.csv.4242.tmp").write_text("not ours")
+    r = run_script("select_pairs.py", "--space", "condition", "--generator", models[1], "--out",
+                   tmp_path / "p.csv", env=ENV)
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["other.csv.4242.tmp", "p.csv"]
