@@ -863,6 +863,10 @@ def parse_args(argv=None):
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     g.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (fp16 + GradScaler without bf16)")
     g.add_argument("--compile", action="store_true", help="torch.compile the training forward pass")
+    g.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend (aot_eager: no C++ compiler, for checking the graph only)")
+    g.add_argument("--grid-steps", type=int, default=32,
+                   help="Heun steps of each snapshot's sample grid (0: no grid)")
     g.add_argument("--stop-after-kimg", type=float, help="debug: save the checkpoint and stop here, as if killed")
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]
@@ -972,7 +976,7 @@ def train(args):
         write_text_atomic(json.dumps({**vars(args), "net": net.config, "world_size": world}, indent=1),
                           os.path.join(args.out, "config.json"))
     model = nn.parallel.DistributedDataParallel(net) if world > 1 else net
-    forward = torch.compile(model) if args.compile else model
+    forward = torch.compile(model, backend=args.compile_backend) if args.compile else model
     workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
     loader = iter(torch.utils.data.DataLoader(
         dataset, batch_sampler=StreamSampler(len(dataset), nimg, micro, args.batch_size, args.grad_accum, rank,
@@ -992,7 +996,9 @@ def train(args):
         snap.update({f"ema_std_{s:g}": e.state_dict() for s, e in zip(ema.stds[1:], ema.emas[1:])})
         save_atomic(snap, os.path.join(args.out, f"network-snapshot-{nimg // 1000:06d}.pt"))
         ema.emas[0].class_names = net.class_names
-        save_grid(ema.emas[0], os.path.join(args.out, f"samples-{nimg // 1000:06d}.png"), device)
+        if args.grid_steps:
+            save_grid(ema.emas[0], os.path.join(args.out, f"samples-{nimg // 1000:06d}.png"), device,
+                      args.grid_steps)
         rms, mean_rms = denoising_errors(ema.emas[0], *held, mean_image, device)
         lines = [f"denoising RMS error on {'held-out' if args.heldout else 'training'} images at {nimg / 1e3:g} kimg "
                  "(trivial: D = noisy input -> sigma; D = mean image -> " + f"{mean_rms:.4f})",

@@ -1,0 +1,116 @@
+"""The real-data path rehearsed at the paper's configuration, tiny sizes: 112-px insightface train.rec,
+IResNet-50 at width 1 with 512-d embeddings (plain and Partial FC) under torchrun with 2 processes,
+mixed precision on both branches (bf16 autocast; fp16 with a GradScaler) and resume across them, the
+EDM2 generator (edm2-s layout at 112 px, narrow, with --grad-accum, --compile under torchrun,
+snapshots, resume, post-hoc EMA, an edm2-xs guide), pairs from the .rec, ScoreMix with autoguidance,
+retraining on real + synthetic identities, .bin and IJB-C evaluation, CKA. Every command is the one
+the README gives, only with small sizes; the full-width edm2-s takes one training step in-process."""
+import os
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, run_script
+from test_evaluate import make_ijb
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+R50 = ["--network", "r50", "--width", "1", "--embedding-size", "512", "--input-size", "112",
+       "--batch-size", "4", "--lr", "0.01", "--workers", "0"]
+EDM2 = ["--preset", "edm2-s", "--resolution", "112", "--channels", "16", "--batch-size", "4",
+        "--grid-steps", "2", "--workers", "0", "--status-every", "0.004"]
+
+
+def torchrun(script, *args, timeout=300):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, script), *map(str, args)]
+    import subprocess
+    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=timeout)
+
+
+def ok(r, what):
+    assert r.returncode == 0, f"{what} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r
+
+
+@pytest.fixture(scope="module")
+def rec(tmp_path_factory):
+    """6 identities x 4 toy faces at 112 px, packed into an insightface train.rec."""
+    root = tmp_path_factory.mktemp("rehearsal")
+    ok(run_script("toy_faces.py", "--out", root / "toy", "--identities", 6, "--per-identity", 4,
+                  "--test-identities", 8, "--pairs", 20, "--heldout", 0, "--resolution", 112), "toy faces")
+    ok(run_script("train_arcface.py", "--data", root / "toy" / "train", "--pack-rec", root / "rec"), "pack-rec")
+    return root
+
+
+def test_discriminator_r50_on_two_processes_resumes_across_precisions(rec):
+    run = rec / "r50"
+    base = ["--data", rec / "rec" / "train.rec", "--out", run, *R50, "--amp"]
+    ok(torchrun("train_arcface.py", *base, "--amp-dtype", "bf16", "--steps", 1), "r50 bf16")
+    r = ok(torchrun("train_arcface.py", *base, "--amp-dtype", "fp16", "--steps", 2,
+                    "--val", rec / "toy" / "bench" / "toy_lfw.bin"), "r50 fp16 resume")
+    assert "resuming" in r.stdout
+    ckpt = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert ckpt["step"] == 2
+    model = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in model["state_dict"].values() if v.is_floating_point())
+    pfc = rec / "r50-pfc"
+    ok(torchrun("train_arcface.py", "--data", rec / "rec" / "train.rec", "--out", pfc, *R50, "--amp",
+                "--partial-fc", "--sample-rate", "0.5", "--steps", 1), "r50 Partial FC")
+
+
+def test_full_width_edm2_s_takes_a_bf16_training_step():
+    from train_diffusion import PRESETS, Denoiser, edm_loss
+    p = PRESETS["edm2-s"]
+    net = Denoiser(64, 3, 6, sigma_data=0.5, uncertainty=True, channels=p["channels"],
+                   channel_mult=p["channel_mult"], num_blocks=p["num_blocks"],
+                   attn_resolutions=p["attn"], mp=True)
+    y = torch.rand(1, 3, 64, 64) * 2 - 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = edm_loss(net, y, torch.tensor([3]), p["p_mean"], p["p_std"], 0.5, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(q.grad).all() for q in net.parameters() if q.grad is not None)
+
+
+def test_generator_edm2_at_112_px_compiled_on_two_processes_with_snapshots_and_resume(rec):
+    run = rec / "gen"
+    data = ["--data", rec / "rec" / "train.rec", "--out", run]
+    args = [*data, *EDM2, "--grad-accum", 2, "--duration", 0.016, "--snapshot-every", 0.008,
+            "--checkpoint-every", 0.004, "--amp", "--compile", "--compile-backend", "aot_eager"]
+    ok(torchrun("train_diffusion.py", *args, "--stop-after-kimg", 0.008), "edm2 compiled, interrupted")
+    r = ok(torchrun("train_diffusion.py", *args), "edm2 compiled, resumed")
+    assert "resuming" in r.stdout
+    snaps = sorted(run.glob("network-snapshot-*.pt"))
+    assert snaps, os.listdir(run)
+    from train_diffusion import load_generator
+    net = load_generator(snaps[-1])
+    assert net.img_resolution == 112
+    assert any("attn" in name for name, _ in net.named_modules()), "no attention layer at 112 px"
+    ok(run_script("train_diffusion.py", "posthoc-ema", "--run", run, "--std", 0.06,
+                  "--out", run / "phema.pt"), "post-hoc EMA")
+    guide = rec / "guide"
+    ok(run_script("train_diffusion.py", "--data", rec / "rec" / "train.rec", "--out", guide,
+                  *EDM2, "--preset", "edm2-xs", "--channels", 8, "--duration", 0.008,
+                  "--snapshot-every", 0.008, env=ENV), "edm2-xs guide")
+
+
+def test_pairs_scoremix_retraining_evaluation_and_cka(rec):
+    pairs, mixed = rec / "pairs.csv", rec / "mixed"
+    model = rec / "r50" / "model.pt"
+    snap = rec / "gen" / "phema.pt"
+    guide = sorted((rec / "guide").glob("network-snapshot-*.pt"))[-1]
+    ok(run_script("select_pairs.py", "--fr", model, "--data", rec / "rec" / "train.rec", "--out", pairs,
+                  "--strategy", "dist", "--num-pairs", 2, env=ENV), "select pairs")
+    ok(run_script("scoremix_sample.py", "--net", snap, "--guide", guide, "--guidance", 1.3, "--pairs", pairs,
+                  "--per-pair", 2, "--steps", 2, "--out", mixed, env=ENV), "ScoreMix sampling")
+    assert len([d for d in os.listdir(mixed) if (mixed / d).is_dir()]) == 2
+    ok(torchrun("train_arcface.py", "--data", rec / "rec" / "train.rec", mixed, "--out", rec / "r50-mix",
+                *R50, "--amp", "--steps", 1), "retraining on real + ScoreMix")
+    make_ijb(str(rec / "IJBC"), identities=2)
+    ok(run_script("evaluate.py", "--model", rec / "r50-mix" / "model.pt", "--bin",
+                  rec / "toy" / "bench" / "toy_lfw.bin", "--ijb", rec / "IJBC", "--ijb-name", "IJBC",
+                  "--out", rec / "eval.json", env=ENV), "evaluation")
+    ok(run_script("cka.py", "--generator", snap, "--fr", model, "--data", rec / "rec" / "train.rec",
+                  "--k", 3, "--permutations", 2, "--out", rec / "cka.json", env=ENV), "CKA")
