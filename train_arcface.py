@@ -100,24 +100,33 @@ def iresnet(depth=50, width=1.0, embedding_size=512, input_size=112, dropout=0.0
 
 
 class CombinedMarginLoss(nn.Module):
-    """Target logit s*(cos(m1*theta + m2) - m3), other logits s*cos(theta_j).
+    """Target logit s*(cos(m1*theta + m2) - m3), other logits s*cos(theta_j) (ArcFace eq. 4).
 
-    ArcFace keeps the gradient through the margin (the textbook d/dtheta cos(theta+m)): that is the
-    loss the paper writes down, so the reported loss and its gradient agree. insightface applies
-    the margin under no_grad, which scales the target gradient by sin(theta)/sin(theta+m), a
-    speed trick we do not need at this size. Past theta + m2 > pi, cos(theta + m2) would rise again
-    and reward moving away from the class, so there we use the reference fallback
-    cos(theta) - m2*sin(m2) (monotone, continuous at theta = pi - m2)."""
+    gradient="straight" (default, current arcface_torch): the margin is added to the value only,
+    so d logit / d cos is s on every entry, the target's too (a straight-through margin, no
+    threshold fallback: past theta + m2 > pi the logit follows cos(theta + m2)).
+    gradient="textbook" (arcface_torch of 2022): the gradient goes through cos(theta + m2), which
+    scales the target's by sin(theta + m2) / sin(theta); past theta + m2 > pi the logit is the
+    monotone fallback cos(theta) - m2*sin(m2). Logits agree wherever theta + m2 <= pi."""
 
-    def __init__(self, s=64.0, m1=1.0, m2=0.5, m3=0.0):
+    GRADIENTS = ("straight", "textbook")
+
+    def __init__(self, s=64.0, m1=1.0, m2=0.5, m3=0.0, gradient="straight"):
         super().__init__()
-        self.s, self.m1, self.m2, self.m3 = s, m1, m2, m3
+        if gradient not in self.GRADIENTS:
+            raise ValueError(f"gradient must be one of {self.GRADIENTS}, got {gradient!r}")
+        self.s, self.m1, self.m2, self.m3, self.gradient = s, m1, m2, m3, gradient
 
     def forward(self, cosine, labels):
-        cosine = cosine.float()
+        if cosine.dtype in (torch.float16, torch.bfloat16):
+            cosine = cosine.float()
         t = cosine.gather(1, labels[:, None])
         if self.m1 == 1.0 and self.m2 == 0.0:
-            target = t - self.m3  # CosFace (and plain normalised softmax for m3 = 0)
+            target = t - self.m3  # CosFace (and plain normalised softmax for m3 = 0): same either way
+        elif self.gradient == "straight":
+            with torch.no_grad():
+                shift = torch.cos(self.m1 * torch.acos(t.clamp(-1, 1)) + self.m2) - self.m3 - t
+            target = t + shift
         else:
             theta = torch.acos(t.clamp(-1 + 1e-7, 1 - 1e-7))
             angle = self.m1 * theta + self.m2
@@ -132,10 +141,10 @@ MARGINS = {"arcface": (1.0, 0.5, 0.0), "cosface": (1.0, 0.0, 0.4)}
 class MarginHead(nn.Module):
     """Class weights W [C, E] (kept apart from the backbone: not clipped, not saved in model.pt)."""
 
-    def __init__(self, embedding_size, num_classes, s=64.0, margin="arcface"):
+    def __init__(self, embedding_size, num_classes, s=64.0, margin="arcface", margin_grad="straight"):
         super().__init__()
         self.weight = nn.Parameter(torch.normal(0, 0.01, (num_classes, embedding_size)))
-        self.margin = CombinedMarginLoss(s, *MARGINS[margin])
+        self.margin = CombinedMarginLoss(s, *MARGINS[margin], gradient=margin_grad)
 
     def forward(self, emb, labels):
         cosine = F.linear(F.normalize(emb.float()), F.normalize(self.weight.float()))
@@ -203,7 +212,8 @@ class PartialFCHead(nn.Module):
     all), and the softmax normaliser is all-reduced (ShardedCrossEntropy). With one process and
     sample_rate 1 it computes MarginHead's loss and gradients; rows not sampled get no gradient."""
 
-    def __init__(self, embedding_size, num_classes, s=64.0, margin="arcface", sample_rate=1.0, rank=0, world=1):
+    def __init__(self, embedding_size, num_classes, s=64.0, margin="arcface", sample_rate=1.0, rank=0, world=1,
+                 margin_grad="straight"):
         super().__init__()
         per, extra = divmod(num_classes, world)
         self.sizes = [per + (r < extra) for r in range(world)]
@@ -211,7 +221,7 @@ class PartialFCHead(nn.Module):
         self.rank, self.world, self.sample_rate = rank, world, sample_rate
         full = torch.normal(0, 0.01, (num_classes, embedding_size))  # MarginHead's init, then this rank's rows
         self.weight = nn.Parameter(self.shard(full).clone())
-        self.margin = CombinedMarginLoss(s, *MARGINS[margin])
+        self.margin = CombinedMarginLoss(s, *MARGINS[margin], gradient=margin_grad)
 
     def shard(self, full):
         """All classes' rows [C, ...] -> this rank's."""
@@ -575,9 +585,10 @@ def train(args):
     torch.manual_seed(args.seed)  # identical initialisation on every rank
     backbone = iresnet(int(args.network[1:]), args.width, args.embedding_size, args.input_size, args.dropout)
     if partial_fc:
-        head = PartialFCHead(args.embedding_size, len(classes), args.scale, args.margin, args.sample_rate, rank, world)
+        head = PartialFCHead(args.embedding_size, len(classes), args.scale, args.margin, args.sample_rate, rank, world,
+                             args.margin_grad)
     else:
-        head = MarginHead(args.embedding_size, len(classes), args.scale, args.margin)
+        head = MarginHead(args.embedding_size, len(classes), args.scale, args.margin, args.margin_grad)
     trainer = FaceTrainer(backbone, head)
     trainer = trainer.to(device, memory_format=torch.channels_last)  # ~1.8x faster convolutions on CPU
     params = [p for p in trainer.parameters() if p.requires_grad]
@@ -744,6 +755,9 @@ def parse_args(argv=None):
     a("--warmup-epochs", type=float, default=0.0, help="linear learning-rate warm-up length in epochs")
     a("--clip-grad", type=float, default=5.0, help="gradient-norm clip on the backbone")
     a("--margin", default="arcface", choices=sorted(MARGINS), help="cosface: s(cos - 0.4); arcface: s cos(theta + 0.5)")
+    a("--margin-grad", default="straight", choices=CombinedMarginLoss.GRADIENTS,
+      help="ArcFace gradient: straight (current arcface_torch: margin on the value only) or textbook "
+           "(arcface_torch of 2022: through cos(theta + m), fallback cos(theta) - m sin m past pi)")
     a("--scale", type=float, default=64.0, help="logit scale s of the margin softmax")
     a("--partial-fc", action="store_true", help="Partial FC head for many classes: the class weights sharded over "
                                                 "the processes, the softmax normaliser all-reduced")
