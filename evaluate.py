@@ -50,8 +50,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from train_arcface import (DataError, decode_image, load_backbone, load_images, open_datasets, resize_uint8,
-                          write_text_atomic)
+from train_arcface import (DataError, autocast_context, decode_image, load_backbone, load_images, open_datasets,
+                          resize_uint8, write_text_atomic)
 
 THRESHOLDS = np.arange(0, 4, 0.01)  # the reference's float values, e.g. 0.35000000000000003
 BIN_FARS = (1e-3, 1e-4)
@@ -147,8 +147,7 @@ def embed(model, images, batch_size=256, device=None, flip=True, amp=False, norm
     if images.shape[1] != 3:
         images = images.permute(0, 3, 1, 2)
     size = getattr(model, "input_size", None)
-    use_amp = amp and device.type == "cuda"
-    dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    ctx, _ = autocast_context(device, amp)
     was_training = model.training
     model.eval()
     feats = []
@@ -160,7 +159,7 @@ def embed(model, images, batch_size=256, device=None, flip=True, amp=False, norm
         x = (x / 255 - 0.5) / 0.5
         if flip:
             x = torch.cat([x, x.flip(3)])
-        with torch.autocast("cuda", dtype=dtype, enabled=use_amp):
+        with ctx:
             f = model(x).float()
         if flip:
             f = f[: len(f) // 2] + f[len(f) // 2:]
@@ -541,7 +540,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = parser.add_argument
-    a("--model", nargs="+", required=True, metavar="MODEL.pt", help="backbone checkpoints (RUN/model.pt)")
+    a("--model", nargs="+", required=True, metavar="MODEL.pt",
+      help="backbone checkpoints: RUN/model.pt, or insightface backbone files (IResNet state dicts)")
+    a("--network", choices=["r18", "r34", "r50", "r100", "r200"],
+      help="insightface backbone files: the depth, overriding what the keys say")
+    a("--input-size", type=int, help="insightface backbone files: the input size, overriding what the "
+                                     "fc layer's shape says (reference 112)")
     a("--names", nargs="+", metavar="NAME", help="row names, one per model; None: the run folder names")
     a("--bin", nargs="*", default=[], metavar="FILE.bin", help="LFW-style verification .bin files")
     a("--ijb", metavar="DIR", help="IJB-B/C root folder holding meta/ and loose_crop/")
@@ -554,7 +558,7 @@ def main(argv=None):
     a("--out", metavar="FILE.json", help="write the results as JSON here")
     a("--batch-size", type=int, default=256, help="images per forward pass")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    a("--amp", action="store_true", help="autocast (bf16, else fp16) on CUDA")
+    a("--amp", action="store_true", help="autocast: bf16 where native (GPU or CPU), else fp16 on CUDA")
     args = parser.parse_args(argv)
     if int(os.environ.get("RANK", "0")) != 0:
         return
@@ -575,7 +579,8 @@ def main(argv=None):
     elif not (args.bin or args.ijb or args.identification):
         parser.error("nothing to evaluate: give --bin, --ijb, --identification or --consistency")
     try:
-        models = [load_backbone(p, device=args.device) for p in args.model]
+        depth = int(args.network[1:]) if args.network else None
+        models = [load_backbone(p, args.device, depth, args.input_size) for p in args.model]
         if args.consistency:
             out = run_consistency(args, models[0])
         else:

@@ -19,6 +19,7 @@ import io
 import json
 import math
 import os
+import pickle
 import struct
 import subprocess
 import sys
@@ -35,7 +36,7 @@ from tqdm import tqdm
 
 # ----------------------------------------------------------------------------- model
 
-BLOCKS = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 14, 3], 100: [3, 13, 30, 3]}
+BLOCKS = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 14, 3], 100: [3, 13, 30, 3], 200: [6, 26, 60, 6]}
 
 
 def conv3x3(cin, cout, stride=1):
@@ -85,15 +86,18 @@ class IResNet(nn.Module):
                 nn.init.normal_(m.weight, 0, 0.1)  # insightface's init
 
     def forward(self, x):
-        with torch.autocast(x.device.type, dtype=torch.float16, enabled=self.fp16):
+        # fp16=True opens fp16 autocast for the convolutions (insightface's flag); otherwise the
+        # caller's autocast, if any, applies unchanged. The embedding layers always run in fp32.
+        with torch.autocast(x.device.type, dtype=torch.float16) if self.fp16 else nullcontext():
             x = self.prelu(self.bn1(self.conv1(x)))
             x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
             x = self.dropout(torch.flatten(self.bn2(x), 1))
-        return self.features(self.fc(x.float() if self.fp16 else x))
+        with torch.autocast(x.device.type, enabled=False):
+            return self.features(self.fc(x.float()))
 
 
 def iresnet(depth=50, width=1.0, embedding_size=512, input_size=112, dropout=0.0, fp16=False):
-    """IResNet-{18,34,50,100}; defaults are the 112-px, 512-d reference model."""
+    """IResNet-{18,34,50,100,200}; defaults are the 112-px, 512-d reference model."""
     if depth not in BLOCKS:
         raise ValueError(f"depth must be one of {sorted(BLOCKS)}, got {depth}")
     return IResNet(BLOCKS[depth], width, embedding_size, input_size, dropout, fp16)
@@ -136,6 +140,7 @@ class CombinedMarginLoss(nn.Module):
 
 
 MARGINS = {"arcface": (1.0, 0.5, 0.0), "cosface": (1.0, 0.0, 0.4)}
+LOSS_CAP = -math.log(1e-30)  # insightface's logged loss clamps p_y at 1e-30
 
 
 class MarginHead(nn.Module):
@@ -148,7 +153,9 @@ class MarginHead(nn.Module):
 
     def forward(self, emb, labels):
         cosine = F.linear(F.normalize(emb.float()), F.normalize(self.weight.float()))
-        return F.cross_entropy(self.margin(cosine.clamp(-1, 1), labels), labels)
+        loss = F.cross_entropy(self.margin(cosine.clamp(-1, 1), labels), labels, reduction="none")
+        # the value as insightface logs it, -log max(p_y, 1e-30); the gradient of the plain loss
+        return (loss + (loss.clamp_max(LOSS_CAP) - loss).detach()).mean()
 
 
 def distributed():
@@ -193,7 +200,9 @@ class ShardedCrossEntropy(torch.autograd.Function):
             dist.all_reduce(total)
             dist.all_reduce(target)
         ctx.save_for_backward(exp.div_(total[:, None]), labels)
-        return (total.log() + row_max - target).mean()
+        # -log max(p_y, 1e-30), as insightface logs it (p_y underflows early in training);
+        # the gradient (backward) is the unclamped softmax minus one-hot.
+        return (total.log() + row_max - target).clamp_max(LOSS_CAP).mean()
 
     @staticmethod
     def backward(ctx, grad):
@@ -247,6 +256,7 @@ class PartialFCHead(nn.Module):
         return score.topk(num).indices.sort().values
 
     def forward(self, emb, labels):
+        emb = emb.float()  # gathered and scored in fp32, as insightface does under AMP
         if self.world > 1:
             emb = AllGather.apply(emb)
             parts = [torch.empty_like(labels) for _ in range(self.world)]
@@ -259,7 +269,7 @@ class PartialFCHead(nn.Module):
             index = self.sample(local[mine])
             weight, local = weight[index], torch.searchsorted(index, local)
         local = torch.where(mine, local, -1)
-        cosine = F.linear(F.normalize(emb.float()), F.normalize(weight.float())).float().clamp(-1, 1)  # fp32 under AMP
+        cosine = F.linear(F.normalize(emb), F.normalize(weight.float())).float().clamp(-1, 1)  # fp32 under AMP
         logits = cosine * self.margin.s
         logits[mine] = self.margin(cosine[mine], local[mine])  # the margin where this rank holds the class
         return ShardedCrossEntropy.apply(logits, local)
@@ -277,13 +287,51 @@ class FaceTrainer(nn.Module):
         return self.head(self.backbone(x), labels)
 
 
-def load_backbone(path, device="cpu"):
-    """A model.pt written by this script -> IResNet in eval mode with .input_size and .class_names."""
-    ckpt = torch.load(path, map_location=device, weights_only=True)
-    cfg = ckpt["config"]
+class BackboneError(ValueError):
+    """A file that is not a backbone checkpoint; CLIs print the message as one line."""
+
+
+def insightface_config(state, depth=None, input_size=None):
+    """iresnet() arguments of an insightface IResNet state dict (the same parameter names): depth
+    from the number of blocks per stage, width from the stem, embedding size and input size from
+    fc's shape (fc maps 512*width x (input/16)^2 features). depth / input_size override."""
+    blocks = [len({k.split(".")[1] for k in state if k.startswith(f"layer{i}.")}) for i in range(1, 5)]
+    if depth is None:
+        depth = next((d for d, b in BLOCKS.items() if b == blocks), None)
+        if depth is None:
+            raise BackboneError(f"blocks per stage {blocks} match no IResNet depth {sorted(BLOCKS)}")
+    stem, (embedding, fc_in) = state["conv1.weight"].shape[0], state["fc.weight"].shape
+    if input_size is None:
+        side = math.isqrt(fc_in // state["bn2.weight"].shape[0])
+        input_size = 16 * side
+    return {"depth": depth, "width": stem / 64, "embedding_size": embedding, "input_size": input_size}
+
+
+def load_backbone(path, device="cpu", depth=None, input_size=None):
+    """A model.pt written by this script, or an insightface backbone file (a bare IResNet state dict,
+    e.g. backbone.pth; depth / input_size override what its shapes say) -> IResNet in eval mode
+    with .input_size and .class_names (None for insightface files)."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        raise BackboneError(f"{path} is not a torch checkpoint ({type(e).__name__})") from None
+    what = "a train_arcface.py model.pt or an insightface IResNet state dict (backbone.pth)"
+    if isinstance(ckpt, dict) and "config" in ckpt and "state_dict" in ckpt:
+        state, cfg, names = ckpt["state_dict"], ckpt["config"], ckpt.get("class_names")
+    elif isinstance(ckpt, dict) and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        state = {k.removeprefix("module."): v for k, v in ckpt.items()}  # saved from a DDP wrapper
+        if not {"conv1.weight", "bn2.weight", "fc.weight", "layer1.0.conv1.weight"} <= state.keys():
+            raise BackboneError(f"{path} is a state dict but not an IResNet's; expected {what}")
+        cfg, names = insightface_config(state, depth, input_size), None
+    else:
+        raise BackboneError(f"{path} is not a face-recognition backbone; expected {what}")
     net = iresnet(cfg["depth"], cfg["width"], cfg["embedding_size"], cfg["input_size"])
-    net.load_state_dict(ckpt["state_dict"])
-    net.input_size, net.class_names = cfg["input_size"], ckpt.get("class_names")
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as e:
+        raise BackboneError(f"{path} does not fit an IResNet-{cfg['depth']} "
+                            f"({str(e).splitlines()[0].strip()})") from None
+    net.input_size, net.class_names = cfg["input_size"], names
     return net.to(device).eval()
 
 # ----------------------------------------------------------------------------- data
@@ -525,13 +573,25 @@ def write_text_atomic(text, path):
     os.replace(tmp, path)
 
 
-def autocast_context(device, amp):
-    """-> (ctx, scaler): bf16 autocast on CUDA (fp16 + GradScaler if bf16 is missing); no-ops on CPU."""
+def amp_dtype(device, dtype="auto"):
+    """The autocast dtype --amp uses on `device`, or None for fp32: bf16 where the hardware has it
+    natively (emulated bf16 is slower than fp32), else fp16 on CUDA (with loss scaling) and fp32 on
+    CPU. dtype "bf16" / "fp16" forces one."""
+    if dtype != "auto":
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+
+
+def autocast_context(device, amp, dtype="auto"):
+    """-> (ctx, scaler): autocast in amp_dtype(device, dtype) and a GradScaler enabled for fp16 only;
+    no-ops without amp (or on a CPU without native bf16)."""
     device = torch.device(device)
-    if not amp or device.type != "cuda":
-        return nullcontext(), torch.amp.GradScaler("cpu", enabled=False)
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype), torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    dtype = amp_dtype(device, dtype) if amp else None
+    if dtype is None:
+        return nullcontext(), torch.amp.GradScaler(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=dtype), torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 # ----------------------------------------------------------------------------- training
 
@@ -594,7 +654,7 @@ def train(args):
     params = [p for p in trainer.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     head_index = next(i for i, p in enumerate(params) if p is head.weight)  # its slot in opt.state_dict()
-    ctx, scaler = autocast_context(device, args.amp)
+    ctx, scaler = autocast_context(device, args.amp, args.amp_dtype)
     start_epoch, step, elapsed = 0, 0, 0.0
     if os.path.exists(ckpt_path):
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
@@ -612,7 +672,8 @@ def train(args):
                 slot["momentum_buffer"] = head.shard(slot["momentum_buffer"])
         trainer.load_state_dict(model_state)
         opt.load_state_dict(opt_state)
-        scaler.load_state_dict(ckpt["scaler"])
+        if scaler.is_enabled() and ckpt["scaler"]:  # empty when written without fp16 loss scaling
+            scaler.load_state_dict(ckpt["scaler"])
         start_epoch, step, elapsed = ckpt["epoch"], ckpt["step"], ckpt["elapsed"]
         if step >= total:
             if master:
@@ -740,7 +801,7 @@ def parse_args(argv=None):
     a("--out", required=True, metavar="RUN", help="run folder (re-running the same command resumes it)")
     a("--merge-by-name", action="store_true",
       help="an identity whose name exists in an earlier source joins that class")
-    a("--network", default="r18", choices=["r18", "r34", "r50", "r100"], help="IResNet depth")
+    a("--network", default="r18", choices=["r18", "r34", "r50", "r100", "r200"], help="IResNet depth")
     a("--width", type=float, default=0.25, help="multiplier of the stage widths 64/128/256/512 (1 = reference)")
     a("--embedding-size", type=int, default=128, help="embedding dimension (reference 512)")
     a("--input-size", type=int, default=32, help="input resolution in pixels, a multiple of 16 (reference 112); "
@@ -766,7 +827,9 @@ def parse_args(argv=None):
     a("--val", nargs="*", default=[], metavar="FILE.bin", help="verification .bin files evaluated by evaluate.py")
     a("--val-every", type=int, default=4, help="validate every this many epochs (and at the end)")
     a("--seed", type=int, default=0, help="random seed (initialisation, batch order, flips)")
-    a("--amp", action="store_true", help="mixed precision on CUDA (bf16, or fp16 with loss scaling)")
+    a("--amp", action="store_true", help="mixed precision: bf16 autocast where the GPU or CPU has native bf16, "
+                                         "else fp16 with loss scaling on CUDA (fp32 on such a CPU)")
+    a("--amp-dtype", default="auto", choices=["auto", "bf16", "fp16"], help="force the --amp dtype")
     a("--compile", action="store_true", help="torch.compile the model")
     a("--workers", type=int, default=0, help="DataLoader workers per process; 0 decodes the whole set into memory "
                                              "when it fits in --memory-limit, else uses min(8, cores) workers")

@@ -458,3 +458,21 @@ def test_cli_bad_inputs_give_one_error_line(trained_model, tmp_path):
         assert "Traceback" not in r.stderr and expect in lines[-1], r.stderr
         assert lines[-1].startswith(("error: ", "evaluate.py: error: ")), r.stderr
     assert not (tmp_path / "marker").exists() and not (tmp_path / "r.json").exists()
+
+
+def test_cli_takes_an_insightface_backbone_file_and_refuses_a_training_checkpoint(trained_model, tiny_toy,
+                                                                                  tmp_path):
+    """A bare IResNet state dict (insightface's backbone.pth) scores as the model.pt it came from."""
+    state = torch.load(trained_model, weights_only=True)["state_dict"]
+    torch.save(state, tmp_path / "backbone.pth")
+    out = tmp_path / "r.json"
+    r = run_script("evaluate.py", "--model", trained_model, tmp_path / "backbone.pth", "--names", "ours", "theirs",
+                   "--bin", tiny_toy / "bench" / "toy_lfw.bin", "--out", out)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())["models"]
+    assert res["ours"] == res["theirs"]
+    r = run_script("evaluate.py", "--model", trained_model.parent / "checkpoint.pt",
+                   "--bin", tiny_toy / "bench" / "toy_lfw.bin")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert lines[-1].startswith("error: ") and "not a face-recognition backbone" in lines[-1], r.stderr

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import ROOT, run_script
-from train_arcface import (CombinedMarginLoss, DataError, ImageFolderDataset, MarginHead, PartialFCHead,
-                           RecordIODataset, iresnet, load_backbone, load_images, lr_at, open_datasets)
+from train_arcface import (BackboneError, CombinedMarginLoss, DataError, ImageFolderDataset, MarginHead,
+                           PartialFCHead, RecordIODataset, ShardedCrossEntropy, amp_dtype, autocast_context,
+                           insightface_config, iresnet, load_backbone, load_images, lr_at, open_datasets)
 
 MAGIC = 0xCED7230A
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -189,6 +190,67 @@ def test_cosface_logits_match_textbook_formula():
     torch.testing.assert_close(CombinedMarginLoss(64, 1.0, 0.0, 0.4)(cos, labels), expected)
 
 
+def test_backbone_runs_in_bf16_under_autocast_with_fp32_embedding_layers():
+    """insightface keeps fc and the feature BatchNorm in fp32; the convolutions follow the autocast."""
+    net = iresnet(18, width=0.125, embedding_size=16, input_size=32).eval()
+    seen = {}
+    for name in ("conv1", "layer4", "fc", "features"):
+        getattr(net, name).register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, o.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(torch.randn(2, 3, 32, 32))
+    assert seen == {"conv1": torch.bfloat16, "layer4": torch.bfloat16, "fc": torch.float32,
+                    "features": torch.float32}
+    assert out.dtype == torch.float32
+    net.fp16 = True  # insightface's flag: fp16 convolutions without an outer autocast
+    net(torch.randn(2, 3, 32, 32))
+    assert seen["conv1"] == torch.float16 and seen["fc"] == torch.float32
+
+
+def test_amp_dtype_takes_bf16_only_where_it_is_native(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert amp_dtype("cuda") == torch.float16  # an emulating GPU (V100, T4): fp16 + loss scaling
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert amp_dtype("cuda") == torch.bfloat16
+    assert amp_dtype("cpu", "fp16") == torch.float16
+    ctx, scaler = autocast_context("cpu", True, "fp16")
+    assert scaler.is_enabled() and isinstance(ctx, torch.autocast)
+    ctx, scaler = autocast_context("cpu", False)
+    assert not scaler.is_enabled() and not isinstance(ctx, torch.autocast)
+
+
+@pytest.mark.parametrize("prefix", ["", "module."])
+def test_insightface_state_dict_loads_with_its_config_read_from_keys_and_shapes(tmp_path, prefix):
+    torch.manual_seed(0)
+    net = iresnet(34, width=0.125, embedding_size=24, input_size=48).eval()
+    torch.save({prefix + k: v for k, v in net.state_dict().items()}, tmp_path / "backbone.pth")
+    loaded = load_backbone(tmp_path / "backbone.pth")
+    assert (loaded.input_size, loaded.class_names, loaded.fc.out_features) == (48, None, 24)
+    assert len(loaded.layer3) == 6 and loaded.conv1.out_channels == 8 and not loaded.training
+    x = torch.randn(2, 3, 48, 48)
+    assert torch.equal(loaded(x), net(x))
+
+
+@pytest.mark.parametrize("depth", [18, 34, 50, 100, 200])
+def test_insightface_config_reads_every_reference_depth(depth):
+    with torch.device("meta"):
+        state = iresnet(depth).state_dict()
+    assert insightface_config(state) == {"depth": depth, "width": 1.0, "embedding_size": 512, "input_size": 112}
+    assert insightface_config(state, input_size=96)["input_size"] == 96
+
+
+def test_a_checkpoint_of_the_wrong_kind_gets_one_clear_error(tmp_path):
+    torch.save({"model": {}, "optimizer": {}}, tmp_path / "checkpoint.pt")
+    torch.save({"weight": torch.zeros(3)}, tmp_path / "linear.pt")
+    torch.save(iresnet(34, 0.125, 16, 32).state_dict(), tmp_path / "r34.pth")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    for name, needle in [("checkpoint.pt", "not a face-recognition backbone"), ("linear.pt", "not an IResNet"),
+                         ("junk.pt", "not a torch checkpoint")]:
+        with pytest.raises(BackboneError, match=needle):
+            load_backbone(tmp_path / name)
+    with pytest.raises(BackboneError, match="does not fit an IResNet-18"):
+        load_backbone(tmp_path / "r34.pth", depth=18)
+
+
 # --------------------------------------------------------------------------- Partial FC
 
 
@@ -241,11 +303,25 @@ def test_partial_fc_sampled_loss_is_the_softmax_over_the_sampled_classes(margin)
     loss.backward()
     cosine = F.linear(F.normalize(emb), F.normalize(plain.weight[index])).clamp(-1, 1)
     column = torch.searchsorted(index, labels)  # each label's place among the sampled classes
-    expected = F.cross_entropy(plain.margin(cosine, column), column)
+    per_row = F.cross_entropy(plain.margin(cosine, column), column, reduction="none")
+    expected = per_row.clamp_max(-math.log(1e-30)).mean()  # the logged value, as insightface's
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
     assert len(index) == 30 and set(labels.tolist()) <= set(index.tolist())
     touched = partial.weight.grad.abs().sum(1) > 0
     assert touched.nonzero()[:, 0].tolist() == index.tolist()  # rows not sampled get no gradient
+
+
+def test_partial_fc_logged_loss_clamps_p_y_like_insightface_and_keeps_the_gradient():
+    """insightface logs -log(max(p_y, 1e-30)); the gradient stays softmax minus one-hot."""
+    logits = torch.tensor([[0.0, 100.0, 0.0], [2.0, 1.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 1])
+    loss = ShardedCrossEntropy.apply(logits, labels)
+    per_row = F.cross_entropy(logits.detach(), labels, reduction="none")
+    assert per_row[0] > 99  # p_y = e^-100 underflows insightface's clamp
+    assert loss.item() == pytest.approx((-math.log(1e-30) + per_row[1].item()) / 2, rel=1e-12)
+    loss.backward()
+    expected = (logits.detach().softmax(1) - F.one_hot(labels, 3)) / 2
+    torch.testing.assert_close(logits.grad, expected)
 
 
 TWO_RANKS = """
@@ -437,6 +513,17 @@ def test_resumed_run_and_dataloader_path_give_bit_identical_weights(tmp_path):
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
     assert len(open(tmp_path / "resumed" / "log.jsonl").readlines()) == 2
+
+
+def test_resume_with_fp16_amp_from_a_checkpoint_written_without_it(tmp_path):
+    """A checkpoint without loss scaling holds an empty GradScaler state: resuming under fp16 works."""
+    data = make_folder(tmp_path / "data", ["a", "b", "c"], per=4)
+    args = ["--data", data, "--out", tmp_path / "run", *TINY, "--epochs", "2"]
+    r = run_script("train_arcface.py", *args, "--stop-after-epochs", "1", env=ENV)
+    assert r.returncode == 0, r.stderr
+    r = run_script("train_arcface.py", *args, "--amp", "--amp-dtype", "fp16", env=ENV)
+    assert r.returncode == 0 and "resuming" in r.stdout, r.stderr
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["scaler"]["scale"] > 0
 
 
 def test_partial_fc_cli_with_one_process_trains_like_the_plain_head(tmp_path):
