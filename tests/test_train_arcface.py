@@ -18,7 +18,8 @@ from PIL import Image
 from conftest import ROOT, run_script
 from train_arcface import (BackboneError, CombinedMarginLoss, DataError, ImageFolderDataset, MarginHead,
                            PartialFCHead, RecordIODataset, ShardedCrossEntropy, amp_dtype, autocast_context,
-                           insightface_config, iresnet, load_backbone, load_images, lr_at, open_datasets)
+                           RecordWriter, flip_batch, insightface_config, iresnet, load_backbone, load_images,
+                           lr_at, open_datasets, pack_rec, record_chunks, record_header)
 
 MAGIC = 0xCED7230A
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -437,6 +438,79 @@ def test_truncated_recordio_names_the_file(tmp_path):
     assert r.returncode != 0 and "train.rec" in r.stderr and "Traceback" not in r.stderr
 
 
+FIXTURES = os.path.join(ROOT, "tests", "fixtures", "insightface")
+
+
+def test_record_writer_matches_mxnet_byte_for_byte(tmp_path):
+    """The same payloads, written by mxnet's MXIndexedRecordIO (fixture) and by RecordWriter."""
+    with open(os.path.join(FIXTURES, "mxnet_records.json")) as f:
+        records = [(r["key"], bytes.fromhex(r["payload_hex"])) for r in json.load(f)["records"]]
+    assert records[3][1] == record_header(3.0, 1) + b"\xff\xd8jpeg"  # mx.recordio.pack, image record
+    assert records[4][1] == record_header(0, labels=(5, 9))  # insightface's header record
+    with RecordWriter(str(tmp_path / "train.rec")) as w:
+        for key, payload in records:
+            w.write(key, payload)
+    for ext in ("rec", "idx"):
+        with open(os.path.join(FIXTURES, f"mxnet_records.{ext}"), "rb") as f:
+            assert (tmp_path / f"train.{ext}").read_bytes() == f.read(), ext
+    ds = object.__new__(RecordIODataset)  # and the reader's record layer reads mxnet's file (raw payloads)
+    ds.rec_path, ds._file, ds._pid = os.path.join(FIXTURES, "mxnet_records.rec"), None, None
+    with open(os.path.join(FIXTURES, "mxnet_records.idx")) as f:
+        ds.offsets = {int(k): int(o) for k, o in (ln.split("\t") for ln in f)}
+    assert [ds.read_record(k) for k, _ in records] == [p for _, p in records]
+
+
+def test_record_framing_follows_the_recordio_specification():
+    """Hand-computed from the format: magic 0xCED7230A (little-endian 0a 23 d7 ce), lrec = cflag << 29 |
+    length, zero padding to 4 bytes; a magic word at an aligned offset splits the record (cflag 1, 2, 3)."""
+    magic = bytes([0x0A, 0x23, 0xD7, 0xCE])
+    assert record_chunks(b"abcde") == magic + bytes([5, 0, 0, 0]) + b"abcde" + bytes(3)
+    assert record_chunks(b"abcd") == magic + bytes([4, 0, 0, 0]) + b"abcd"
+    payload = b"ABCD" + magic + b"EF" + magic + b"GH" + magic + b"xyz"  # magic at 4 and 16 (aligned), 10 (not)
+    expected = (magic + bytes([4, 0, 0, 0x20]) + b"ABCD"  # cflag 1 = 0x20 in the top byte, 4 bytes
+                + magic + bytes([8, 0, 0, 0x40]) + b"EF" + magic + b"GH"  # cflag 2, the unaligned magic kept
+                + magic + bytes([3, 0, 0, 0x60]) + b"xyz" + bytes(1))  # cflag 3, padded
+    assert record_chunks(payload) == expected
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg"])
+def test_packed_rec_reads_back_with_counts_labels_and_pixels(tmp_path, fmt):
+    a = make_folder(tmp_path / "a", ["alice", "bob"], per=3)
+    b = make_folder(tmp_path / "b", ["bob", "carol"], per=2, seed=1)
+    merged = open_datasets([a, b])
+    r = run_script("train_arcface.py", "--data", a, b, "--pack-rec", tmp_path / "rec", "--pack-format", fmt,
+                   env=ENV)
+    assert r.returncode == 0 and "10 images of 4 identities" in r.stdout, r.stderr
+    ds = RecordIODataset(str(tmp_path / "rec" / "train.rec"))
+    assert len(ds) == 10 and ds.classes == ["0", "1", "2", "3"] and ds.targets == list(merged.targets)
+    assert (tmp_path / "rec" / "property").read_text() == "4,32,32\n"
+    flag, labels, image = ds.read_header(0)
+    assert (flag, labels, image) == (2, [11.0, 15.0], b"")  # images 1..10, identity records 11..14
+    assert [ds.read_header(k)[1] for k in range(11, 15)] == [[1, 4], [4, 7], [7, 9], [9, 11]]
+    got, labels = load_images(ds, progress=False)
+    want, _ = load_images(merged, progress=False)
+    diff = (got.float() - want.float()).abs()
+    assert labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 3, 3]
+    if fmt == "png":
+        assert diff.max() == 0
+    else:  # JPEG drops the fine noise of these images (4:2:0 chroma): compare 4x4 block means
+        pooled = F.avg_pool2d(got.float(), 4) - F.avg_pool2d(want.float(), 4)
+        assert pooled.abs().mean() < 3, pooled.abs().mean()
+    r = run_script("train_arcface.py", "--data", tmp_path / "missing", "--pack-rec", tmp_path / "x", env=ENV)
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("error: data source not found")
+
+
+def test_pack_rec_copies_jpeg_bytes_and_resizes_when_asked(tmp_path):
+    os.makedirs(tmp_path / "src" / "a")
+    Image.fromarray(random_image(np.random.default_rng(0), 0, 48)).save(tmp_path / "src" / "a" / "0.jpg")
+    raw = (tmp_path / "src" / "a" / "0.jpg").read_bytes()
+    assert pack_rec(open_datasets([str(tmp_path / "src")]), str(tmp_path / "same"), progress=False) == (1, 1)
+    assert RecordIODataset(str(tmp_path / "same" / "train.rec")).encoded(0)[0] == raw
+    pack_rec(open_datasets([str(tmp_path / "src")]), str(tmp_path / "small"), size=32, progress=False)
+    assert RecordIODataset(str(tmp_path / "small" / "train.rec"))[0][0].shape == (3, 32, 32)
+    assert (tmp_path / "small" / "property").read_text() == "1,32,32\n"
+
+
 def test_two_sources_append_classes_and_merge_by_name(tmp_path):
     a = make_folder(tmp_path / "a", ["alice", "bob"], per=2)
     b = make_folder(tmp_path / "b", ["bob", "carol"], per=3)
@@ -526,6 +600,54 @@ def test_resume_with_fp16_amp_from_a_checkpoint_written_without_it(tmp_path):
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["scaler"]["scale"] > 0
 
 
+def test_killed_mid_epoch_and_resumed_from_a_step_checkpoint_gives_bit_identical_weights(tmp_path):
+    """3 steps per epoch, a checkpoint every 2 steps; killed after step 5, the run resumes at step 4
+    (one batch into epoch 2) and ends where an uninterrupted run does, bit for bit (dropout included)."""
+    data = make_folder(tmp_path / "data", ["a", "b", "c", "d"], per=6)
+    args = ["--data", data, *TINY, "--epochs", "3", "--checkpoint-every", "2", "--dropout", "0.2"]
+    r = run_script("train_arcface.py", *args, "--out", tmp_path / "straight", env=ENV)
+    assert r.returncode == 0, r.stderr
+    r = run_script("train_arcface.py", *args, "--out", tmp_path / "killed", "--stop-after-steps", "5", env=ENV)
+    assert r.returncode == 0, r.stderr
+    ckpt = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)
+    assert (ckpt["step"], ckpt["epoch"]) == (4, 1)
+    r = run_script("train_arcface.py", *args, "--out", tmp_path / "killed", env=ENV)
+    assert r.returncode == 0 and "step 4" in r.stdout, r.stderr
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)
+    assert a["step"] == b["step"] == 9
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+
+
+def test_steps_stopping_mid_epoch_leave_the_epoch_open_for_more_steps(tmp_path):
+    data = make_folder(tmp_path / "data", ["a", "b", "c", "d"], per=6)  # 3 steps per epoch
+    args = ["--data", data, "--out", tmp_path / "run", *TINY]
+    r = run_script("train_arcface.py", *args, "--steps", "4", env=ENV)
+    assert r.returncode == 0, r.stderr
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert (ckpt["step"], ckpt["epoch"]) == (4, 1)
+    r = run_script("train_arcface.py", *args, "--steps", "8", env=ENV)
+    assert r.returncode == 0 and "resuming" in r.stdout and "already finished" not in r.stdout, r.stderr
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 8
+
+
+def test_compile_without_a_working_compiler_is_one_error_line(tmp_path):
+    data = make_folder(tmp_path / "data", ["a", "b"], per=4)
+    env = {**ENV, "CXX": str(tmp_path / "no-such-compiler")}
+    r = run_script("train_arcface.py", "--data", data, "--out", tmp_path / "run", *TINY, "--compile", env=env)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert lines[-1].startswith("error: --compile does not work"), r.stderr
+
+
+def test_flip_batch_mirrors_the_chosen_images_after_the_copy():
+    x = torch.arange(2 * 3 * 2 * 4, dtype=torch.uint8).reshape(2, 3, 2, 4)
+    out = flip_batch(x, torch.tensor([True, False]), torch.device("cpu"))
+    expected = torch.stack([x[0].flip(2), x[1]]).float() / 127.5 - 1
+    torch.testing.assert_close(out, expected)
+
+
 def test_partial_fc_cli_with_one_process_trains_like_the_plain_head(tmp_path):
     """Same weights after 2 steps (float rounding of the two cross entropies grows ~1000x by step 4)."""
     data = make_folder(tmp_path / "data", ["a", "b", "c", "d", "e"], per=4)
@@ -548,12 +670,13 @@ def test_nan_loss_stops_with_a_message_naming_the_step(tmp_path):
     assert not os.path.exists(tmp_path / "run" / "model.pt")
 
 
-def test_two_process_run_keeps_ranks_identical(tmp_path):
+def test_two_process_run_keeps_ranks_identical(tmp_path, tiny_toy):
+    """Rank 0 validates at the end while rank 1 waits at a barrier (no second job beside training)."""
     data = make_folder(tmp_path / "data", ["a", "b", "c", "d"], per=4)
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "train_arcface.py"), "--data", data, "--out", str(out), *TINY, "--epochs", "2",
-           "--debug-rank-weights"]
+           "--debug-rank-weights", "--val", str(tiny_toy / "bench" / "toy_lfw.bin"), "--val-every", "5"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr
     w0 = torch.load(out / "rank0-weights.pt", weights_only=True)
@@ -561,7 +684,8 @@ def test_two_process_run_keeps_ranks_identical(tmp_path):
     assert w0.keys() == w1.keys()
     for k in w0:
         assert torch.equal(w0[k], w1[k]), k
-    assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == [2, 4]
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [e["step"] for e in log] == [2, 4] and "toy_lfw" in log[-1]["val"]
     assert load_backbone(out / "model.pt").input_size == 32
 
 
