@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from train_arcface import (DataError, autocast_context, decode_image, load_backbone, load_images, open_datasets,
-                          resize_uint8, write_text_atomic)
+                          pack_bin, resize_uint8, write_text_atomic)
 
 THRESHOLDS = np.arange(0, 4, 0.01)  # the reference's float values, e.g. 0.35000000000000003
 BIN_FARS = (1e-3, 1e-4)
@@ -540,7 +540,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = parser.add_argument
-    a("--model", nargs="+", required=True, metavar="MODEL.pt",
+    a("--model", nargs="+", metavar="MODEL.pt",
       help="backbone checkpoints: RUN/model.pt, or insightface backbone files (IResNet state dicts)")
     a("--network", choices=["r18", "r34", "r50", "r100", "r200"],
       help="insightface backbone files: the depth, overriding what the keys say")
@@ -559,9 +559,21 @@ def main(argv=None):
     a("--batch-size", type=int, default=256, help="images per forward pass")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     a("--amp", action="store_true", help="autocast: bf16 where native (GPU or CPU), else fp16 on CUDA")
+    a("--pack-bin", metavar="PAIRS.txt", help="instead of evaluating: write the pairs list (lines 'image1 image2 "
+                                             "same', paths relative to the list) as an insightface .bin to --out")
     args = parser.parse_args(argv)
     if int(os.environ.get("RANK", "0")) != 0:
         return
+    if args.pack_bin:
+        if not args.out:
+            parser.error("--pack-bin needs --out FILE.bin")
+        try:
+            print(f"{pack_bin(args.pack_bin, args.out)} pairs -> {args.out}")
+        except (DataError, OSError) as e:
+            sys.exit(f"error: {e}")
+        return
+    if not args.model:
+        parser.error("give --model MODEL.pt (or --pack-bin PAIRS.txt)")
     if args.names and len(args.names) != len(args.model):
         parser.error(f"--names has {len(args.names)} entries for {len(args.model)} models")
     for p in args.model + args.bin:
