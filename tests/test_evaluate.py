@@ -417,7 +417,9 @@ def test_cli_writes_results_json_and_table(trained_model, tiny_toy, tmp_path):
     stems = [b.stem for b in bins]
     assert list(res["baseline"]) == stems + ["avg", "IJBC", "ident"]
     for s in stems:
-        assert set(res["baseline"][s]) == {"accuracy", "std", "tar_at_far_1e-3", "tar_at_far_1e-4"}
+        assert set(res["baseline"][s]) == {"accuracy", "std", "pooled_tar_at_far_1e-3", "pooled_tar_at_far_1e-4",
+                                           "tar_at_far_1e-3", "tar_at_far_1e-4"}  # the old names kept for readers
+        assert res["baseline"][s]["pooled_tar_at_far_1e-3"] == res["baseline"][s]["tar_at_far_1e-3"]
         assert 0 <= res["baseline"][s]["accuracy"] <= 100
     assert res["baseline"]["avg"]["accuracy"] == pytest.approx(np.mean([res["baseline"][s]["accuracy"] for s in stems]))
     assert res["baseline"] == res["baseline-2"]
