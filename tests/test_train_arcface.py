@@ -697,3 +697,24 @@ def test_scale_benchmark_quick_run_prints_its_three_tables():
             and not line.startswith("| workers")]
     assert len(rows) == 2 + 4 + 3 and "failed" not in r.stdout, r.stdout  # head sizes, selections, worker counts
     assert all(float(row.split("|")[2].replace(",", "")) > 0 for row in rows[-3:])  # images/s
+
+
+def test_scoremix_sample_packs_its_identities_after_the_real_set(tiny_toy, tmp_path):
+    """scoremix_sample.py --rec: real classes first, then one new class per sampled identity."""
+    r = run_script("train_diffusion.py", "--data", tiny_toy / "train", "--out", tmp_path / "gen", "--resolution", 16,
+                   "--channels", 8, "--batch-size", 8, "--duration", 0.016, "--rampup-kimg", 0,
+                   "--snapshot-every", 0, env=ENV)
+    assert r.returncode == 0, r.stderr[-2000:]
+    snapshot = tmp_path / "gen" / "network-snapshot-000000.pt"
+    names = sorted(os.listdir(tiny_toy / "train"))
+    (tmp_path / "pairs.csv").write_text(f"class_a,class_b\n{names[0]},{names[1]}\n{names[2]},{names[3]}\n")
+    r = run_script("scoremix_sample.py", "--net", snapshot, "--pairs", tmp_path / "pairs.csv", "--per-pair", 2,
+                   "--steps", 2, "--out", tmp_path / "mix", "--rec", tmp_path / "rec",
+                   "--rec-real", tiny_toy / "train", "--rec-size", 32, env=ENV)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ds = RecordIODataset(str(tmp_path / "rec" / "train.rec"))
+    real = open_datasets([str(tiny_toy / "train")])
+    assert len(ds) == len(real) + 4 and len(ds.classes) == len(real.classes) + 2
+    assert ds.targets[-4:] == [6, 6, 7, 7]
+    assert (tmp_path / "rec" / "property").read_text() == "8,32,32\n"
+    assert ds[len(ds) - 1][0].shape == (3, 32, 32)  # the 16-px samples stored at --rec-size
