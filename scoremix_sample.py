@@ -44,7 +44,8 @@ from tqdm import tqdm
 from common import (ArgumentParser, InputError, check_finite, check_output_dir, check_output_file, fail,
                     finite_float, load_checkpoint, non_negative_float, non_negative_int, output_lock,
                     positive_float, positive_int, probability, read_csv, remove_stale_tmp, write_atomic)
-from train_arcface import autocast_context, seed_for, setup_distributed
+from train_arcface import (DataError, autocast_context, open_datasets, pack_rec, seed_for, setup_distributed,
+                           write_text_atomic)
 from train_diffusion import generate_images, load_generator
 
 # ----------------------------------------------------------------------------- mixing denoisers
@@ -440,6 +441,13 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=non_negative_int, default=0, help="base seed: image n of identity i uses seed_for(seed, i, n)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (None: cuda if available)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+    p.add_argument("--rec", metavar="OUT_DIR", help="also pack the identities into OUT_DIR/train.rec + train.idx + "
+                                                    "property (insightface's layout, JPEG) for arcface_torch")
+    p.add_argument("--rec-real", nargs="+", default=[], metavar="SRC",
+                   help="with --rec: real sources (image folders / train.rec) packed first, the synthetic "
+                        "identities appended as new classes (as train_arcface.py --data SRC... --out merges them)")
+    p.add_argument("--rec-size", type=positive_int, help="with --rec: resize every image to this square size "
+                                                "(arcface_torch expects 112; default: as they are)")
     g = p.add_argument_group("figures (instead of identity folders)")
     g.add_argument("--grid", help="write the alpha x beta sweep of --classes A B here (paper Fig. 2)")
     g.add_argument("--grid3", help="the Repro A | ScoreMix | Repro B figure (paper Fig. 3) (None: <grid>-triplets.png)")
@@ -562,6 +570,13 @@ def run(args):
             sys.exit(f"error: {len(missing)} identities incomplete after sampling: {', '.join(missing[:5])}")
         write_manifest(args, identities)
         print(f"{len(identities)} identities x {args.per_pair} images in {args.out}")
+        if args.rec:
+            try:
+                n, c = pack_rec(open_datasets([*args.rec_real, args.out]), args.rec, size=args.rec_size,
+                                progress=False)
+            except DataError as e:
+                sys.exit(f"error: {e}")
+            print(f"{n} images of {c} identities -> {os.path.join(args.rec, 'train.rec')}")
     if world > 1:
         dist.destroy_process_group()
 

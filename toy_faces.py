@@ -24,12 +24,13 @@ import argparse
 import io
 import json
 import os
-import pickle
 import time
 
 import numpy as np
 from PIL import Image, ImageFilter
 from tqdm import tqdm
+
+from train_arcface import write_bin
 
 BENCHMARKS = ("toy_lfw", "toy_cfp_fp", "toy_agedb", "toy_calfw", "toy_cplfw")
 # seed streams: each kind of random draw has its own, so adding identities changes nothing else
@@ -379,7 +380,7 @@ def main():
         pos = [i for i, s in enumerate(issame) if s][:4]
         neg = [i for i, s in enumerate(issame) if not s][:4]
         bench_rows.append([np.asarray(Image.open(io.BytesIO(bins[2 * i + j]))) for i in pos + neg for j in (0, 1)])
-        write_atomic(os.path.join(args.out, "bench", f"{name}.bin"), pickle.dumps((bins, issame), protocol=2))
+        write_bin(os.path.join(args.out, "bench", f"{name}.bin"), bins, issame)
     contact_sheet(preview).save(os.path.join(args.out, "preview.png"))
     contact_sheet(bench_rows).save(os.path.join(args.out, "bench_preview.png"))
     meta = {"args": vars(args), "train_images": args.identities * args.per_identity,

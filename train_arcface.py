@@ -14,11 +14,13 @@ run helpers (distributed setup, atomic saves, autocast) that the later stages im
     (Glint360K: add --partial-fc --sample-rate 0.1 --workers 8; several nodes: README, "Running at scale")
 """
 import argparse
+import datetime
 import gc
 import io
 import json
 import math
 import os
+import pickle
 import struct
 import subprocess
 import sys
@@ -35,7 +37,7 @@ from tqdm import tqdm
 
 # ----------------------------------------------------------------------------- model
 
-BLOCKS = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 14, 3], 100: [3, 13, 30, 3]}
+BLOCKS = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 14, 3], 100: [3, 13, 30, 3], 200: [6, 26, 60, 6]}
 
 
 def conv3x3(cin, cout, stride=1):
@@ -85,39 +87,51 @@ class IResNet(nn.Module):
                 nn.init.normal_(m.weight, 0, 0.1)  # insightface's init
 
     def forward(self, x):
-        with torch.autocast(x.device.type, dtype=torch.float16, enabled=self.fp16):
+        # fp16=True opens fp16 autocast for the convolutions (insightface's flag); otherwise the
+        # caller's autocast, if any, applies unchanged. The embedding layers always run in fp32.
+        with torch.autocast(x.device.type, dtype=torch.float16) if self.fp16 else nullcontext():
             x = self.prelu(self.bn1(self.conv1(x)))
             x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
             x = self.dropout(torch.flatten(self.bn2(x), 1))
-        return self.features(self.fc(x.float() if self.fp16 else x))
+        with torch.autocast(x.device.type, enabled=False):
+            return self.features(self.fc(x.float()))
 
 
 def iresnet(depth=50, width=1.0, embedding_size=512, input_size=112, dropout=0.0, fp16=False):
-    """IResNet-{18,34,50,100}; defaults are the 112-px, 512-d reference model."""
+    """IResNet-{18,34,50,100,200}; defaults are the 112-px, 512-d reference model."""
     if depth not in BLOCKS:
         raise ValueError(f"depth must be one of {sorted(BLOCKS)}, got {depth}")
     return IResNet(BLOCKS[depth], width, embedding_size, input_size, dropout, fp16)
 
 
 class CombinedMarginLoss(nn.Module):
-    """Target logit s*(cos(m1*theta + m2) - m3), other logits s*cos(theta_j).
+    """Target logit s*(cos(m1*theta + m2) - m3), other logits s*cos(theta_j) (ArcFace eq. 4).
 
-    ArcFace keeps the gradient through the margin (the textbook d/dtheta cos(theta+m)): that is the
-    loss the paper writes down, so the reported loss and its gradient agree. insightface applies
-    the margin under no_grad, which scales the target gradient by sin(theta)/sin(theta+m), a
-    speed trick we do not need at this size. Past theta + m2 > pi, cos(theta + m2) would rise again
-    and reward moving away from the class, so there we use the reference fallback
-    cos(theta) - m2*sin(m2) (monotone, continuous at theta = pi - m2)."""
+    gradient="straight" (default, current arcface_torch): the margin is added to the value only,
+    so d logit / d cos is s on every entry, the target's too (a straight-through margin, no
+    threshold fallback: past theta + m2 > pi the logit follows cos(theta + m2)).
+    gradient="textbook" (arcface_torch of 2022): the gradient goes through cos(theta + m2), which
+    scales the target's by sin(theta + m2) / sin(theta); past theta + m2 > pi the logit is the
+    monotone fallback cos(theta) - m2*sin(m2). Logits agree wherever theta + m2 <= pi."""
 
-    def __init__(self, s=64.0, m1=1.0, m2=0.5, m3=0.0):
+    GRADIENTS = ("straight", "textbook")
+
+    def __init__(self, s=64.0, m1=1.0, m2=0.5, m3=0.0, gradient="straight"):
         super().__init__()
-        self.s, self.m1, self.m2, self.m3 = s, m1, m2, m3
+        if gradient not in self.GRADIENTS:
+            raise ValueError(f"gradient must be one of {self.GRADIENTS}, got {gradient!r}")
+        self.s, self.m1, self.m2, self.m3, self.gradient = s, m1, m2, m3, gradient
 
     def forward(self, cosine, labels):
-        cosine = cosine.float()
+        if cosine.dtype in (torch.float16, torch.bfloat16):
+            cosine = cosine.float()
         t = cosine.gather(1, labels[:, None])
         if self.m1 == 1.0 and self.m2 == 0.0:
-            target = t - self.m3  # CosFace (and plain normalised softmax for m3 = 0)
+            target = t - self.m3  # CosFace (and plain normalised softmax for m3 = 0): same either way
+        elif self.gradient == "straight":
+            with torch.no_grad():
+                shift = torch.cos(self.m1 * torch.acos(t.clamp(-1, 1)) + self.m2) - self.m3 - t
+            target = t + shift
         else:
             theta = torch.acos(t.clamp(-1 + 1e-7, 1 - 1e-7))
             angle = self.m1 * theta + self.m2
@@ -127,19 +141,22 @@ class CombinedMarginLoss(nn.Module):
 
 
 MARGINS = {"arcface": (1.0, 0.5, 0.0), "cosface": (1.0, 0.0, 0.4)}
+LOSS_CAP = -math.log(1e-30)  # insightface's logged loss clamps p_y at 1e-30
 
 
 class MarginHead(nn.Module):
     """Class weights W [C, E] (kept apart from the backbone: not clipped, not saved in model.pt)."""
 
-    def __init__(self, embedding_size, num_classes, s=64.0, margin="arcface"):
+    def __init__(self, embedding_size, num_classes, s=64.0, margin="arcface", margin_grad="straight"):
         super().__init__()
         self.weight = nn.Parameter(torch.normal(0, 0.01, (num_classes, embedding_size)))
-        self.margin = CombinedMarginLoss(s, *MARGINS[margin])
+        self.margin = CombinedMarginLoss(s, *MARGINS[margin], gradient=margin_grad)
 
     def forward(self, emb, labels):
         cosine = F.linear(F.normalize(emb.float()), F.normalize(self.weight.float()))
-        return F.cross_entropy(self.margin(cosine.clamp(-1, 1), labels), labels)
+        loss = F.cross_entropy(self.margin(cosine.clamp(-1, 1), labels), labels, reduction="none")
+        # the value as insightface logs it, -log max(p_y, 1e-30); the gradient of the plain loss
+        return (loss + (loss.clamp_max(LOSS_CAP) - loss).detach()).mean()
 
 
 def distributed():
@@ -184,7 +201,9 @@ class ShardedCrossEntropy(torch.autograd.Function):
             dist.all_reduce(total)
             dist.all_reduce(target)
         ctx.save_for_backward(exp.div_(total[:, None]), labels)
-        return (total.log() + row_max - target).mean()
+        # -log max(p_y, 1e-30), as insightface logs it (p_y underflows early in training);
+        # the gradient (backward) is the unclamped softmax minus one-hot.
+        return (total.log() + row_max - target).clamp_max(LOSS_CAP).mean()
 
     @staticmethod
     def backward(ctx, grad):
@@ -203,7 +222,8 @@ class PartialFCHead(nn.Module):
     all), and the softmax normaliser is all-reduced (ShardedCrossEntropy). With one process and
     sample_rate 1 it computes MarginHead's loss and gradients; rows not sampled get no gradient."""
 
-    def __init__(self, embedding_size, num_classes, s=64.0, margin="arcface", sample_rate=1.0, rank=0, world=1):
+    def __init__(self, embedding_size, num_classes, s=64.0, margin="arcface", sample_rate=1.0, rank=0, world=1,
+                 margin_grad="straight"):
         super().__init__()
         per, extra = divmod(num_classes, world)
         self.sizes = [per + (r < extra) for r in range(world)]
@@ -211,7 +231,7 @@ class PartialFCHead(nn.Module):
         self.rank, self.world, self.sample_rate = rank, world, sample_rate
         full = torch.normal(0, 0.01, (num_classes, embedding_size))  # MarginHead's init, then this rank's rows
         self.weight = nn.Parameter(self.shard(full).clone())
-        self.margin = CombinedMarginLoss(s, *MARGINS[margin])
+        self.margin = CombinedMarginLoss(s, *MARGINS[margin], gradient=margin_grad)
 
     def shard(self, full):
         """All classes' rows [C, ...] -> this rank's."""
@@ -237,6 +257,7 @@ class PartialFCHead(nn.Module):
         return score.topk(num).indices.sort().values
 
     def forward(self, emb, labels):
+        emb = emb.float()  # gathered and scored in fp32, as insightface does under AMP
         if self.world > 1:
             emb = AllGather.apply(emb)
             parts = [torch.empty_like(labels) for _ in range(self.world)]
@@ -249,7 +270,7 @@ class PartialFCHead(nn.Module):
             index = self.sample(local[mine])
             weight, local = weight[index], torch.searchsorted(index, local)
         local = torch.where(mine, local, -1)
-        cosine = F.linear(F.normalize(emb.float()), F.normalize(weight.float())).float().clamp(-1, 1)  # fp32 under AMP
+        cosine = F.linear(F.normalize(emb), F.normalize(weight.float())).float().clamp(-1, 1)  # fp32 under AMP
         logits = cosine * self.margin.s
         logits[mine] = self.margin(cosine[mine], local[mine])  # the margin where this rank holds the class
         return ShardedCrossEntropy.apply(logits, local)
@@ -267,13 +288,51 @@ class FaceTrainer(nn.Module):
         return self.head(self.backbone(x), labels)
 
 
-def load_backbone(path, device="cpu"):
-    """A model.pt written by this script -> IResNet in eval mode with .input_size and .class_names."""
-    ckpt = torch.load(path, map_location=device, weights_only=True)
-    cfg = ckpt["config"]
+class BackboneError(ValueError):
+    """A file that is not a backbone checkpoint; CLIs print the message as one line."""
+
+
+def insightface_config(state, depth=None, input_size=None):
+    """iresnet() arguments of an insightface IResNet state dict (the same parameter names): depth
+    from the number of blocks per stage, width from the stem, embedding size and input size from
+    fc's shape (fc maps 512*width x (input/16)^2 features). depth / input_size override."""
+    blocks = [len({k.split(".")[1] for k in state if k.startswith(f"layer{i}.")}) for i in range(1, 5)]
+    if depth is None:
+        depth = next((d for d, b in BLOCKS.items() if b == blocks), None)
+        if depth is None:
+            raise BackboneError(f"blocks per stage {blocks} match no IResNet depth {sorted(BLOCKS)}")
+    stem, (embedding, fc_in) = state["conv1.weight"].shape[0], state["fc.weight"].shape
+    if input_size is None:
+        side = math.isqrt(fc_in // state["bn2.weight"].shape[0])
+        input_size = 16 * side
+    return {"depth": depth, "width": stem / 64, "embedding_size": embedding, "input_size": input_size}
+
+
+def load_backbone(path, device="cpu", depth=None, input_size=None):
+    """A model.pt written by this script, or an insightface backbone file (a bare IResNet state dict,
+    e.g. backbone.pth; depth / input_size override what its shapes say) -> IResNet in eval mode
+    with .input_size and .class_names (None for insightface files)."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        raise BackboneError(f"{path} is not a torch checkpoint ({type(e).__name__})") from None
+    what = "a train_arcface.py model.pt or an insightface IResNet state dict (backbone.pth)"
+    if isinstance(ckpt, dict) and "config" in ckpt and "state_dict" in ckpt:
+        state, cfg, names = ckpt["state_dict"], ckpt["config"], ckpt.get("class_names")
+    elif isinstance(ckpt, dict) and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        state = {k.removeprefix("module."): v for k, v in ckpt.items()}  # saved from a DDP wrapper
+        if not {"conv1.weight", "bn2.weight", "fc.weight", "layer1.0.conv1.weight"} <= state.keys():
+            raise BackboneError(f"{path} is a state dict but not an IResNet's; expected {what}")
+        cfg, names = insightface_config(state, depth, input_size), None
+    else:
+        raise BackboneError(f"{path} is not a face-recognition backbone; expected {what}")
     net = iresnet(cfg["depth"], cfg["width"], cfg["embedding_size"], cfg["input_size"])
-    net.load_state_dict(ckpt["state_dict"])
-    net.input_size, net.class_names = cfg["input_size"], ckpt.get("class_names")
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as e:
+        raise BackboneError(f"{path} does not fit an IResNet-{cfg['depth']} "
+                            f"({str(e).splitlines()[0].strip()})") from None
+    net.input_size, net.class_names = cfg["input_size"], names
     return net.to(device).eval()
 
 # ----------------------------------------------------------------------------- data
@@ -319,6 +378,14 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return decode_image(self.files[i], self.files[i]), self.targets[i]
+
+    def encoded(self, i):
+        """(the image file's bytes, label) without decoding."""
+        with open(self.files[i], "rb") as f:
+            return f.read(), self.targets[i]
+
+    def describe(self, i):
+        return self.files[i]
 
 
 RECORD_MAGIC = 0xCED7230A
@@ -397,6 +464,169 @@ class RecordIODataset(torch.utils.data.Dataset):
         key = self.keys[i]
         return decode_image(self.read_header(key)[2], f"{self.rec_path} record {key}"), self.targets[i]
 
+    def encoded(self, i):
+        """(the record's encoded image, label) without decoding."""
+        return self.read_header(self.keys[i])[2], self.targets[i]
+
+    def describe(self, i):
+        return f"{self.rec_path} record {self.keys[i]}"
+
+
+def record_header(label, key=0, labels=None):
+    """A record payload's header (PROTOCOLS.md 5): struct '<IfQQ' (flag, label, id, id2), then
+    `flag` float32 labels when a list is given (flag = its length, the label field 0)."""
+    if labels is None:
+        return struct.pack("<IfQQ", 0, label, key, 0)
+    return struct.pack("<IfQQ", len(labels), 0.0, key, 0) + struct.pack(f"<{len(labels)}f", *labels)
+
+
+def record_chunks(payload):
+    """RecordIO framing of one record: chunks [uint32 magic, uint32 lrec, data], the last padded
+    with zeros to a multiple of 4 bytes; lrec = cflag << 29 | length. A payload holding the magic
+    word at a 4-aligned offset is cut there, the word dropped (the reader puts it back): cflag 1 on
+    the first chunk, 2 on middle ones, 3 on the last; 0 for an uncut record."""
+    magic = struct.pack("<I", RECORD_MAGIC)
+    cuts, i = [], payload.find(magic)
+    while i != -1:
+        if i % 4 == 0:
+            cuts.append(i)
+        i = payload.find(magic, i + 1)
+    starts, ends = [0] + [c + 4 for c in cuts], cuts + [len(payload)]
+    out = []
+    for j, (a, b) in enumerate(zip(starts, ends)):
+        cflag = 0 if not cuts else 1 if j == 0 else 3 if j == len(cuts) else 2
+        out += [magic, struct.pack("<I", cflag << 29 | (b - a)), payload[a:b]]
+    out.append(b"\0" * (-len(payload) % 4))  # middle chunks end on aligned offsets: only the last pads
+    return b"".join(out)
+
+
+class RecordWriter:
+    """train.rec + train.idx written record by record (the `.idx` line `key<TAB>offset` per record);
+    both go to temporary names and are renamed on close, so a killed job leaves no half dataset."""
+
+    def __init__(self, rec_path):
+        self.paths = [rec_path, os.path.splitext(rec_path)[0] + ".idx"]
+        self.tmp = [f"{p}.{os.getpid()}.tmp" for p in self.paths]
+        self.rec, self.idx = open(self.tmp[0], "wb"), open(self.tmp[1], "w")
+
+    def write(self, key, payload):
+        self.idx.write(f"{key}\t{self.rec.tell()}\n")
+        self.rec.write(record_chunks(payload))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, *_):
+        self.rec.close()
+        self.idx.close()
+        for tmp, path in zip(self.tmp, self.paths):
+            if kind is None:
+                os.replace(tmp, path)
+            else:
+                os.remove(tmp)
+
+
+def encode_image(image, fmt="jpeg", quality=95):
+    """uint8 [3,H,W] RGB -> JPEG (PIL, 4:2:0 as cv2 writes it) or PNG bytes."""
+    buf = io.BytesIO()
+    pil = Image.fromarray(image.permute(1, 2, 0).numpy())
+    pil.save(buf, format="PNG") if fmt == "png" else pil.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def stored_image(data, fmt, quality, size):
+    """The bytes a .rec stores for one encoded image: passed through when already in `fmt` and size,
+    else decoded, resized and re-encoded."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            kind, shape = im.format, im.size
+    except Exception as e:
+        raise DataError(f"corrupt image: {e}") from None
+    if kind == {"jpeg": "JPEG", "png": "PNG"}[fmt] and (size is None or shape == (size, size)):
+        return data
+    image = decode_image(data, "image")
+    return encode_image(resize_uint8(image, size) if size else image, fmt, quality)
+
+
+def pack_rec(dataset, out_dir, fmt="jpeg", quality=95, size=None, progress=True):
+    """A dataset from open_datasets (its classes as merged) -> out_dir/train.rec, train.idx, property
+    in insightface's layout: record 0 = header (flag 2, labels (first identity record, end)); image
+    records 1..N grouped by class, label = class index; identity records N+1..N+C, labels (a, b) =
+    the key range of the class's images. Returns (images, classes)."""
+    order = sorted(range(len(dataset)), key=lambda i: (dataset.targets[i], i))
+    n, c = len(order), len(dataset.classes)
+    ranges, shape = [[0, 0] for _ in range(c)], None
+    os.makedirs(out_dir, exist_ok=True)
+    with RecordWriter(os.path.join(out_dir, "train.rec")) as w:
+        w.write(0, record_header(0, labels=(n + 1, n + 1 + c)))
+        for key, i in enumerate(tqdm(order, desc="packing", disable=not progress, leave=False), start=1):
+            data, label = dataset.encoded(i)
+            try:
+                data = stored_image(data, fmt, quality, size)
+            except DataError as e:
+                raise DataError(f"{dataset.describe(i)}: {e}") from None
+            if shape is None:
+                with Image.open(io.BytesIO(data)) as im:
+                    shape = im.size[::-1]
+            w.write(key, record_header(float(label), key) + data)
+            ranges[label] = [ranges[label][0] or key, key + 1]
+        for label, (a, b) in enumerate(ranges):
+            w.write(n + 1 + label, record_header(0, n + 1 + label, labels=(a, b)))
+    write_text_atomic(f"{c},{shape[0]},{shape[1]}\n", os.path.join(out_dir, "property"))
+    return n, c
+
+
+def write_bin(path, images, issame):
+    """A verification benchmark in insightface's .bin layout: the pickle of (bins, issame_list) with
+    2N encoded images (pair i = images 2i, 2i+1) and N booleans; protocol 2, as Python 2 wrote them.
+    images: encoded bytes, or uint8 [H,W,3] arrays (stored as PNG)."""
+    issame = [bool(v) for v in issame]
+    if len(images) != 2 * len(issame) or not issame:
+        raise DataError(f"{len(images)} images for {len(issame)} pairs: need 2 per pair")
+    bins = []
+    for im in images:
+        if not isinstance(im, (bytes, bytearray)):
+            buf = io.BytesIO()
+            Image.fromarray(np.asarray(im, dtype=np.uint8)).save(buf, format="PNG")
+            im = buf.getvalue()
+        bins.append(bytes(im))
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        pickle.dump((bins, issame), f, protocol=2)
+    os.replace(tmp, path)
+
+
+def read_pairs(path):
+    """A pairs list -> (image paths, issame): lines `image1 image2 same` (same: 1/0, true/false;
+    separated by spaces, tabs or commas; `#` comments); relative paths from the list's folder."""
+    root, paths, issame = os.path.dirname(os.path.abspath(path)), [], []
+    with open(path) as f:
+        for num, line in enumerate(f, 1):
+            fields = line.split("#")[0].replace(",", " ").split()
+            if not fields:
+                continue
+            if len(fields) != 3 or fields[2].lower() not in ("1", "0", "true", "false"):
+                raise DataError(f"{path} line {num}: expected 'image1 image2 same(1/0)', got {line.strip()!r}")
+            paths += [os.path.join(root, p) for p in fields[:2]]
+            issame.append(fields[2].lower() in ("1", "true"))
+    return paths, issame
+
+
+def pack_bin(pairs_path, out_path):
+    """A pairs list (read_pairs) -> an insightface .bin holding the images' own encoded bytes."""
+    paths, issame = read_pairs(pairs_path)
+    images, sizes = [], set()
+    for p in paths:
+        if not os.path.isfile(p):
+            raise DataError(f"image not found: {p} (listed in {pairs_path})")
+        with open(p, "rb") as f:
+            images.append(f.read())
+        sizes.add(tuple(decode_image(images[-1], p).shape))
+    if len(sizes) > 1:
+        raise DataError(f"the images of {pairs_path} differ in size {sorted(sizes)}: a .bin holds one size")
+    write_bin(out_path, images, issame)
+    return len(issame)
+
 
 def resize_uint8(image, size):
     """uint8 [...,3,H,W] -> uint8 [...,3,size,size] (antialiased bilinear), unchanged if already there."""
@@ -431,10 +661,24 @@ class MergedDataset(torch.utils.data.Dataset):
     def __len__(self):
         return int(self.starts[-1])
 
-    def __getitem__(self, i):
+    def source(self, i):
+        """(source index, index inside that source) of item i."""
         s = int(np.searchsorted(self.starts, i, side="right")) - 1
-        image, label = self.datasets[s][i - int(self.starts[s])]
+        return s, i - int(self.starts[s])
+
+    def __getitem__(self, i):
+        s, j = self.source(i)
+        image, label = self.datasets[s][j]
         return image if self.size is None else resize_uint8(image, self.size), self.remaps[s][label]
+
+    def encoded(self, i):
+        s, j = self.source(i)
+        data, label = self.datasets[s].encoded(j)
+        return data, self.remaps[s][label]
+
+    def describe(self, i):
+        s, j = self.source(i)
+        return self.datasets[s].describe(j)
 
 
 def open_dataset(source):
@@ -486,8 +730,9 @@ def epoch_order(n, batch_size, seed, epoch):
     return perm[:max(1, n // batch_size) * batch_size]
 
 
-def setup_distributed(device=None):
-    """-> (rank, local_rank, world_size, device). DDP when RANK is set (torchrun), else one process."""
+def setup_distributed(device=None, timeout=None):
+    """-> (rank, local_rank, world_size, device). DDP when RANK is set (torchrun), else one process.
+    timeout: how long collectives wait (a datetime.timedelta; None: torch's default)."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if "RANK" not in os.environ:
@@ -495,9 +740,9 @@ def setup_distributed(device=None):
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     if torch.device(device).type == "cuda":
         torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank), timeout=timeout)
         return rank, local_rank, world, torch.device("cuda", local_rank)
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=timeout)
     return rank, local_rank, world, torch.device(device)
 
 
@@ -515,13 +760,25 @@ def write_text_atomic(text, path):
     os.replace(tmp, path)
 
 
-def autocast_context(device, amp):
-    """-> (ctx, scaler): bf16 autocast on CUDA (fp16 + GradScaler if bf16 is missing); no-ops on CPU."""
+def amp_dtype(device, dtype="auto"):
+    """The autocast dtype --amp uses on `device`, or None for fp32: bf16 where the hardware has it
+    natively (emulated bf16 is slower than fp32), else fp16 on CUDA (with loss scaling) and fp32 on
+    CPU. dtype "bf16" / "fp16" forces one."""
+    if dtype != "auto":
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+
+
+def autocast_context(device, amp, dtype="auto"):
+    """-> (ctx, scaler): autocast in amp_dtype(device, dtype) and a GradScaler enabled for fp16 only;
+    no-ops without amp (or on a CPU without native bf16)."""
     device = torch.device(device)
-    if not amp or device.type != "cuda":
-        return nullcontext(), torch.amp.GradScaler("cpu", enabled=False)
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype), torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    dtype = amp_dtype(device, dtype) if amp else None
+    if dtype is None:
+        return nullcontext(), torch.amp.GradScaler(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=dtype), torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 # ----------------------------------------------------------------------------- training
 
@@ -531,6 +788,61 @@ def lr_at(step, total, warmup, base):
     if step < warmup:
         return base * (step + 1) / warmup
     return base * max(0.0, 1 - (step - warmup) / max(1, total - warmup))
+
+
+def rank_order(order, batch, rank, world):
+    """This rank's share of an epoch's order: its 1/world of every global batch, batch after batch."""
+    return order.view(-1, batch)[:, rank::world].reshape(-1)
+
+
+def flip_batch(x, flip, device):
+    """uint8 batch [B,3,H,W] -> float in [-1, 1] on `device`, images with flip[i] mirrored. The flip
+    runs after the copy, so a pinned batch goes to the GPU as it is (non_blocking)."""
+    x = x.to(device, non_blocking=True)
+    x = torch.where(flip.to(device, non_blocking=True)[:, None, None, None], x.flip(3), x)
+    return x.float().div_(127.5).sub_(1).contiguous(memory_format=torch.channels_last)  # (x/255 - 0.5)/0.5
+
+
+def sync_buffers(module, world):
+    """Average floating-point buffers (BN running statistics) over the processes."""
+    if world > 1:
+        for b in module.buffers():
+            if b.is_floating_point():
+                dist.all_reduce(b)
+                b /= world
+
+
+def gather_state(trainer, opt, head, head_index, partial_fc):
+    """(model state, optimiser state) with Partial FC's shards (and their momentum) gathered so a
+    checkpoint looks like the plain head's; a collective: every rank calls it."""
+    model_state, opt_state = trainer.state_dict(), opt.state_dict()
+    if partial_fc:
+        model_state["head.weight"] = head.gather(head.weight.detach())
+        slot = opt_state["state"].get(head_index, {})
+        if "momentum_buffer" in slot:  # a copy: opt_state's inner dicts are the optimiser's own
+            opt_state["state"][head_index] = {**slot, "momentum_buffer": head.gather(slot["momentum_buffer"])}
+    return model_state, opt_state
+
+
+def checkpoint(state, scaler, step, steps_per_epoch, elapsed, args, classes, device):
+    """The resume state of checkpoint.pt; "epoch" counts whole epochs done."""
+    rng = {"torch": torch.get_rng_state()}  # for inspection: every step re-seeds from (seed, rank, step)
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return {"model": state[0], "optimizer": state[1], "scaler": scaler.state_dict(), "step": step,
+            "epoch": step // steps_per_epoch, "elapsed": elapsed, "args": vars(args), "class_names": classes,
+            "rng": rng}
+
+
+def check_compile(device):
+    """torch.compile fails at the first call, deep in training: try a tiny function first, so a
+    missing C++ compiler (or Triton on CUDA) ends in one error line."""
+    try:
+        torch.compile(lambda t: t * 2 + 1)(torch.ones(4, device=device))
+    except Exception as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+        raise DataError(f"--compile does not work on this machine ({lines[0]}); "
+                        f"install a C++ compiler or leave --compile out") from None
 
 
 def validate(run, model_path, bins, epoch):
@@ -554,8 +866,13 @@ def validate(run, model_path, bins, epoch):
 
 
 def train(args):
-    rank, local_rank, world, device = setup_distributed(args.device)
+    # validation pauses the other ranks at a barrier while rank 0 runs evaluate.py: allow it time
+    timeout = datetime.timedelta(hours=args.val_timeout) if args.val else None
+    rank, local_rank, world, device = setup_distributed(args.device, timeout)
     master = rank == 0
+    if device.type == "cuda":  # as the reference recipe runs: TF32 matmuls/convolutions, tuned kernels
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+        torch.backends.cudnn.benchmark = True
     if args.batch_size % world:
         raise DataError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
     for path in args.val:
@@ -575,15 +892,16 @@ def train(args):
     torch.manual_seed(args.seed)  # identical initialisation on every rank
     backbone = iresnet(int(args.network[1:]), args.width, args.embedding_size, args.input_size, args.dropout)
     if partial_fc:
-        head = PartialFCHead(args.embedding_size, len(classes), args.scale, args.margin, args.sample_rate, rank, world)
+        head = PartialFCHead(args.embedding_size, len(classes), args.scale, args.margin, args.sample_rate, rank, world,
+                             args.margin_grad)
     else:
-        head = MarginHead(args.embedding_size, len(classes), args.scale, args.margin)
+        head = MarginHead(args.embedding_size, len(classes), args.scale, args.margin, args.margin_grad)
     trainer = FaceTrainer(backbone, head)
     trainer = trainer.to(device, memory_format=torch.channels_last)  # ~1.8x faster convolutions on CPU
     params = [p for p in trainer.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     head_index = next(i for i, p in enumerate(params) if p is head.weight)  # its slot in opt.state_dict()
-    ctx, scaler = autocast_context(device, args.amp)
+    ctx, scaler = autocast_context(device, args.amp, args.amp_dtype)
     start_epoch, step, elapsed = 0, 0, 0.0
     if os.path.exists(ckpt_path):
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
@@ -601,8 +919,10 @@ def train(args):
                 slot["momentum_buffer"] = head.shard(slot["momentum_buffer"])
         trainer.load_state_dict(model_state)
         opt.load_state_dict(opt_state)
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, step, elapsed = ckpt["epoch"], ckpt["step"], ckpt["elapsed"]
+        if scaler.is_enabled() and ckpt["scaler"]:  # empty when written without fp16 loss scaling
+            scaler.load_state_dict(ckpt["scaler"])
+        step, elapsed = ckpt["step"], ckpt["elapsed"]
+        start_epoch = step // steps_per_epoch  # whole epochs: a run stopped mid-epoch continues it
         if step >= total:
             if master:
                 print(f"{args.out} already finished ({step} steps, {start_epoch} epochs); nothing to do")
@@ -621,6 +941,8 @@ def train(args):
     else:
         ds.size, workers = args.input_size, args.workers or min(8, max(1, (os.cpu_count() or 1) // world))
     model = trainer
+    if args.compile:
+        check_compile(device)
     if world > 1:
         ids = [local_rank] if device.type == "cuda" else None
         if partial_fc:  # each rank owns its shard of the head: DDP must neither broadcast nor average it
@@ -630,27 +952,28 @@ def train(args):
     if args.compile:
         model = torch.compile(model)
 
-    for epoch in range(start_epoch, epochs):
-        # Everything random in an epoch derives from (seed, rank, epoch): a resumed run repeats it exactly.
-        torch.manual_seed(seed_for(args.seed, rank, epoch))
+    stop_at = step + args.stop_after_steps if args.stop_after_steps else total
+    for epoch in range(step // steps_per_epoch, epochs):
+        # Everything random derives from (seed, rank, epoch) and the step: a resumed run repeats it,
+        # also from a checkpoint written mid-epoch (the epoch's trained batches are skipped).
+        skip = step - epoch * steps_per_epoch
         flip_gen = torch.Generator().manual_seed(seed_for(args.seed, rank, epoch, 1))
+        for _ in range(skip):  # the skipped batches' flips: the generator resumes where it was
+            torch.rand(batch // world, generator=flip_gen)
+        order = rank_order(epoch_order(n, batch, args.seed, epoch), batch, rank, world)[skip * (batch // world):]
         if in_memory:
-            order = epoch_order(n, batch, args.seed, epoch)
-            batches = ((images[i], labels[i]) for i in (order[j:j + batch][rank::world]
-                                                         for j in range(0, len(order), batch)))
+            batches = ((images[i], labels[i]) for i in order.split(batch // world))
         else:  # the same items per rank as above, decoded by workers
-            order = epoch_order(n, batch, args.seed, epoch)[rank::world].tolist()
-            batches = iter(torch.utils.data.DataLoader(ds, batch_size=batch // world, sampler=order,
+            batches = iter(torch.utils.data.DataLoader(ds, batch_size=batch // world, sampler=order.tolist(),
                                                        num_workers=workers, pin_memory=device.type == "cuda"))
-        steps_now = min(steps_per_epoch, total - step)
+        steps_now = min(steps_per_epoch - skip, total - step)
         trainer.train()
-        t0, seen, loss_sum = time.time(), 0, 0.0
+        t0, seen, loss_sum, done = time.time(), 0, 0.0, 0
         bar = tqdm(total=steps_now, desc=f"epoch {epoch + 1}/{epochs}", disable=not master, leave=False)
         for _, (x, y) in zip(range(steps_now), batches):
+            torch.manual_seed(seed_for(args.seed, rank, step, 2))  # dropout, Partial FC sampling
             flip = torch.rand(len(x), generator=flip_gen) < 0.5  # the recipe's only augmentation
-            x = torch.where(flip[:, None, None, None], x.flip(3), x)
-            x = x.to(device, non_blocking=True).float().div_(127.5).sub_(1)  # (x/255 - 0.5)/0.5
-            x, y = x.contiguous(memory_format=torch.channels_last), y.to(device, non_blocking=True)
+            x, y = flip_batch(x, flip, device), y.to(device, non_blocking=True)
             lr = lr_at(step, total, warmup, args.lr)
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -663,7 +986,7 @@ def train(args):
             mean_loss = mean_loss.item()
             if not math.isfinite(mean_loss):  # stop before the update: checkpoint.pt stays the last good state
                 bar.close()
-                kept = f"{ckpt_path} keeps epoch {epoch}" if epoch else "no checkpoint was written"
+                kept = f"{ckpt_path} keeps step {step}" if os.path.exists(ckpt_path) else "no checkpoint was written"
                 sys.exit(f"error: loss is {mean_loss} at step {step + 1} (epoch {epoch + 1}); stopped ({kept}); "
                          f"try a lower --lr or --warmup-epochs")
             opt.zero_grad(set_to_none=True)
@@ -672,37 +995,37 @@ def train(args):
             nn.utils.clip_grad_norm_(backbone.parameters(), args.clip_grad)  # backbone only, as in the recipe
             scaler.step(opt)
             scaler.update()
-            step, seen, loss_sum = step + 1, seen + len(x) * world, loss_sum + mean_loss
+            step, seen, loss_sum, done = step + 1, seen + len(x) * world, loss_sum + mean_loss, done + 1
             bar.update()
             bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.4f}", img_s=f"{seen / (time.time() - t0):.0f}")
+            if step >= stop_at:  # (testing) a kill: nothing more is written
+                break
+            if args.checkpoint_every and step % args.checkpoint_every == 0 and step % steps_per_epoch:
+                sync_buffers(trainer, world)
+                state = gather_state(trainer, opt, head, head_index, partial_fc)
+                if master:
+                    save_atomic(checkpoint(state, scaler, step, steps_per_epoch, elapsed + time.time() - t0,
+                                           args, classes, device), ckpt_path)
         bar.close()
-        if world > 1:  # BN running statistics differ per shard: average them so all ranks agree
-            for b in trainer.buffers():
-                if b.is_floating_point():
-                    dist.all_reduce(b)
-                    b /= world
+        if step >= stop_at and step < total:
+            break
+        sync_buffers(trainer, world)  # BN running statistics differ per shard: all ranks agree
         dt = time.time() - t0
         elapsed += dt
-        rec = {"epoch": epoch + 1, "step": step, "loss": loss_sum / max(1, steps_now), "lr": lr,
+        rec = {"epoch": epoch + 1, "step": step, "loss": loss_sum / max(1, done), "lr": lr,
                "images_per_s": seen / dt, "time": dt, "elapsed": elapsed}
-        model_state, opt_state = trainer.state_dict(), opt.state_dict()
-        if partial_fc:  # gather the shards (and their momentum) so checkpoints look like the plain head's
-            model_state["head.weight"] = head.gather(head.weight.detach())
-            slot = opt_state["state"].get(head_index, {})
-            if "momentum_buffer" in slot:  # a copy: opt_state's inner dicts are the optimiser's own
-                opt_state["state"][head_index] = {**slot, "momentum_buffer": head.gather(slot["momentum_buffer"])}
+        state = gather_state(trainer, opt, head, head_index, partial_fc)
+        validating = args.val and ((epoch + 1) % args.val_every == 0 or step >= total)
         if master:
             config = {"network": args.network, "depth": int(args.network[1:]), "width": args.width,
                       "embedding_size": args.embedding_size, "input_size": args.input_size,
-                      "dropout": args.dropout, "margin": args.margin, "epoch": epoch + 1, "step": step}
+                      "dropout": args.dropout, "margin": args.margin, "margin_grad": args.margin_grad,
+                      "epoch": step // steps_per_epoch, "step": step}
             save_atomic({"config": config, "state_dict": backbone.state_dict(), "class_names": classes}, model_path)
-            rng = {"torch": torch.get_rng_state()}  # for inspection: each epoch re-seeds from (seed, rank, epoch)
-            if device.type == "cuda":
-                rng["cuda"] = torch.cuda.get_rng_state(device)
-            save_atomic({"model": model_state, "optimizer": opt_state, "scaler": scaler.state_dict(),
-                         "epoch": epoch + 1, "step": step, "elapsed": elapsed, "args": vars(args),
-                         "class_names": classes, "rng": rng}, ckpt_path)
-            if args.val and ((epoch + 1) % args.val_every == 0 or step >= total):
+            save_atomic(checkpoint(state, scaler, step, steps_per_epoch, elapsed, args, classes, device), ckpt_path)
+            if validating:  # the other ranks wait at the barrier below: evaluate.py has the GPU to itself
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
                 rec.update(validate(args.out, model_path, args.val, epoch + 1))
             with open(os.path.join(args.out, "log.jsonl"), "a") as f:
                 f.write(json.dumps(rec) + "\n")
@@ -711,12 +1034,23 @@ def train(args):
                 val = f"  val {rec['val_mean']:.2f} (" + ", ".join(f"{k} {v:.1f}" for k, v in rec["val"].items()) + ")"
             print(f"epoch {epoch + 1}/{epochs}  step {step}  loss {rec['loss']:.4f}  lr {lr:.5f}  "
                   f"{rec['images_per_s']:.0f} img/s  {dt:.1f} s{val}", flush=True)
+        if validating and world > 1:
+            dist.barrier()
         if args.stop_after_epochs and epoch + 1 - start_epoch >= args.stop_after_epochs:
             break
     if args.debug_rank_weights:
         save_atomic(trainer.state_dict(), os.path.join(args.out, f"rank{rank}-weights.pt"))
     if master and step >= total:
         print(f"done: {step} steps in {elapsed:.0f} s; backbone in {model_path}")
+
+
+def pack_cli(args):
+    t0 = time.time()
+    n, c = pack_rec(open_datasets(args.data, args.merge_by_name), args.pack_rec, args.pack_format,
+                    args.pack_quality, args.pack_size)
+    dt = time.time() - t0
+    print(f"{n} images of {c} identities -> {os.path.join(args.pack_rec, 'train.rec')} "
+          f"({dt:.1f} s, {n / max(dt, 1e-9):.0f} images/s)")
 
 
 def parse_args(argv=None):
@@ -726,10 +1060,18 @@ def parse_args(argv=None):
     a("--data", nargs="+", required=True, metavar="SRC",
       help="image folders (one sub-folder per identity) and/or train.rec files; later sources' identities "
            "are appended as new classes")
-    a("--out", required=True, metavar="RUN", help="run folder (re-running the same command resumes it)")
+    a("--out", metavar="RUN", help="run folder (re-running the same command resumes it)")
+    a("--pack-rec", metavar="OUT_DIR", help="instead of training: write the --data sources, merged as training "
+                                            "merges them, to OUT_DIR/train.rec + train.idx + property "
+                                            "(insightface's layout) and exit")
+    a("--pack-format", default="jpeg", choices=["jpeg", "png"], help="--pack-rec image encoding (images already "
+                                                                      "in it and in size are copied as they are)")
+    a("--pack-quality", type=int, default=95, help="--pack-rec JPEG quality")
+    a("--pack-size", type=int, default=None, help="--pack-rec: resize images to this square size (insightface: "
+                                                  "112); default: keep their size")
     a("--merge-by-name", action="store_true",
       help="an identity whose name exists in an earlier source joins that class")
-    a("--network", default="r18", choices=["r18", "r34", "r50", "r100"], help="IResNet depth")
+    a("--network", default="r18", choices=["r18", "r34", "r50", "r100", "r200"], help="IResNet depth")
     a("--width", type=float, default=0.25, help="multiplier of the stage widths 64/128/256/512 (1 = reference)")
     a("--embedding-size", type=int, default=128, help="embedding dimension (reference 512)")
     a("--input-size", type=int, default=32, help="input resolution in pixels, a multiple of 16 (reference 112); "
@@ -744,6 +1086,9 @@ def parse_args(argv=None):
     a("--warmup-epochs", type=float, default=0.0, help="linear learning-rate warm-up length in epochs")
     a("--clip-grad", type=float, default=5.0, help="gradient-norm clip on the backbone")
     a("--margin", default="arcface", choices=sorted(MARGINS), help="cosface: s(cos - 0.4); arcface: s cos(theta + 0.5)")
+    a("--margin-grad", default="straight", choices=CombinedMarginLoss.GRADIENTS,
+      help="ArcFace gradient: straight (current arcface_torch: margin on the value only) or textbook "
+           "(arcface_torch of 2022: through cos(theta + m), fallback cos(theta) - m sin m past pi)")
     a("--scale", type=float, default=64.0, help="logit scale s of the margin softmax")
     a("--partial-fc", action="store_true", help="Partial FC head for many classes: the class weights sharded over "
                                                 "the processes, the softmax normaliser all-reduced")
@@ -751,17 +1096,26 @@ def parse_args(argv=None):
                                                      "(the batch's classes always); below 1 implies --partial-fc")
     a("--val", nargs="*", default=[], metavar="FILE.bin", help="verification .bin files evaluated by evaluate.py")
     a("--val-every", type=int, default=4, help="validate every this many epochs (and at the end)")
+    a("--val-timeout", type=float, default=2.0, help="hours the other processes wait for rank 0's validation")
+    a("--checkpoint-every", type=int, default=1000, help="also write checkpoint.pt every this many steps "
+                                                          "(besides every epoch end); 0: epoch ends only")
+    a("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls and convolutions on CUDA")
     a("--seed", type=int, default=0, help="random seed (initialisation, batch order, flips)")
-    a("--amp", action="store_true", help="mixed precision on CUDA (bf16, or fp16 with loss scaling)")
+    a("--amp", action="store_true", help="mixed precision: bf16 autocast where the GPU or CPU has native bf16, "
+                                         "else fp16 with loss scaling on CUDA (fp32 on such a CPU)")
+    a("--amp-dtype", default="auto", choices=["auto", "bf16", "fp16"], help="force the --amp dtype")
     a("--compile", action="store_true", help="torch.compile the model")
     a("--workers", type=int, default=0, help="DataLoader workers per process; 0 decodes the whole set into memory "
                                              "when it fits in --memory-limit, else uses min(8, cores) workers")
     a("--memory-limit", type=float, default=8.0, help="GiB of decoded images the in-memory path may hold")
     a("--device", default=None, help="cpu or cuda (default: cuda when available)")
     a("--stop-after-epochs", type=int, default=0, help="(testing) stop after this many epochs, as if interrupted")
+    a("--stop-after-steps", type=int, default=0, help="(testing) stop after this many steps, as if killed")
     a("--debug-rank-weights", action="store_true", help="(testing) every rank saves its final weights "
                                                         "to RUN/rank<r>-weights.pt")
     args = p.parse_args(argv)
+    if not (args.out or args.pack_rec):
+        p.error("give --out RUN (training) or --pack-rec OUT_DIR")
     if args.input_size % 16:
         p.error(f"--input-size must be a multiple of 16, got {args.input_size}")
     if not 0 < args.sample_rate <= 1:
@@ -772,7 +1126,10 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        train(args)
+        if args.pack_rec:
+            pack_cli(args)
+        else:
+            train(args)
     except DataError as e:  # errors re-raised from DataLoader workers carry their traceback: keep the message
         sys.exit("error: " + str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1])
     finally:

@@ -417,7 +417,9 @@ def test_cli_writes_results_json_and_table(trained_model, tiny_toy, tmp_path):
     stems = [b.stem for b in bins]
     assert list(res["baseline"]) == stems + ["avg", "IJBC", "ident"]
     for s in stems:
-        assert set(res["baseline"][s]) == {"accuracy", "std", "tar_at_far_1e-3", "tar_at_far_1e-4"}
+        assert set(res["baseline"][s]) == {"accuracy", "std", "pooled_tar_at_far_1e-3", "pooled_tar_at_far_1e-4",
+                                           "tar_at_far_1e-3", "tar_at_far_1e-4"}  # the old names kept for readers
+        assert res["baseline"][s]["pooled_tar_at_far_1e-3"] == res["baseline"][s]["tar_at_far_1e-3"]
         assert 0 <= res["baseline"][s]["accuracy"] <= 100
     assert res["baseline"]["avg"]["accuracy"] == pytest.approx(np.mean([res["baseline"][s]["accuracy"] for s in stems]))
     assert res["baseline"] == res["baseline-2"]
@@ -458,3 +460,44 @@ def test_cli_bad_inputs_give_one_error_line(trained_model, tmp_path):
         assert "Traceback" not in r.stderr and expect in lines[-1], r.stderr
         assert lines[-1].startswith(("error: ", "evaluate.py: error: ")), r.stderr
     assert not (tmp_path / "marker").exists() and not (tmp_path / "r.json").exists()
+
+
+def test_cli_takes_an_insightface_backbone_file_and_refuses_a_training_checkpoint(trained_model, tiny_toy,
+                                                                                  tmp_path):
+    """A bare IResNet state dict (insightface's backbone.pth) scores as the model.pt it came from."""
+    state = torch.load(trained_model, weights_only=True)["state_dict"]
+    torch.save(state, tmp_path / "backbone.pth")
+    out = tmp_path / "r.json"
+    r = run_script("evaluate.py", "--model", trained_model, tmp_path / "backbone.pth", "--names", "ours", "theirs",
+                   "--bin", tiny_toy / "bench" / "toy_lfw.bin", "--out", out)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())["models"]
+    assert res["ours"] == res["theirs"]
+    r = run_script("evaluate.py", "--model", trained_model.parent / "checkpoint.pt",
+                   "--bin", tiny_toy / "bench" / "toy_lfw.bin")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert lines[-1].startswith("error: ") and "not a face-recognition backbone" in lines[-1], r.stderr
+
+
+def test_pack_bin_cli_round_trips_through_load_bin(tmp_path):
+    """A pairs list -> insightface .bin -> load_bin: the same pixels (PNG) and labels, in pair order."""
+    rng = np.random.default_rng(0)
+    os.makedirs(tmp_path / "img" / "a")
+    arrays = [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(4)]
+    for k, arr in enumerate(arrays):
+        save_png(arr, str(tmp_path / "img" / "a" / f"{k}.png"))
+    (tmp_path / "pairs.txt").write_text("# image1 image2 same\nimg/a/0.png img/a/1.png 1\n"
+                                        "img/a/2.png,img/a/3.png,0\n")
+    out = tmp_path / "mine.bin"
+    r = run_script("evaluate.py", "--pack-bin", tmp_path / "pairs.txt", "--out", out)
+    assert r.returncode == 0 and "2 pairs" in r.stdout, r.stderr
+    images, issame = evaluate.load_bin(str(out))
+    assert issame.tolist() == [True, False] and np.array_equal(images, np.stack(arrays))
+    bins, same = pickle.load(open(out, "rb"), encoding="bytes")  # insightface's own reading
+    assert isinstance(bins[0], bytes) and same == [True, False]
+    (tmp_path / "bad.txt").write_text("img/a/0.png img/a/9.png 1\n")
+    r = run_script("evaluate.py", "--pack-bin", tmp_path / "bad.txt", "--out", tmp_path / "bad.bin")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: image not found")
+    assert not (tmp_path / "bad.bin").exists()

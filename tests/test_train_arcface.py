@@ -16,8 +16,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import ROOT, run_script
-from train_arcface import (CombinedMarginLoss, DataError, ImageFolderDataset, MarginHead, PartialFCHead,
-                           RecordIODataset, iresnet, load_backbone, load_images, lr_at, open_datasets)
+from train_arcface import (BackboneError, CombinedMarginLoss, DataError, ImageFolderDataset, MarginHead,
+                           PartialFCHead, RecordIODataset, ShardedCrossEntropy, amp_dtype, autocast_context,
+                           RecordWriter, flip_batch, insightface_config, iresnet, load_backbone, load_images,
+                           lr_at, open_datasets, pack_rec, record_chunks, record_header)
 
 MAGIC = 0xCED7230A
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -123,11 +125,11 @@ def test_tiny_width_and_input_size():
     assert net(torch.randn(3, 3, 32, 32)).shape == (3, 128)
 
 
-def test_arcface_logits_match_textbook_formula_and_carry_its_gradient():
+def test_textbook_arcface_logits_match_the_formula_and_carry_its_gradient():
     torch.manual_seed(0)
     cos = torch.empty(16, 10).uniform_(-0.95, 0.95).requires_grad_()
     labels = torch.randint(0, 10, (16,))
-    logits = CombinedMarginLoss(64, 1.0, 0.5, 0.0)(cos, labels)
+    logits = CombinedMarginLoss(64, 1.0, 0.5, 0.0, gradient="textbook")(cos, labels)
     theta = torch.acos(cos.detach())
     expected = 64 * cos.detach().clone()
     rows = torch.arange(16)
@@ -142,10 +144,42 @@ def test_arcface_logits_match_textbook_formula_and_carry_its_gradient():
     torch.testing.assert_close(cos.grad[rows, labels][inside], grad[inside], rtol=1e-4, atol=1e-3)
 
 
-def test_arcface_threshold_keeps_the_target_logit_monotone():
+def test_textbook_arcface_threshold_keeps_the_target_logit_monotone():
     cos = torch.linspace(-1, 1, 401)[:, None]
-    logits = CombinedMarginLoss(1.0, 1.0, 0.5, 0.0)(cos, torch.zeros(401, dtype=torch.long))[:, 0]
+    margin = CombinedMarginLoss(1.0, 1.0, 0.5, 0.0, gradient="textbook")
+    logits = margin(cos, torch.zeros(401, dtype=torch.long))[:, 0]
     assert (logits[1:] - logits[:-1] >= -1e-6).all()
+
+
+GOLDEN = os.path.join(ROOT, "tests", "fixtures", "insightface", "combined_margin_loss.json")
+
+
+@pytest.mark.parametrize("case,gradient", [("arcface_current", "straight"), ("arcface_2022", "textbook"),
+                                           ("cosface_current", "straight")])
+def test_margin_logits_and_gradients_match_insightface(case, gradient):
+    with open(GOLDEN) as f:
+        golden = json.load(f)
+    ref = golden[case]
+    cos = torch.tensor(golden["cosine"], dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor(golden["labels"])
+    logits = CombinedMarginLoss(64.0, *ref["margins"], gradient=gradient)(cos, labels)
+    loss = F.cross_entropy(logits, labels)
+    loss.backward()
+    torch.testing.assert_close(logits.detach(), torch.tensor(ref["logits"], dtype=torch.float64),
+                               rtol=0, atol=1e-9)
+    assert abs(loss.item() - ref["loss"]) < 1e-9
+    grad = torch.tensor(ref["grad_cosine"], dtype=torch.float64)
+    assert (cos.grad - grad).abs().max() < 1e-9, (cos.grad - grad).abs().max()
+
+
+def test_straight_through_arcface_passes_the_softmax_gradient_unscaled():
+    torch.manual_seed(2)
+    cos = torch.empty(6, 4).uniform_(-0.9, 0.9).requires_grad_()
+    labels = torch.randint(0, 4, (6,))
+    logits = CombinedMarginLoss(64, 1.0, 0.5, 0.0)(cos, labels)
+    F.cross_entropy(logits, labels).backward()
+    expected = 64 * (logits.detach().softmax(1) - F.one_hot(labels, 4)) / 6
+    torch.testing.assert_close(cos.grad, expected)
 
 
 def test_cosface_logits_match_textbook_formula():
@@ -155,6 +189,67 @@ def test_cosface_logits_match_textbook_formula():
     expected = 64 * cos.clone()
     expected[torch.arange(8), labels] -= 64 * 0.4
     torch.testing.assert_close(CombinedMarginLoss(64, 1.0, 0.0, 0.4)(cos, labels), expected)
+
+
+def test_backbone_runs_in_bf16_under_autocast_with_fp32_embedding_layers():
+    """insightface keeps fc and the feature BatchNorm in fp32; the convolutions follow the autocast."""
+    net = iresnet(18, width=0.125, embedding_size=16, input_size=32).eval()
+    seen = {}
+    for name in ("conv1", "layer4", "fc", "features"):
+        getattr(net, name).register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, o.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(torch.randn(2, 3, 32, 32))
+    assert seen == {"conv1": torch.bfloat16, "layer4": torch.bfloat16, "fc": torch.float32,
+                    "features": torch.float32}
+    assert out.dtype == torch.float32
+    net.fp16 = True  # insightface's flag: fp16 convolutions without an outer autocast
+    net(torch.randn(2, 3, 32, 32))
+    assert seen["conv1"] == torch.float16 and seen["fc"] == torch.float32
+
+
+def test_amp_dtype_takes_bf16_only_where_it_is_native(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert amp_dtype("cuda") == torch.float16  # an emulating GPU (V100, T4): fp16 + loss scaling
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert amp_dtype("cuda") == torch.bfloat16
+    assert amp_dtype("cpu", "fp16") == torch.float16
+    ctx, scaler = autocast_context("cpu", True, "fp16")
+    assert scaler.is_enabled() and isinstance(ctx, torch.autocast)
+    ctx, scaler = autocast_context("cpu", False)
+    assert not scaler.is_enabled() and not isinstance(ctx, torch.autocast)
+
+
+@pytest.mark.parametrize("prefix", ["", "module."])
+def test_insightface_state_dict_loads_with_its_config_read_from_keys_and_shapes(tmp_path, prefix):
+    torch.manual_seed(0)
+    net = iresnet(34, width=0.125, embedding_size=24, input_size=48).eval()
+    torch.save({prefix + k: v for k, v in net.state_dict().items()}, tmp_path / "backbone.pth")
+    loaded = load_backbone(tmp_path / "backbone.pth")
+    assert (loaded.input_size, loaded.class_names, loaded.fc.out_features) == (48, None, 24)
+    assert len(loaded.layer3) == 6 and loaded.conv1.out_channels == 8 and not loaded.training
+    x = torch.randn(2, 3, 48, 48)
+    assert torch.equal(loaded(x), net(x))
+
+
+@pytest.mark.parametrize("depth", [18, 34, 50, 100, 200])
+def test_insightface_config_reads_every_reference_depth(depth):
+    with torch.device("meta"):
+        state = iresnet(depth).state_dict()
+    assert insightface_config(state) == {"depth": depth, "width": 1.0, "embedding_size": 512, "input_size": 112}
+    assert insightface_config(state, input_size=96)["input_size"] == 96
+
+
+def test_a_checkpoint_of_the_wrong_kind_gets_one_clear_error(tmp_path):
+    torch.save({"model": {}, "optimizer": {}}, tmp_path / "checkpoint.pt")
+    torch.save({"weight": torch.zeros(3)}, tmp_path / "linear.pt")
+    torch.save(iresnet(34, 0.125, 16, 32).state_dict(), tmp_path / "r34.pth")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    for name, needle in [("checkpoint.pt", "not a face-recognition backbone"), ("linear.pt", "not an IResNet"),
+                         ("junk.pt", "not a torch checkpoint")]:
+        with pytest.raises(BackboneError, match=needle):
+            load_backbone(tmp_path / name)
+    with pytest.raises(BackboneError, match="does not fit an IResNet-18"):
+        load_backbone(tmp_path / "r34.pth", depth=18)
 
 
 # --------------------------------------------------------------------------- Partial FC
@@ -209,11 +304,25 @@ def test_partial_fc_sampled_loss_is_the_softmax_over_the_sampled_classes(margin)
     loss.backward()
     cosine = F.linear(F.normalize(emb), F.normalize(plain.weight[index])).clamp(-1, 1)
     column = torch.searchsorted(index, labels)  # each label's place among the sampled classes
-    expected = F.cross_entropy(plain.margin(cosine, column), column)
+    per_row = F.cross_entropy(plain.margin(cosine, column), column, reduction="none")
+    expected = per_row.clamp_max(-math.log(1e-30)).mean()  # the logged value, as insightface's
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
     assert len(index) == 30 and set(labels.tolist()) <= set(index.tolist())
     touched = partial.weight.grad.abs().sum(1) > 0
     assert touched.nonzero()[:, 0].tolist() == index.tolist()  # rows not sampled get no gradient
+
+
+def test_partial_fc_logged_loss_clamps_p_y_like_insightface_and_keeps_the_gradient():
+    """insightface logs -log(max(p_y, 1e-30)); the gradient stays softmax minus one-hot."""
+    logits = torch.tensor([[0.0, 100.0, 0.0], [2.0, 1.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 1])
+    loss = ShardedCrossEntropy.apply(logits, labels)
+    per_row = F.cross_entropy(logits.detach(), labels, reduction="none")
+    assert per_row[0] > 99  # p_y = e^-100 underflows insightface's clamp
+    assert loss.item() == pytest.approx((-math.log(1e-30) + per_row[1].item()) / 2, rel=1e-12)
+    loss.backward()
+    expected = (logits.detach().softmax(1) - F.one_hot(labels, 3)) / 2
+    torch.testing.assert_close(logits.grad, expected)
 
 
 TWO_RANKS = """
@@ -257,7 +366,7 @@ def test_partial_fc_on_two_processes_equals_one_process_with_the_plain_head(tmp_
     for got in ranks:
         torch.testing.assert_close(got["loss"], loss.detach(), rtol=1e-6, atol=1e-6)
         for name, p in backbone.named_parameters():
-            torch.testing.assert_close(got["backbone"][name], p.grad, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(got["backbone"][name], p.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ranks[0]["head"], head.weight.grad, rtol=1e-5, atol=1e-7)
     assert ranks[1]["head"] is None and head.weight.grad.abs().max() > 1e-3
 
@@ -327,6 +436,79 @@ def test_truncated_recordio_names_the_file(tmp_path):
         load_images(RecordIODataset(rec), progress=False)
     r = run_script("train_arcface.py", "--data", rec, "--out", tmp_path / "run", env=ENV)
     assert r.returncode != 0 and "train.rec" in r.stderr and "Traceback" not in r.stderr
+
+
+FIXTURES = os.path.join(ROOT, "tests", "fixtures", "insightface")
+
+
+def test_record_writer_matches_mxnet_byte_for_byte(tmp_path):
+    """The same payloads, written by mxnet's MXIndexedRecordIO (fixture) and by RecordWriter."""
+    with open(os.path.join(FIXTURES, "mxnet_records.json")) as f:
+        records = [(r["key"], bytes.fromhex(r["payload_hex"])) for r in json.load(f)["records"]]
+    assert records[3][1] == record_header(3.0, 1) + b"\xff\xd8jpeg"  # mx.recordio.pack, image record
+    assert records[4][1] == record_header(0, labels=(5, 9))  # insightface's header record
+    with RecordWriter(str(tmp_path / "train.rec")) as w:
+        for key, payload in records:
+            w.write(key, payload)
+    for ext in ("rec", "idx"):
+        with open(os.path.join(FIXTURES, f"mxnet_records.{ext}"), "rb") as f:
+            assert (tmp_path / f"train.{ext}").read_bytes() == f.read(), ext
+    ds = object.__new__(RecordIODataset)  # and the reader's record layer reads mxnet's file (raw payloads)
+    ds.rec_path, ds._file, ds._pid = os.path.join(FIXTURES, "mxnet_records.rec"), None, None
+    with open(os.path.join(FIXTURES, "mxnet_records.idx")) as f:
+        ds.offsets = {int(k): int(o) for k, o in (ln.split("\t") for ln in f)}
+    assert [ds.read_record(k) for k, _ in records] == [p for _, p in records]
+
+
+def test_record_framing_follows_the_recordio_specification():
+    """Hand-computed from the format: magic 0xCED7230A (little-endian 0a 23 d7 ce), lrec = cflag << 29 |
+    length, zero padding to 4 bytes; a magic word at an aligned offset splits the record (cflag 1, 2, 3)."""
+    magic = bytes([0x0A, 0x23, 0xD7, 0xCE])
+    assert record_chunks(b"abcde") == magic + bytes([5, 0, 0, 0]) + b"abcde" + bytes(3)
+    assert record_chunks(b"abcd") == magic + bytes([4, 0, 0, 0]) + b"abcd"
+    payload = b"ABCD" + magic + b"EF" + magic + b"GH" + magic + b"xyz"  # magic at 4 and 16 (aligned), 10 (not)
+    expected = (magic + bytes([4, 0, 0, 0x20]) + b"ABCD"  # cflag 1 = 0x20 in the top byte, 4 bytes
+                + magic + bytes([8, 0, 0, 0x40]) + b"EF" + magic + b"GH"  # cflag 2, the unaligned magic kept
+                + magic + bytes([3, 0, 0, 0x60]) + b"xyz" + bytes(1))  # cflag 3, padded
+    assert record_chunks(payload) == expected
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg"])
+def test_packed_rec_reads_back_with_counts_labels_and_pixels(tmp_path, fmt):
+    a = make_folder(tmp_path / "a", ["alice", "bob"], per=3)
+    b = make_folder(tmp_path / "b", ["bob", "carol"], per=2, seed=1)
+    merged = open_datasets([a, b])
+    r = run_script("train_arcface.py", "--data", a, b, "--pack-rec", tmp_path / "rec", "--pack-format", fmt,
+                   env=ENV)
+    assert r.returncode == 0 and "10 images of 4 identities" in r.stdout, r.stderr
+    ds = RecordIODataset(str(tmp_path / "rec" / "train.rec"))
+    assert len(ds) == 10 and ds.classes == ["0", "1", "2", "3"] and ds.targets == list(merged.targets)
+    assert (tmp_path / "rec" / "property").read_text() == "4,32,32\n"
+    flag, labels, image = ds.read_header(0)
+    assert (flag, labels, image) == (2, [11.0, 15.0], b"")  # images 1..10, identity records 11..14
+    assert [ds.read_header(k)[1] for k in range(11, 15)] == [[1, 4], [4, 7], [7, 9], [9, 11]]
+    got, labels = load_images(ds, progress=False)
+    want, _ = load_images(merged, progress=False)
+    diff = (got.float() - want.float()).abs()
+    assert labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 3, 3]
+    if fmt == "png":
+        assert diff.max() == 0
+    else:  # JPEG drops the fine noise of these images (4:2:0 chroma): compare 4x4 block means
+        pooled = F.avg_pool2d(got.float(), 4) - F.avg_pool2d(want.float(), 4)
+        assert pooled.abs().mean() < 3, pooled.abs().mean()
+    r = run_script("train_arcface.py", "--data", tmp_path / "missing", "--pack-rec", tmp_path / "x", env=ENV)
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("error: data source not found")
+
+
+def test_pack_rec_copies_jpeg_bytes_and_resizes_when_asked(tmp_path):
+    os.makedirs(tmp_path / "src" / "a")
+    Image.fromarray(random_image(np.random.default_rng(0), 0, 48)).save(tmp_path / "src" / "a" / "0.jpg")
+    raw = (tmp_path / "src" / "a" / "0.jpg").read_bytes()
+    assert pack_rec(open_datasets([str(tmp_path / "src")]), str(tmp_path / "same"), progress=False) == (1, 1)
+    assert RecordIODataset(str(tmp_path / "same" / "train.rec")).encoded(0)[0] == raw
+    pack_rec(open_datasets([str(tmp_path / "src")]), str(tmp_path / "small"), size=32, progress=False)
+    assert RecordIODataset(str(tmp_path / "small" / "train.rec"))[0][0].shape == (3, 32, 32)
+    assert (tmp_path / "small" / "property").read_text() == "1,32,32\n"
 
 
 def test_two_sources_append_classes_and_merge_by_name(tmp_path):
@@ -407,6 +589,65 @@ def test_resumed_run_and_dataloader_path_give_bit_identical_weights(tmp_path):
     assert len(open(tmp_path / "resumed" / "log.jsonl").readlines()) == 2
 
 
+def test_resume_with_fp16_amp_from_a_checkpoint_written_without_it(tmp_path):
+    """A checkpoint without loss scaling holds an empty GradScaler state: resuming under fp16 works."""
+    data = make_folder(tmp_path / "data", ["a", "b", "c"], per=4)
+    args = ["--data", data, "--out", tmp_path / "run", *TINY, "--epochs", "2"]
+    r = run_script("train_arcface.py", *args, "--stop-after-epochs", "1", env=ENV)
+    assert r.returncode == 0, r.stderr
+    r = run_script("train_arcface.py", *args, "--amp", "--amp-dtype", "fp16", env=ENV)
+    assert r.returncode == 0 and "resuming" in r.stdout, r.stderr
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["scaler"]["scale"] > 0
+
+
+def test_killed_mid_epoch_and_resumed_from_a_step_checkpoint_gives_bit_identical_weights(tmp_path):
+    """3 steps per epoch, a checkpoint every 2 steps; killed after step 5, the run resumes at step 4
+    (one batch into epoch 2) and ends where an uninterrupted run does, bit for bit (dropout included)."""
+    data = make_folder(tmp_path / "data", ["a", "b", "c", "d"], per=6)
+    args = ["--data", data, *TINY, "--epochs", "3", "--checkpoint-every", "2", "--dropout", "0.2"]
+    r = run_script("train_arcface.py", *args, "--out", tmp_path / "straight", env=ENV)
+    assert r.returncode == 0, r.stderr
+    r = run_script("train_arcface.py", *args, "--out", tmp_path / "killed", "--stop-after-steps", "5", env=ENV)
+    assert r.returncode == 0, r.stderr
+    ckpt = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)
+    assert (ckpt["step"], ckpt["epoch"]) == (4, 1)
+    r = run_script("train_arcface.py", *args, "--out", tmp_path / "killed", env=ENV)
+    assert r.returncode == 0 and "step 4" in r.stdout, r.stderr
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)
+    assert a["step"] == b["step"] == 9
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+
+
+def test_steps_stopping_mid_epoch_leave_the_epoch_open_for_more_steps(tmp_path):
+    data = make_folder(tmp_path / "data", ["a", "b", "c", "d"], per=6)  # 3 steps per epoch
+    args = ["--data", data, "--out", tmp_path / "run", *TINY]
+    r = run_script("train_arcface.py", *args, "--steps", "4", env=ENV)
+    assert r.returncode == 0, r.stderr
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert (ckpt["step"], ckpt["epoch"]) == (4, 1)
+    r = run_script("train_arcface.py", *args, "--steps", "8", env=ENV)
+    assert r.returncode == 0 and "resuming" in r.stdout and "already finished" not in r.stdout, r.stderr
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 8
+
+
+def test_compile_without_a_working_compiler_is_one_error_line(tmp_path):
+    data = make_folder(tmp_path / "data", ["a", "b"], per=4)
+    env = {**ENV, "CXX": str(tmp_path / "no-such-compiler")}
+    r = run_script("train_arcface.py", "--data", data, "--out", tmp_path / "run", *TINY, "--compile", env=env)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert lines[-1].startswith("error: --compile does not work"), r.stderr
+
+
+def test_flip_batch_mirrors_the_chosen_images_after_the_copy():
+    x = torch.arange(2 * 3 * 2 * 4, dtype=torch.uint8).reshape(2, 3, 2, 4)
+    out = flip_batch(x, torch.tensor([True, False]), torch.device("cpu"))
+    expected = torch.stack([x[0].flip(2), x[1]]).float() / 127.5 - 1
+    torch.testing.assert_close(out, expected)
+
+
 def test_partial_fc_cli_with_one_process_trains_like_the_plain_head(tmp_path):
     """Same weights after 2 steps (float rounding of the two cross entropies grows ~1000x by step 4)."""
     data = make_folder(tmp_path / "data", ["a", "b", "c", "d", "e"], per=4)
@@ -429,12 +670,13 @@ def test_nan_loss_stops_with_a_message_naming_the_step(tmp_path):
     assert not os.path.exists(tmp_path / "run" / "model.pt")
 
 
-def test_two_process_run_keeps_ranks_identical(tmp_path):
+def test_two_process_run_keeps_ranks_identical(tmp_path, tiny_toy):
+    """Rank 0 validates at the end while rank 1 waits at a barrier (no second job beside training)."""
     data = make_folder(tmp_path / "data", ["a", "b", "c", "d"], per=4)
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "train_arcface.py"), "--data", data, "--out", str(out), *TINY, "--epochs", "2",
-           "--debug-rank-weights"]
+           "--debug-rank-weights", "--val", str(tiny_toy / "bench" / "toy_lfw.bin"), "--val-every", "5"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr
     w0 = torch.load(out / "rank0-weights.pt", weights_only=True)
@@ -442,7 +684,8 @@ def test_two_process_run_keeps_ranks_identical(tmp_path):
     assert w0.keys() == w1.keys()
     for k in w0:
         assert torch.equal(w0[k], w1[k]), k
-    assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == [2, 4]
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [e["step"] for e in log] == [2, 4] and "toy_lfw" in log[-1]["val"]
     assert load_backbone(out / "model.pt").input_size == 32
 
 
@@ -454,3 +697,24 @@ def test_scale_benchmark_quick_run_prints_its_three_tables():
             and not line.startswith("| workers")]
     assert len(rows) == 2 + 4 + 3 and "failed" not in r.stdout, r.stdout  # head sizes, selections, worker counts
     assert all(float(row.split("|")[2].replace(",", "")) > 0 for row in rows[-3:])  # images/s
+
+
+def test_scoremix_sample_packs_its_identities_after_the_real_set(tiny_toy, tmp_path):
+    """scoremix_sample.py --rec: real classes first, then one new class per sampled identity."""
+    r = run_script("train_diffusion.py", "--data", tiny_toy / "train", "--out", tmp_path / "gen", "--resolution", 16,
+                   "--channels", 8, "--batch-size", 8, "--duration", 0.016, "--rampup-kimg", 0,
+                   "--snapshot-every", 0, env=ENV)
+    assert r.returncode == 0, r.stderr[-2000:]
+    snapshot = tmp_path / "gen" / "network-snapshot-000000.pt"
+    names = sorted(os.listdir(tiny_toy / "train"))
+    (tmp_path / "pairs.csv").write_text(f"class_a,class_b\n{names[0]},{names[1]}\n{names[2]},{names[3]}\n")
+    r = run_script("scoremix_sample.py", "--net", snapshot, "--pairs", tmp_path / "pairs.csv", "--per-pair", 2,
+                   "--steps", 2, "--out", tmp_path / "mix", "--rec", tmp_path / "rec",
+                   "--rec-real", tiny_toy / "train", "--rec-size", 32, env=ENV)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ds = RecordIODataset(str(tmp_path / "rec" / "train.rec"))
+    real = open_datasets([str(tiny_toy / "train")])
+    assert len(ds) == len(real) + 4 and len(ds.classes) == len(real.classes) + 2
+    assert ds.targets[-4:] == [6, 6, 7, 7]
+    assert (tmp_path / "rec" / "property").read_text() == "8,32,32\n"
+    assert ds[len(ds) - 1][0].shape == (3, 32, 32)  # the 16-px samples stored at --rec-size
