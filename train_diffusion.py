@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from train_arcface import (DataError, autocast_context, epoch_order, load_images, open_datasets, save_atomic,
+from train_arcface import (DataError, autocast_context, check_compile, epoch_order, load_images, open_datasets, save_atomic,
                            seed_for, setup_distributed, write_text_atomic)
 
 # ----------------------------------------------------------------------------- EDM2 layers
@@ -861,7 +861,10 @@ def parse_args(argv=None):
     g.add_argument("--workers", type=int, help="data-loading processes per rank (None: 4 on CUDA, 0 on CPU)")
     g.add_argument("--seed", type=int, default=0, help="random seed")
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    g.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (fp16 + GradScaler without bf16)")
+    g.add_argument("--amp", action="store_true", help="mixed precision: bf16 autocast where the GPU or CPU has "
+                   "native bf16, else fp16 + GradScaler on CUDA")
+    g.add_argument("--amp-dtype", default="auto", choices=["auto", "bf16", "fp16"],
+                   help="force the --amp dtype (auto: bf16 where native, else fp16 + GradScaler on CUDA)")
     g.add_argument("--compile", action="store_true", help="torch.compile the training forward pass")
     g.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend (aot_eager: no C++ compiler, for checking the graph only)")
@@ -931,6 +934,8 @@ def train(args):
                  f"{args.grad_accum}")
     log = print if rank == 0 else (lambda *a, **k: None)
     try:
+        if args.compile and args.compile_backend == "inductor":
+            check_compile(device)
         dataset, shape, held = open_training_data(args)
         if held is None:  # no held-out set: a fixed slice of the training images (not held out)
             pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:HELD_IMAGES]
@@ -955,7 +960,7 @@ def train(args):
     net.class_names = list(dataset.classes)
     ema = PowerEMA(net, args.ema_std)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.9, 0.99), eps=1e-8)
-    ctx, scaler = autocast_context(device, args.amp)
+    ctx, scaler = autocast_context(device, args.amp, args.amp_dtype)
     nimg = 0
     if ckpt is not None:
         if ckpt["config"] != net.config or ckpt["class_names"] != net.class_names:
