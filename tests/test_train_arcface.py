@@ -689,14 +689,15 @@ def test_two_process_run_keeps_ranks_identical(tmp_path, tiny_toy):
     assert load_backbone(out / "model.pt").input_size == 32
 
 
-def test_scale_benchmark_quick_run_prints_its_three_tables():
+def test_scale_benchmark_quick_run_prints_its_four_tables():
     r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "scale.py"), "--quick"], capture_output=True,
                        text=True, env=ENV, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr
     rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and not line.startswith("| classes")
-            and not line.startswith("| workers")]
-    assert len(rows) == 2 + 4 + 3 and "failed" not in r.stdout, r.stdout  # head sizes, selections, worker counts
-    assert all(float(row.split("|")[2].replace(",", "")) > 0 for row in rows[-3:])  # images/s
+            and not line.startswith(("| workers", "| source files"))]
+    assert len(rows) == 2 + 4 + 3 + 3 and "failed" not in r.stdout, r.stdout  # heads, selections, workers, packs
+    assert all(float(row.split("|")[2].replace(",", "")) > 0 for row in rows[-6:-3])  # read images/s
+    assert all(float(row.split("|")[3].replace(",", "")) > 0 for row in rows[-3:])  # pack images/s
 
 
 def test_scoremix_sample_packs_its_identities_after_the_real_set(tiny_toy, tmp_path):
