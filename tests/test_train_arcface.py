@@ -244,7 +244,7 @@ def test_a_checkpoint_of_the_wrong_kind_gets_one_clear_error(tmp_path):
     torch.save({"weight": torch.zeros(3)}, tmp_path / "linear.pt")
     torch.save(iresnet(34, 0.125, 16, 32).state_dict(), tmp_path / "r34.pth")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    for name, needle in [("checkpoint.pt", "not a face-recognition backbone"), ("linear.pt", "not an IResNet"),
+    for name, needle in [("checkpoint.pt", "is not a train_arcface.py model.pt"), ("linear.pt", "not an IResNet"),
                          ("junk.pt", "not a torch checkpoint")]:
         with pytest.raises(BackboneError, match=needle):
             load_backbone(tmp_path / name)
@@ -630,6 +630,13 @@ def test_steps_stopping_mid_epoch_leave_the_epoch_open_for_more_steps(tmp_path):
     r = run_script("train_arcface.py", *args, "--steps", "8", env=ENV)
     assert r.returncode == 0 and "resuming" in r.stdout and "already finished" not in r.stdout, r.stderr
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 8
+
+
+def test_a_set_smaller_than_one_batch_trains_as_one_batch(tmp_path):
+    data = make_folder(tmp_path / "data", ["a", "b"], per=3)  # 6 images, --batch-size 8
+    r = run_script("train_arcface.py", "--data", data, "--out", tmp_path / "run", *TINY, "--steps", "2", env=ENV)
+    assert r.returncode == 0, r.stderr
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 2
 
 
 def test_compile_without_a_working_compiler_is_one_error_line(tmp_path):
