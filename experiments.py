@@ -11,6 +11,7 @@ import argparse
 import glob
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -94,13 +95,15 @@ def discriminator_run(group, row, seed, data_dirs, bench_dir, extra=(), note="",
 def calibration(args):
     """DESIGN.md, "What the toy benchmark must be able to show", point 1: the default baseline
     sits at 75-90% and twice as many real identities gain >= 3 points Toy Avg-H."""
-    n = args.identities
+    n, tag = args.identities, args.tag
     base, oracle = toy_data(n), toy_data(2 * n)
     for seed in args.seeds:
         discriminator_run("calibration", f"real-n{n}", seed, [os.path.join(base, "train")],
-                          os.path.join(base, "bench"), extra=["--val-every", "2"])
+                          os.path.join(base, "bench"), extra=["--val-every", "2", *shlex.split(args.train_args)],
+                          result_name=f"real-n{n}{tag}")
         discriminator_run("calibration", f"real-n{2 * n}", seed, [os.path.join(oracle, "train")],
-                          os.path.join(base, "bench"), extra=["--val-every", "2"])
+                          os.path.join(base, "bench"), extra=["--val-every", "2", *shlex.split(args.train_args)],
+                          result_name=f"real-n{2 * n}{tag}")
 
 
 def generator(args):
@@ -553,6 +556,10 @@ def main():
     p = sub.add_parser("calibration", help="baseline vs 2x real identities (the oracle)")
     p.add_argument("--identities", type=int, default=32, help="N: the default toy set's identities")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="discriminator seeds")
+    p.add_argument("--tag", default="", help="suffix of the result names (a re-run beside the recorded one, "
+                                             "e.g. -straight: results/calibration/real-n32-straight-seed0.json)")
+    p.add_argument("--train-args", default="", metavar="'ARGS'",
+                   help="extra train_arcface.py flags as one string, e.g. --train-args='--margin-grad textbook'")
     p.set_defaults(func=calibration)
     p = sub.add_parser("generator", help="train the CPU generator once; consistency and cleanliness per snapshot")
     p.add_argument("--identities", type=int, default=32, help="N: the default toy set's identities")

@@ -312,20 +312,21 @@ def load_backbone(path, device="cpu", depth=None, input_size=None):
     """A model.pt written by this script, or an insightface backbone file (a bare IResNet state dict,
     e.g. backbone.pth; depth / input_size override what its shapes say) -> IResNet in eval mode
     with .input_size and .class_names (None for insightface files)."""
+    what = f"{path} is not a train_arcface.py model.pt or an insightface IResNet state dict (backbone.pth)"
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
-        raise BackboneError(f"{path} is not a torch checkpoint ({type(e).__name__})") from None
-    what = "a train_arcface.py model.pt or an insightface IResNet state dict (backbone.pth)"
+        raise BackboneError(f"{what}: not a torch checkpoint ({type(e).__name__})") from None
     if isinstance(ckpt, dict) and "config" in ckpt and "state_dict" in ckpt:
         state, cfg, names = ckpt["state_dict"], ckpt["config"], ckpt.get("class_names")
     elif isinstance(ckpt, dict) and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         state = {k.removeprefix("module."): v for k, v in ckpt.items()}  # saved from a DDP wrapper
         if not {"conv1.weight", "bn2.weight", "fc.weight", "layer1.0.conv1.weight"} <= state.keys():
-            raise BackboneError(f"{path} is a state dict but not an IResNet's; expected {what}")
+            raise BackboneError(f"{what}: a state dict, but not an IResNet's")
         cfg, names = insightface_config(state, depth, input_size), None
     else:
-        raise BackboneError(f"{path} is not a face-recognition backbone; expected {what}")
+        raise BackboneError(f"{what}: it holds {type(ckpt).__name__} "
+                            f"{sorted(ckpt)[:4] if isinstance(ckpt, dict) else ''}")
     net = iresnet(cfg["depth"], cfg["width"], cfg["embedding_size"], cfg["input_size"])
     try:
         net.load_state_dict(state)
@@ -791,8 +792,9 @@ def lr_at(step, total, warmup, base):
 
 
 def rank_order(order, batch, rank, world):
-    """This rank's share of an epoch's order: its 1/world of every global batch, batch after batch."""
-    return order.view(-1, batch)[:, rank::world].reshape(-1)
+    """This rank's share of an epoch's order: its 1/world of every global batch, batch after batch
+    (a set smaller than one batch is one batch)."""
+    return order.view(-1, min(batch, len(order)))[:, rank::world].reshape(-1)
 
 
 def flip_batch(x, flip, device):
@@ -958,13 +960,14 @@ def train(args):
         # also from a checkpoint written mid-epoch (the epoch's trained batches are skipped).
         skip = step - epoch * steps_per_epoch
         flip_gen = torch.Generator().manual_seed(seed_for(args.seed, rank, epoch, 1))
+        per_rank = min(batch, n) // world  # a set smaller than --batch-size is one batch
         for _ in range(skip):  # the skipped batches' flips: the generator resumes where it was
-            torch.rand(batch // world, generator=flip_gen)
-        order = rank_order(epoch_order(n, batch, args.seed, epoch), batch, rank, world)[skip * (batch // world):]
+            torch.rand(per_rank, generator=flip_gen)
+        order = rank_order(epoch_order(n, batch, args.seed, epoch), batch, rank, world)[skip * per_rank:]
         if in_memory:
-            batches = ((images[i], labels[i]) for i in order.split(batch // world))
+            batches = ((images[i], labels[i]) for i in order.split(per_rank))
         else:  # the same items per rank as above, decoded by workers
-            batches = iter(torch.utils.data.DataLoader(ds, batch_size=batch // world, sampler=order.tolist(),
+            batches = iter(torch.utils.data.DataLoader(ds, batch_size=per_rank, sampler=order.tolist(),
                                                        num_workers=workers, pin_memory=device.type == "cuda"))
         steps_now = min(steps_per_epoch - skip, total - step)
         trainer.train()

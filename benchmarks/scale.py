@@ -1,5 +1,5 @@
 """Scale: margin-head memory and step time (plain head vs Partial FC sampling), blockwise pair-selection
-time and memory, and RecordIO read throughput, at 10^4-10^6 classes, in one run on this machine.
+time and memory, RecordIO read throughput and .rec write (pack) throughput, at 10^4-10^6 classes, in one run.
 
 Memory is measured, not computed: each case runs in a forked child, which resets its peak resident
 size (Linux /proc/self/clear_refs) after building its inputs; the table shows the peak above the
@@ -34,7 +34,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 from select_pairs import (PAIR_PARTNERS, best_partners, cosine_distances, full_path_bytes,  # noqa: E402
                           select_blockwise, select_tuples)
 from test_train_arcface import header, write_rec  # noqa: E402  (the tests' RecordIO writer)
-from train_arcface import MarginHead, PartialFCHead, RecordIODataset  # noqa: E402
+from train_arcface import MarginHead, PartialFCHead, RecordIODataset, open_datasets, pack_rec  # noqa: E402
 
 MiB = 2 ** 20
 
@@ -148,6 +148,19 @@ def read_throughput(rec, workers, batch=64):
         n += len(images)
     return n / (time.perf_counter() - t0)
 
+def pack_throughput(rec, folder, ext, fmt):
+    """The .rec's images written as an image folder (`ext` files), then timed through pack_rec."""
+    if not os.path.isdir(folder):
+        ds = RecordIODataset(rec)
+        for i in range(len(ds)):
+            image, label = ds[i]
+            os.makedirs(os.path.join(folder, f"id{label:03d}"), exist_ok=True)
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(os.path.join(folder, f"id{label:03d}", f"{i}.{ext}"))
+    out = os.path.join(os.path.dirname(folder), f"packed-{ext}-{fmt}")
+    t0 = time.perf_counter()
+    n, _ = pack_rec(open_datasets([folder]), out, fmt, progress=False)
+    return n / (time.perf_counter() - t0)
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -214,6 +227,15 @@ def main():
         for w in (0, 1, 2):
             ips = read_throughput(rec, w)
             print(f"| {w} | {ips:,.0f} | {ips * size / images:.1f} |", flush=True)
+
+        print(f"\n### RecordIO write (train_arcface.py --pack-rec): {images:,} images of "
+              f"{args.image_size}x{args.image_size} from an image folder, 100 identities\n")
+        print("| source files | stored as | images/s |")
+        print("|---|---|---|")
+        for ext, fmt_ in (("jpg", "jpeg"), ("png", "jpeg"), ("png", "png")):
+            ips = pack_throughput(rec, os.path.join(tmp, ext), ext, fmt_)
+            note = " (copied)" if ext == "jpg" else " (re-encoded)" if fmt_ == "jpeg" else ""
+            print(f"| {ext} | {fmt_}{note} | {ips:,.0f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -477,7 +477,7 @@ def test_cli_takes_an_insightface_backbone_file_and_refuses_a_training_checkpoin
                    "--bin", tiny_toy / "bench" / "toy_lfw.bin")
     lines = r.stderr.strip().splitlines()
     assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert lines[-1].startswith("error: ") and "not a face-recognition backbone" in lines[-1], r.stderr
+    assert lines[-1].startswith("error: ") and "is not a train_arcface.py model.pt" in lines[-1], r.stderr
 
 
 def test_pack_bin_cli_round_trips_through_load_bin(tmp_path):

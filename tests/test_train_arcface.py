@@ -244,7 +244,7 @@ def test_a_checkpoint_of_the_wrong_kind_gets_one_clear_error(tmp_path):
     torch.save({"weight": torch.zeros(3)}, tmp_path / "linear.pt")
     torch.save(iresnet(34, 0.125, 16, 32).state_dict(), tmp_path / "r34.pth")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    for name, needle in [("checkpoint.pt", "not a face-recognition backbone"), ("linear.pt", "not an IResNet"),
+    for name, needle in [("checkpoint.pt", "is not a train_arcface.py model.pt"), ("linear.pt", "not an IResNet"),
                          ("junk.pt", "not a torch checkpoint")]:
         with pytest.raises(BackboneError, match=needle):
             load_backbone(tmp_path / name)
@@ -632,6 +632,13 @@ def test_steps_stopping_mid_epoch_leave_the_epoch_open_for_more_steps(tmp_path):
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 8
 
 
+def test_a_set_smaller_than_one_batch_trains_as_one_batch(tmp_path):
+    data = make_folder(tmp_path / "data", ["a", "b"], per=3)  # 6 images, --batch-size 8
+    r = run_script("train_arcface.py", "--data", data, "--out", tmp_path / "run", *TINY, "--steps", "2", env=ENV)
+    assert r.returncode == 0, r.stderr
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 2
+
+
 def test_compile_without_a_working_compiler_is_one_error_line(tmp_path):
     data = make_folder(tmp_path / "data", ["a", "b"], per=4)
     env = {**ENV, "CXX": str(tmp_path / "no-such-compiler")}
@@ -689,14 +696,15 @@ def test_two_process_run_keeps_ranks_identical(tmp_path, tiny_toy):
     assert load_backbone(out / "model.pt").input_size == 32
 
 
-def test_scale_benchmark_quick_run_prints_its_three_tables():
+def test_scale_benchmark_quick_run_prints_its_four_tables():
     r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "scale.py"), "--quick"], capture_output=True,
                        text=True, env=ENV, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr
     rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and not line.startswith("| classes")
-            and not line.startswith("| workers")]
-    assert len(rows) == 2 + 4 + 3 and "failed" not in r.stdout, r.stdout  # head sizes, selections, worker counts
-    assert all(float(row.split("|")[2].replace(",", "")) > 0 for row in rows[-3:])  # images/s
+            and not line.startswith(("| workers", "| source files"))]
+    assert len(rows) == 2 + 4 + 3 + 3 and "failed" not in r.stdout, r.stdout  # heads, selections, workers, packs
+    assert all(float(row.split("|")[2].replace(",", "")) > 0 for row in rows[-6:-3])  # read images/s
+    assert all(float(row.split("|")[3].replace(",", "")) > 0 for row in rows[-3:])  # pack images/s
 
 
 def test_scoremix_sample_packs_its_identities_after_the_real_set(tiny_toy, tmp_path):
