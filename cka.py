@@ -3,7 +3,7 @@
 ScoreMix (Rahimi & Marcel, Sec. 5) asks whether the generator's learned class-condition vectors
 arrange the identities the way the discriminator's class centres do. Rows of X and Y are paired
 (one row per class); the metrics follow the platonic-representation code (Huh et al. 2024) and
-PROTOCOLS.md section 6. Rows are L2-normalised first, everything in float64.
+docs/formulas.md section 6. Rows are L2-normalised first, everything in float64.
 
 The command compares, for every generator snapshot and discriminator given:
   generator condition vectors  vs  each discriminator's class centres   (the paper's ~0.35)

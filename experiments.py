@@ -1,4 +1,4 @@
-"""Long experiments on the toy faces, resumable across sittings.
+"""Long experiments on the toy faces, resumable: a re-run continues where the last one stopped.
 
 Every run writes one small JSON file under results/<group>/ (config, seed, per-benchmark accuracy,
 wall time) and is skipped when that file exists, so re-running a group continues where it stopped.
@@ -93,7 +93,7 @@ def discriminator_run(group, row, seed, data_dirs, bench_dir, extra=(), note="",
 
 
 def calibration(args):
-    """DESIGN.md, "What the toy benchmark must be able to show", point 1: the default baseline
+    """Calibration: the default baseline
     sits at 75-90% and twice as many real identities gain >= 3 points Toy Avg-H."""
     n, tag = args.identities, args.tag
     base, oracle = toy_data(n), toy_data(2 * n)
@@ -107,7 +107,7 @@ def calibration(args):
 
 
 def generator(args):
-    """The generator issue's measurements: train the CPU-preset generator once on the default toy set,
+    """The generator's measurements: train the CPU-preset generator once on the default toy set,
     then for every snapshot sample the real classes (Repro) and measure identity consistency and
     cleanliness under the baseline discriminator, next to fresh real renders (heldout/)."""
     data = toy_data(args.identities)
@@ -149,7 +149,7 @@ def generator(args):
 
 
 def repro_check(args):
-    """The generator issue's usefulness check: the baseline recipe on real + Repro samples of the real
+    """The generator's usefulness check: the baseline recipe on real + Repro samples of the real
     classes (labelled as those classes, as many images as the real set) against real only."""
     data = toy_data(args.identities)
     run = os.path.join(RUNS, "generator", args.name)
@@ -166,7 +166,7 @@ def repro_check(args):
        "--out", samples, "--seed", 1, "--churn", args.churn, *guide)  # seed 1: not the consistency samples
     note = f"{os.path.relpath(snap, ROOT)}, {per_class} Repro images per class, {args.steps} steps, " \
            f"guide {args.guide_kimg or 'none'} kimg w {args.guidance if args.guide_kimg else 1}, " \
-           f"churn {args.churn:g}, sampling {time.time() - t0:.0f} s this sitting"
+           f"churn {args.churn:g}, sampling {time.time() - t0:.0f} s in this run"
     with open(os.path.join(RESULTS, "calibration", f"real-n{args.identities}-seed0.json")) as f:
         baseline_steps = json.load(f)["steps"]  # the (=) row: real + Repro at real only's number of steps
     stats = measure_samples(samples, data, os.path.join(RUNS, "calibration", f"real-n{args.identities}-seed0",
@@ -325,7 +325,7 @@ def replication(args):
 
 
 # sensitivity on the dist-embedding row: name -> (mode, selection, sampler overrides); the Repro entries are
-# the generator issue's Repro check with the paper's guidance (w 1.3, autoguided by an early snapshot) and
+# the generator's Repro check with the paper's guidance (w 1.3, autoguided by an early snapshot) and
 # with the stochastic sampler
 SENSITIVITY = {
     "scoremix-dist-emb-alpha0.3": ("scoremix", ("embedding", "dist", 2), {"alpha": 0.3}),
@@ -505,7 +505,7 @@ def table(args):
 
 
 def demo_report(args):
-    """runs/demo/report.md from the demo's JSON outputs: the results table first (DESIGN.md)."""
+    """runs/demo/report.md from the demo's JSON outputs: the results table first."""
     out = args.run
     with open(os.path.join(out, "eval.json")) as f:
         models = json.load(f)["models"]

@@ -2,7 +2,7 @@
 # The replication on the toy faces (2 CPU cores: the main rows about an hour and a half with 5 seeds,
 # the secondary and triplet rows about an hour more, the sensitivity rows about two and a half hours).
 # Every run writes results/replication/*.json and is skipped when its file exists, so re-running this
-# command continues where the last sitting stopped. Tables: python experiments.py table replication
+# command continues where the last run stopped. Tables: python experiments.py table replication
 #
 #   bash run_experiments.sh                  # calibration data, generator, main table, CKA
 #   bash run_experiments.sh --sensitivity    # + alpha / guidance / steps / identities / churn rows

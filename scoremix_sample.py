@@ -2,7 +2,7 @@
 
 The score of a class is (D(x; s, c) - x) / s^2; a weighted sum of class scores is the denoiser
 x + sum_k w_k (D(x; s, c_k) - x), which for convex weights (w_k >= 0, sum 1) is exactly
-    D_mix(x; s) = sum_k w_k D(x; s, c_k)          (PROTOCOLS.md 2; paper: w = (alpha, 1 - alpha), alpha 0.5)
+    D_mix(x; s) = sum_k w_k D(x; s, c_k)          (docs/formulas.md 2; paper: w = (alpha, 1 - alpha), alpha 0.5)
 ScoreMix hands D_mix to the generator's Heun sampler (deterministic as in the paper; `--churn` makes it
 EDM's stochastic sampler, whose fresh noise is seeded per image too) at every evaluation of every step,
 with guidance applied per class before mixing: autoguidance D_g = D_guide + w (D_net - D_guide)
@@ -110,7 +110,7 @@ def each_class(denoise, classes):
 
 
 def mix_denoisers(net, classes, weights, guide=None, guidance=1.0):
-    """ScoreMix: denoise(x, sigma) = sum_k w_k D_g(x; sigma, c_k) (PROTOCOLS.md 2), w convex.
+    """ScoreMix: denoise(x, sigma) = sum_k w_k D_g(x; sigma, c_k) (docs/formulas.md 2), w convex.
 
     `classes`: ints (broadcast) or int64 tensors [B] (one class per sample, so a batch can hold many
     pairs); `guide`/`guidance`: see `guided`, applied per class before mixing. At most 2 network
@@ -127,7 +127,7 @@ def mix_denoisers(net, classes, weights, guide=None, guidance=1.0):
 
 def score_mix_denoiser(net, classes, alpha, beta, guide=None, guidance=1.0):
     """Score-space mix of two classes for any alpha, beta (floats or [B] tensors), convex or not:
-    x + alpha (D_A - x) + beta (D_B - x) (the score alpha s_A + beta s_B; PROTOCOLS.md 2, paper Fig. 2)."""
+    x + alpha (D_A - x) + beta (D_B - x) (the score alpha s_A + beta s_B; docs/formulas.md 2, paper Fig. 2)."""
     if len(classes) != 2:
         raise ValueError(f"score_mix_denoiser mixes 2 classes, got {len(classes)}")
     outputs = each_class(guided(net, guide, guidance), classes)

@@ -836,6 +836,14 @@ def checkpoint(state, scaler, step, steps_per_epoch, elapsed, args, classes, dev
             "rng": rng}
 
 
+def refuse_non_finite(trainer, backbone, x, step):
+    """Before any save: a diverged model (NaN / inf weights) is never kept as checkpoint or model.pt."""
+    for name, t in trainer.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            sys.exit(f"error: non-finite weights ({name}) after step {step}; nothing saved "
+                     "(lower --lr or check the data)")
+
+
 def check_compile(device):
     """torch.compile fails at the first call, deep in training: try a tiny function first, so a
     missing C++ compiler (or Triton on CUDA) ends in one error line."""
@@ -1004,6 +1012,7 @@ def train(args):
             if step >= stop_at:  # (testing) a kill: nothing more is written
                 break
             if args.checkpoint_every and step % args.checkpoint_every == 0 and step % steps_per_epoch:
+                refuse_non_finite(trainer, backbone, x, step)
                 sync_buffers(trainer, world)
                 state = gather_state(trainer, opt, head, head_index, partial_fc)
                 if master:
@@ -1012,6 +1021,7 @@ def train(args):
         bar.close()
         if step >= stop_at and step < total:
             break
+        refuse_non_finite(trainer, backbone, x, step)
         sync_buffers(trainer, world)  # BN running statistics differ per shard: all ranks agree
         dt = time.time() - t0
         elapsed += dt

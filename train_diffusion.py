@@ -1,7 +1,7 @@
 """Train the generator: a class-conditional EDM denoiser (handwritten UNet) with EMA, snapshots and
 the Heun sampler that the later stages reuse (ScoreMix, Rahimi & Marcel, arXiv 2506.10226).
 
-A raw UNet F becomes the denoiser D by the EDM preconditioning (Karras et al. 2022, PROTOCOLS.md 1):
+A raw UNet F becomes the denoiser D by the EDM preconditioning (Karras et al. 2022, docs/formulas.md 1):
     D(x; s, y) = c_skip(s) x + c_out(s) F(c_in(s) x, ln(s)/4, y),  c_skip = sd^2/(s^2+sd^2), ...
 trained on ln s ~ N(P_mean, P_std^2) with loss (s^2+sd^2)/(s*sd)^2 * (D(y+s*n; s, label) - y)^2
 (+ EDM2's learned uncertainty u(s): loss/exp(u) + u), averaged over images. The EDM2 presets sum it
@@ -17,7 +17,7 @@ Two networks:
   img64 hyper-parameters and training rules: sigma_data 0.5, no flips unless --xflip, the
   inverse-square-root lr anchored in batches (`learning_rate`), two power-function EMA profiles per
   snapshot and post-hoc EMA reconstruction (`posthoc-ema` below).
-- `CpuUNet` is the 2-core recipe of DESIGN.md (preset `cpu`: GroupNorm UNet, 32/64/128 channels at
+- `CpuUNet` is the 2-core recipe of the toy benchmark (preset `cpu`: GroupNorm UNet, 32/64/128 channels at
   32/16/8 px, 2.6M parameters, batch 64, lr 2e-3 with warm-up, constant then linear to 0); `cpu-guide`
   is a 4x cheaper version trained 1/3 as long, the light autoguidance guide of the `cpu` generator
   (as `edm2-xs` is for `edm2-s`).
@@ -352,7 +352,7 @@ class CpuUNet(nn.Module):
 
 
 def edm_precond(sigma, sigma_data):
-    """EDM eq. 7 (PROTOCOLS.md 1) -> (c_skip, c_out, c_in, c_noise) for a sigma tensor."""
+    """EDM eq. 7 (docs/formulas.md 1) -> (c_skip, c_out, c_in, c_noise) for a sigma tensor."""
     s2, sd2 = sigma ** 2, sigma_data ** 2
     return sd2 / (s2 + sd2), sigma * sigma_data / (s2 + sd2).sqrt(), 1 / (s2 + sd2).sqrt(), sigma.log() / 4
 
@@ -639,7 +639,7 @@ class StackedRandomGenerator:
 @torch.no_grad()
 def heun_sample(denoise, latents, sigmas, S_churn=0, S_min=0, S_max=float("inf"), S_noise=1,
                 generators=None, randn_like=None):
-    """EDM Heun sampler (PROTOCOLS.md 1): x_0 = latents * sigmas[0]; Euler on the last step.
+    """EDM Heun sampler (docs/formulas.md 1): x_0 = latents * sigmas[0]; Euler on the last step.
 
     `denoise(x, sigma)` -> D(x; sigma), sigma a 0-d tensor of x's dtype; x keeps its dtype. Churn noise
     comes from `randn_like(x)` or `generators.randn_like(x)` (a StackedRandomGenerator)."""

@@ -1,4 +1,4 @@
-"""Alignment metrics against PROTOCOLS.md section 7's golden values and their invariances."""
+"""Alignment metrics against docs/formulas.md section 7's golden values and their invariances."""
 import os
 
 import numpy as np

@@ -63,7 +63,7 @@ def png_bytes(image):
 # ----------------------------------------------------------------------------- 10-fold verification
 
 def golden_embeddings():
-    """PROTOCOLS.md section 7."""
+    """docs/formulas.md section 7."""
     i, k = np.arange(200)[:, None], np.arange(8)[None]
     issame = (np.arange(200) // 10) % 2 == 0
     e1 = np.sin(8 * i + k)

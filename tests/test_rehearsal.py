@@ -6,8 +6,8 @@ snapshots, resume, post-hoc EMA, an edm2-xs guide), pairs from the .rec, ScoreMi
 retraining on real + synthetic identities, .bin and IJB-C evaluation, CKA. Every command is the one
 the README gives, only with small sizes; the full-width edm2-s takes one training step in-process."""
 import os
+import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -25,7 +25,6 @@ EDM2 = ["--preset", "edm2-s", "--resolution", "112", "--channels", "16", "--batc
 def torchrun(script, *args, timeout=300):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, script), *map(str, args)]
-    import subprocess
     return subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=timeout)
 
 
@@ -77,10 +76,11 @@ def test_full_width_edm2_s_takes_a_bf16_training_step():
 def test_generator_edm2_at_112_px_compiled_on_two_processes_with_snapshots_and_resume(rec):
     run = rec / "gen"
     data = ["--data", rec / "rec" / "train.rec", "--out", run]
-    args = [*data, *EDM2, "--grad-accum", 2, "--duration", 0.016, "--snapshot-every", 0.008,
-            "--checkpoint-every", 0.004, "--amp", "--compile", "--compile-backend", "aot_eager"]
-    ok(torchrun("train_diffusion.py", *args, "--stop-after-kimg", 0.008), "edm2 compiled, interrupted")
-    r = ok(torchrun("train_diffusion.py", *args), "edm2 compiled, resumed")
+    args = [*data, *EDM2, "--grad-accum", 2, "--duration", 0.012, "--snapshot-every", 0.008,
+            "--checkpoint-every", 0.004, "--amp"]
+    ok(torchrun("train_diffusion.py", *args, "--stop-after-kimg", 0.008), "edm2, interrupted")
+    r = ok(torchrun("train_diffusion.py", *args, "--compile", "--compile-backend", "aot_eager"),
+           "edm2 resumed, compiled")  # the DDP graph split that a weight-writing forward broke
     assert "resuming" in r.stdout
     snaps = sorted(run.glob("network-snapshot-*.pt"))
     assert snaps, os.listdir(run)

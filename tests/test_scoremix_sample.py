@@ -44,12 +44,12 @@ class GaussianClasses(nn.Module):
 
 
 def ode_endpoint(mu, s0, z, sigma_max=80.0):
-    """The probability-flow ODE of N(mu, s0^2) from x_T = z sigma_max (PROTOCOLS.md 2)."""
+    """The probability-flow ODE of N(mu, s0^2) from x_T = z sigma_max (docs/formulas.md 2)."""
     return mu + s0 / math.sqrt(s0 ** 2 + sigma_max ** 2) * (z * sigma_max - mu)
 
 
 def test_convex_mix_follows_the_mixed_gaussians_ode_per_sample():
-    oracle = GaussianClasses([0.8, -0.2], 0.5)  # alpha 0.5: mu = 0.3, PROTOCOLS.md's reference case
+    oracle = GaussianClasses([0.8, -0.2], 0.5)  # alpha 0.5: mu = 0.3, the reference case of docs/formulas.md 2
     z = torch.linspace(-math.sqrt(10), math.sqrt(10), 65, dtype=torch.float64).reshape(-1, 1, 1, 1)
     exact = ode_endpoint(0.3, 0.5, z)
     x = heun_sample(mix_denoisers(oracle, [0, 1], [0.5, 0.5]), z, karras_sigmas(32))

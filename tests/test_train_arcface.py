@@ -726,3 +726,15 @@ def test_scoremix_sample_packs_its_identities_after_the_real_set(tiny_toy, tmp_p
     assert ds.targets[-4:] == [6, 6, 7, 7]
     assert (tmp_path / "rec" / "property").read_text() == "8,32,32\n"
     assert ds[len(ds) - 1][0].shape == (3, 32, 32)  # the 16-px samples stored at --rec-size
+
+
+def test_a_diverged_model_is_refused_before_it_is_saved():
+    from train_arcface import refuse_non_finite
+    backbone = iresnet(18, width=0.125, embedding_size=16, input_size=32)
+    x = torch.randn(2, 3, 32, 32)
+    refuse_non_finite(backbone, backbone, x, step=1)  # a healthy model passes
+    with torch.no_grad():
+        backbone.fc.weight[0, 0] = float("nan")
+    with pytest.raises(SystemExit, match="non-finite weights .*fc.weight.* nothing saved"):
+        refuse_non_finite(backbone, backbone, x, step=3)
+    assert backbone.training  # the probe forward does not leave the model in eval mode

@@ -77,7 +77,7 @@ def test_heun_matches_gaussian_ode_and_is_second_order():
     mu, s0 = 0.3, 0.5
     z = torch.linspace(-math.sqrt(10), math.sqrt(10), 65, dtype=torch.float64).reshape(-1, 1, 1, 1)
     exact = mu + s0 / math.sqrt(s0 ** 2 + 80 ** 2) * (z * 80 - mu)  # the probability-flow ODE's endpoint
-    errors = {}  # the references are PROTOCOLS.md's, for |latents| up to ~3.16
+    errors = {}  # the references are those of docs/formulas.md 2, for |latents| up to ~3.16
     for n, reference in [(18, 0.087), (32, 0.025), (64, 0.0058), (256, 3.3e-4)]:
         x = heun_sample(GaussianDenoiser(mu, s0), z, karras_sigmas(n))
         assert x.dtype == torch.float64
@@ -405,7 +405,7 @@ def test_fp16_amp_resumes_from_a_checkpoint_written_without_a_scaler(runs, tiny_
         return real_load(*a, **k)
 
     monkeypatch.setattr(td, "autocast_context",  # what --amp gives on a CUDA GPU without bf16
-                        lambda device, amp: (torch.autocast("cpu", enabled=False), torch.amp.GradScaler("cpu")))
+                        lambda device, amp, dtype="auto": (torch.autocast("cpu", enabled=False), torch.amp.GradScaler("cpu")))
     monkeypatch.setattr(td.torch, "load", spy_load)
     main(["--data", tiny_toy / "train", "--out", tmp_path / "run", *TINY, "--duration", "0.072", "--amp"])
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["scaler"]["scale"] > 0
