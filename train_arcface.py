@@ -779,7 +779,8 @@ def autocast_context(device, amp, dtype="auto"):
     dtype = amp_dtype(device, dtype) if amp else None
     if dtype is None:
         return nullcontext(), torch.amp.GradScaler(device.type, enabled=False)
-    return torch.autocast(device.type, dtype=dtype), torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    return torch.autocast(device.type, dtype=dtype), scaler
 
 # ----------------------------------------------------------------------------- training
 
@@ -894,8 +895,8 @@ def train(args):
     torch.manual_seed(args.seed)  # identical initialisation on every rank
     backbone = iresnet(int(args.network[1:]), args.width, args.embedding_size, args.input_size, args.dropout)
     if partial_fc:
-        head = PartialFCHead(args.embedding_size, len(classes), args.scale, args.margin, args.sample_rate, rank, world,
-                             args.margin_grad)
+        head = PartialFCHead(args.embedding_size, len(classes), args.scale, args.margin, args.sample_rate,
+                             rank, world, args.margin_grad)
     else:
         head = MarginHead(args.embedding_size, len(classes), args.scale, args.margin, args.margin_grad)
     trainer = FaceTrainer(backbone, head)
@@ -989,7 +990,8 @@ def train(args):
             mean_loss = mean_loss.item()
             if not math.isfinite(mean_loss):  # stop before the update: checkpoint.pt stays the last good state
                 bar.close()
-                kept = f"{ckpt_path} keeps step {step}" if os.path.exists(ckpt_path) else "no checkpoint was written"
+                kept = f"{ckpt_path} keeps step {step}" if os.path.exists(ckpt_path) else \
+                    "no checkpoint was written"
                 sys.exit(f"error: loss is {mean_loss} at step {step + 1} (epoch {epoch + 1}); stopped ({kept}); "
                          f"try a lower --lr or --warmup-epochs")
             opt.zero_grad(set_to_none=True)
@@ -1025,7 +1027,8 @@ def train(args):
                       "dropout": args.dropout, "margin": args.margin, "margin_grad": args.margin_grad,
                       "epoch": step // steps_per_epoch, "step": step}
             save_atomic({"config": config, "state_dict": backbone.state_dict(), "class_names": classes}, model_path)
-            save_atomic(checkpoint(state, scaler, step, steps_per_epoch, elapsed, args, classes, device), ckpt_path)
+            save_atomic(checkpoint(state, scaler, step, steps_per_epoch, elapsed, args, classes, device),
+                        ckpt_path)
             if validating:  # the other ranks wait at the barrier below: evaluate.py has the GPU to itself
                 if device.type == "cuda":
                     torch.cuda.empty_cache()

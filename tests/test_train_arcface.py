@@ -709,8 +709,8 @@ def test_scale_benchmark_quick_run_prints_its_four_tables():
 
 def test_scoremix_sample_packs_its_identities_after_the_real_set(tiny_toy, tmp_path):
     """scoremix_sample.py --rec: real classes first, then one new class per sampled identity."""
-    r = run_script("train_diffusion.py", "--data", tiny_toy / "train", "--out", tmp_path / "gen", "--resolution", 16,
-                   "--channels", 8, "--batch-size", 8, "--duration", 0.016, "--rampup-kimg", 0,
+    r = run_script("train_diffusion.py", "--data", tiny_toy / "train", "--out", tmp_path / "gen",
+                   "--resolution", 16, "--channels", 8, "--batch-size", 8, "--duration", 0.016, "--rampup-kimg", 0,
                    "--snapshot-every", 0, env=ENV)
     assert r.returncode == 0, r.stderr[-2000:]
     snapshot = tmp_path / "gen" / "network-snapshot-000000.pt"
