@@ -792,6 +792,13 @@ def lr_at(step, total, warmup, base):
     return base * max(0.0, 1 - (step - warmup) / max(1, total - warmup))
 
 
+def cuda_settings(tf32=True):
+    """TF32 matmuls and convolutions (Ampere and later; the reference recipe trains so) and cuDNN's
+    kernel autotuning (fixed input shapes)."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = True
+
+
 def rank_order(order, batch, rank, world):
     """This rank's share of an epoch's order: its 1/world of every global batch, batch after batch
     (a set smaller than one batch is one batch)."""
@@ -873,9 +880,8 @@ def train(args):
     timeout = datetime.timedelta(hours=args.val_timeout) if args.val else None
     rank, local_rank, world, device = setup_distributed(args.device, timeout)
     master = rank == 0
-    if device.type == "cuda":  # as the reference recipe runs: TF32 matmuls/convolutions, tuned kernels
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
-        torch.backends.cudnn.benchmark = True
+    if device.type == "cuda":
+        cuda_settings(args.tf32)
     if args.batch_size % world:
         raise DataError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
     for path in args.val:

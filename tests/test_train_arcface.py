@@ -18,7 +18,7 @@ from PIL import Image
 from conftest import ROOT, run_script
 from train_arcface import (BackboneError, CombinedMarginLoss, DataError, ImageFolderDataset, MarginHead,
                            PartialFCHead, RecordIODataset, ShardedCrossEntropy, amp_dtype, autocast_context,
-                           RecordWriter, flip_batch, insightface_config, iresnet, load_backbone, load_images,
+                           RecordWriter, cuda_settings, flip_batch, insightface_config, iresnet, load_backbone, load_images,
                            lr_at, open_datasets, pack_rec, record_chunks, record_header)
 
 MAGIC = 0xCED7230A
@@ -646,6 +646,18 @@ def test_compile_without_a_working_compiler_is_one_error_line(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert lines[-1].startswith("error: --compile does not work"), r.stderr
+
+
+def test_cuda_settings_turn_on_tf32_and_cudnn_autotuning():
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    try:
+        cuda_settings()
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert torch.backends.cudnn.benchmark
+        cuda_settings(tf32=False)
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved
 
 
 def test_flip_batch_mirrors_the_chosen_images_after_the_copy():
