@@ -705,6 +705,8 @@ def test_two_process_run_keeps_ranks_identical(tmp_path, tiny_toy):
         assert torch.equal(w0[k], w1[k]), k
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [e["step"] for e in log] == [2, 4] and "toy_lfw" in log[-1]["val"]
+    # rank 1 waited for rank 0's validation (its weights are written after the loop)
+    assert os.path.getmtime(out / "rank1-weights.pt") >= os.path.getmtime(out / "val-epoch002.json")
     assert load_backbone(out / "model.pt").input_size == 32
 
 
