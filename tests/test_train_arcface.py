@@ -667,6 +667,16 @@ def test_flip_batch_mirrors_the_chosen_images_after_the_copy():
     torch.testing.assert_close(out, expected)
 
 
+def test_bf16_amp_run_trains_with_partial_fc(tmp_path):
+    """--amp in bf16 (CPU autocast): the backbone in bf16, the head's fp32 path; finite losses."""
+    data = make_folder(tmp_path / "data", ["a", "b", "c"], per=4)
+    r = run_script("train_arcface.py", "--data", data, "--out", tmp_path / "run", *TINY, "--steps", "3",
+                   "--amp", "--amp-dtype", "bf16", "--partial-fc", env=ENV)
+    assert r.returncode == 0, r.stderr
+    log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    assert log[-1]["step"] == 3 and all(math.isfinite(e["loss"]) for e in log)
+
+
 def test_partial_fc_cli_with_one_process_trains_like_the_plain_head(tmp_path):
     """Same weights after 2 steps (float rounding of the two cross entropies grows ~1000x by step 4)."""
     data = make_folder(tmp_path / "data", ["a", "b", "c", "d", "e"], per=4)
