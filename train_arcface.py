@@ -4,14 +4,17 @@ The backbone f maps an aligned face to an embedding; a class weight matrix W (on
 gives cos(theta_j) = <f(x)/|f(x)|, W_j/|W_j|>, and the target logit gets a margin (PROTOCOLS.md 3):
     ArcFace: s*cos(theta_y + m2)  (s=64, m2=0.5)        CosFace: s*(cos(theta_y) - m3)  (m3=0.4)
 trained with SGD, linear lr decay and horizontal flips, as in insightface's arcface_torch recipe.
-For 10^5-10^6 classes, --partial-fc shards W over the processes and --sample-rate scores a share of it.
-This file also holds the data readers (image folders, MXNet RecordIO without mxnet) and the small
-run helpers (distributed setup, atomic saves, autocast) that the later stages import.
+The ArcFace margin is straight-through as in current arcface_torch (--margin-grad textbook: the 2022
+gradient through cos(theta + m2)). For 10^5-10^6 classes, --partial-fc shards W over the processes
+and --sample-rate scores a share of it. This file also holds the data readers and writers (image
+folders; MXNet RecordIO and insightface .bin without mxnet) and the small run helpers (distributed
+setup, atomic saves, autocast) that the later stages import.
 
     python train_arcface.py --data toy/train --out runs/baseline --val toy/bench/*.bin
     torchrun --nproc_per_node=8 train_arcface.py --data faces_webface/train.rec --out runs/r50 \
         --network r50 --width 1 --embedding-size 512 --input-size 112 --batch-size 1024 --epochs 20 --amp
     (Glint360K: add --partial-fc --sample-rate 0.1 --workers 8; several nodes: README, "Running at scale")
+    python train_arcface.py --data faces/ more_faces/ --pack-rec faces_rec --pack-size 112   # -> train.rec
 """
 import argparse
 import datetime
