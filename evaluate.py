@@ -520,7 +520,8 @@ def run_benchmarks(args, models, names):
             # picks a threshold per fold. Named for what it is; the old tar_at_far_* keys stay for readers.
             tars = tar_at_far(np.sum(emb[0::2] * emb[1::2], 1), issame, BIN_FARS)
             results[name][bench] = {"accuracy": 100 * acc.mean(), "std": 100 * acc.std(),
-                                    "pooled_tar_at_far_1e-3": 100 * tars[0], "pooled_tar_at_far_1e-4": 100 * tars[1],
+                                    "pooled_tar_at_far_1e-3": 100 * tars[0],
+                                    "pooled_tar_at_far_1e-4": 100 * tars[1],
                                     "tar_at_far_1e-3": 100 * tars[0], "tar_at_far_1e-4": 100 * tars[1]}
         del images
     if args.bin:

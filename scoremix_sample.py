@@ -441,8 +441,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=non_negative_int, default=0, help="base seed: image n of identity i uses seed_for(seed, i, n)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (None: cuda if available)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
-    p.add_argument("--rec", metavar="OUT_DIR", help="also pack the identities into OUT_DIR/train.rec + train.idx + "
-                                                    "property (insightface's layout, JPEG) for arcface_torch")
+    p.add_argument("--rec", metavar="OUT_DIR", help="also pack the identities into OUT_DIR/train.rec + "
+                                                    "train.idx + property (insightface's layout, JPEG)")
     p.add_argument("--rec-real", nargs="+", default=[], metavar="SRC",
                    help="with --rec: real sources (image folders / train.rec) packed first, the synthetic "
                         "identities appended as new classes (as train_arcface.py --data SRC... --out merges them)")

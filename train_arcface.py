@@ -4,14 +4,17 @@ The backbone f maps an aligned face to an embedding; a class weight matrix W (on
 gives cos(theta_j) = <f(x)/|f(x)|, W_j/|W_j|>, and the target logit gets a margin (PROTOCOLS.md 3):
     ArcFace: s*cos(theta_y + m2)  (s=64, m2=0.5)        CosFace: s*(cos(theta_y) - m3)  (m3=0.4)
 trained with SGD, linear lr decay and horizontal flips, as in insightface's arcface_torch recipe.
-For 10^5-10^6 classes, --partial-fc shards W over the processes and --sample-rate scores a share of it.
-This file also holds the data readers (image folders, MXNet RecordIO without mxnet) and the small
-run helpers (distributed setup, atomic saves, autocast) that the later stages import.
+The ArcFace margin is straight-through as in current arcface_torch (--margin-grad textbook: the 2022
+gradient through cos(theta + m2)). For 10^5-10^6 classes, --partial-fc shards W over the processes
+and --sample-rate scores a share of it. This file also holds the data readers and writers (image
+folders; MXNet RecordIO and insightface .bin without mxnet) and the small run helpers (distributed
+setup, atomic saves, autocast) that the later stages import.
 
     python train_arcface.py --data toy/train --out runs/baseline --val toy/bench/*.bin
     torchrun --nproc_per_node=8 train_arcface.py --data faces_webface/train.rec --out runs/r50 \
         --network r50 --width 1 --embedding-size 512 --input-size 112 --batch-size 1024 --epochs 20 --amp
     (Glint360K: add --partial-fc --sample-rate 0.1 --workers 8; several nodes: README, "Running at scale")
+    python train_arcface.py --data faces/ more_faces/ --pack-rec faces_rec --pack-size 112   # -> train.rec
 """
 import argparse
 import datetime
@@ -779,7 +782,8 @@ def autocast_context(device, amp, dtype="auto"):
     dtype = amp_dtype(device, dtype) if amp else None
     if dtype is None:
         return nullcontext(), torch.amp.GradScaler(device.type, enabled=False)
-    return torch.autocast(device.type, dtype=dtype), torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    return torch.autocast(device.type, dtype=dtype), scaler
 
 # ----------------------------------------------------------------------------- training
 
@@ -789,6 +793,13 @@ def lr_at(step, total, warmup, base):
     if step < warmup:
         return base * (step + 1) / warmup
     return base * max(0.0, 1 - (step - warmup) / max(1, total - warmup))
+
+
+def cuda_settings(tf32=True):
+    """TF32 matmuls and convolutions (Ampere and later; the reference recipe trains so) and cuDNN's
+    kernel autotuning (fixed input shapes)."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = True
 
 
 def rank_order(order, batch, rank, world):
@@ -880,9 +891,8 @@ def train(args):
     timeout = datetime.timedelta(hours=args.val_timeout) if args.val else None
     rank, local_rank, world, device = setup_distributed(args.device, timeout)
     master = rank == 0
-    if device.type == "cuda":  # as the reference recipe runs: TF32 matmuls/convolutions, tuned kernels
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
-        torch.backends.cudnn.benchmark = True
+    if device.type == "cuda":
+        cuda_settings(args.tf32)
     if args.batch_size % world:
         raise DataError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
     for path in args.val:
@@ -902,8 +912,8 @@ def train(args):
     torch.manual_seed(args.seed)  # identical initialisation on every rank
     backbone = iresnet(int(args.network[1:]), args.width, args.embedding_size, args.input_size, args.dropout)
     if partial_fc:
-        head = PartialFCHead(args.embedding_size, len(classes), args.scale, args.margin, args.sample_rate, rank, world,
-                             args.margin_grad)
+        head = PartialFCHead(args.embedding_size, len(classes), args.scale, args.margin, args.sample_rate,
+                             rank, world, args.margin_grad)
     else:
         head = MarginHead(args.embedding_size, len(classes), args.scale, args.margin, args.margin_grad)
     trainer = FaceTrainer(backbone, head)
@@ -997,7 +1007,8 @@ def train(args):
             mean_loss = mean_loss.item()
             if not math.isfinite(mean_loss):  # stop before the update: checkpoint.pt stays the last good state
                 bar.close()
-                kept = f"{ckpt_path} keeps step {step}" if os.path.exists(ckpt_path) else "no checkpoint was written"
+                kept = f"{ckpt_path} keeps step {step}" if os.path.exists(ckpt_path) else \
+                    "no checkpoint was written"
                 sys.exit(f"error: loss is {mean_loss} at step {step + 1} (epoch {epoch + 1}); stopped ({kept}); "
                          f"try a lower --lr or --warmup-epochs")
             opt.zero_grad(set_to_none=True)
@@ -1035,7 +1046,8 @@ def train(args):
                       "dropout": args.dropout, "margin": args.margin, "margin_grad": args.margin_grad,
                       "epoch": step // steps_per_epoch, "step": step}
             save_atomic({"config": config, "state_dict": backbone.state_dict(), "class_names": classes}, model_path)
-            save_atomic(checkpoint(state, scaler, step, steps_per_epoch, elapsed, args, classes, device), ckpt_path)
+            save_atomic(checkpoint(state, scaler, step, steps_per_epoch, elapsed, args, classes, device),
+                        ckpt_path)
             if validating:  # the other ranks wait at the barrier below: evaluate.py has the GPU to itself
                 if device.type == "cuda":
                     torch.cuda.empty_cache()

@@ -155,7 +155,8 @@ def pack_throughput(rec, folder, ext, fmt):
         for i in range(len(ds)):
             image, label = ds[i]
             os.makedirs(os.path.join(folder, f"id{label:03d}"), exist_ok=True)
-            Image.fromarray(image.permute(1, 2, 0).numpy()).save(os.path.join(folder, f"id{label:03d}", f"{i}.{ext}"))
+            path = os.path.join(folder, f"id{label:03d}", f"{i}.{ext}")
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
     out = os.path.join(os.path.dirname(folder), f"packed-{ext}-{fmt}")
     t0 = time.perf_counter()
     n, _ = pack_rec(open_datasets([folder]), out, fmt, progress=False)

@@ -18,7 +18,7 @@ from PIL import Image
 from conftest import ROOT, run_script
 from train_arcface import (BackboneError, CombinedMarginLoss, DataError, ImageFolderDataset, MarginHead,
                            PartialFCHead, RecordIODataset, ShardedCrossEntropy, amp_dtype, autocast_context,
-                           RecordWriter, flip_batch, insightface_config, iresnet, load_backbone, load_images,
+                           RecordWriter, cuda_settings, flip_batch, insightface_config, iresnet, load_backbone, load_images,
                            lr_at, open_datasets, pack_rec, record_chunks, record_header)
 
 MAGIC = 0xCED7230A
@@ -648,11 +648,33 @@ def test_compile_without_a_working_compiler_is_one_error_line(tmp_path):
     assert lines[-1].startswith("error: --compile does not work"), r.stderr
 
 
+def test_cuda_settings_turn_on_tf32_and_cudnn_autotuning():
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    try:
+        cuda_settings()
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert torch.backends.cudnn.benchmark
+        cuda_settings(tf32=False)
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved
+
+
 def test_flip_batch_mirrors_the_chosen_images_after_the_copy():
     x = torch.arange(2 * 3 * 2 * 4, dtype=torch.uint8).reshape(2, 3, 2, 4)
     out = flip_batch(x, torch.tensor([True, False]), torch.device("cpu"))
     expected = torch.stack([x[0].flip(2), x[1]]).float() / 127.5 - 1
     torch.testing.assert_close(out, expected)
+
+
+def test_bf16_amp_run_trains_with_partial_fc(tmp_path):
+    """--amp in bf16 (CPU autocast): the backbone in bf16, the head's fp32 path; finite losses."""
+    data = make_folder(tmp_path / "data", ["a", "b", "c"], per=4)
+    r = run_script("train_arcface.py", "--data", data, "--out", tmp_path / "run", *TINY, "--steps", "3",
+                   "--amp", "--amp-dtype", "bf16", "--partial-fc", env=ENV)
+    assert r.returncode == 0, r.stderr
+    log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    assert log[-1]["step"] == 3 and all(math.isfinite(e["loss"]) for e in log)
 
 
 def test_partial_fc_cli_with_one_process_trains_like_the_plain_head(tmp_path):
@@ -693,6 +715,8 @@ def test_two_process_run_keeps_ranks_identical(tmp_path, tiny_toy):
         assert torch.equal(w0[k], w1[k]), k
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [e["step"] for e in log] == [2, 4] and "toy_lfw" in log[-1]["val"]
+    # rank 1 waited for rank 0's validation (its weights are written after the loop)
+    assert os.path.getmtime(out / "rank1-weights.pt") >= os.path.getmtime(out / "val-epoch002.json")
     assert load_backbone(out / "model.pt").input_size == 32
 
 
@@ -709,8 +733,8 @@ def test_scale_benchmark_quick_run_prints_its_four_tables():
 
 def test_scoremix_sample_packs_its_identities_after_the_real_set(tiny_toy, tmp_path):
     """scoremix_sample.py --rec: real classes first, then one new class per sampled identity."""
-    r = run_script("train_diffusion.py", "--data", tiny_toy / "train", "--out", tmp_path / "gen", "--resolution", 16,
-                   "--channels", 8, "--batch-size", 8, "--duration", 0.016, "--rampup-kimg", 0,
+    r = run_script("train_diffusion.py", "--data", tiny_toy / "train", "--out", tmp_path / "gen",
+                   "--resolution", 16, "--channels", 8, "--batch-size", 8, "--duration", 0.016, "--rampup-kimg", 0,
                    "--snapshot-every", 0, env=ENV)
     assert r.returncode == 0, r.stderr[-2000:]
     snapshot = tmp_path / "gen" / "network-snapshot-000000.pt"
