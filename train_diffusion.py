@@ -34,7 +34,7 @@ weights as an uninterrupted run. Training images are decoded per item as they st
 and its constructor keyword arguments into a snapshot; `posthoc-ema` solves EDM2's post-hoc EMA
 (Alg. 3) for a relative std from the EMA profiles stored in a run's snapshots.
 
-Snapshot RUN/network-snapshot-<kimg:06d>.pt (load with `load_generator`, weights_only=True):
+Snapshot RUN/network-snapshot-<kimg:06d>[.<img:03d>].pt (load with `load_generator`, weights_only=True):
     {"config": Denoiser kwargs, "ema": EMA state_dict for the first --ema-std,
      "ema_std_<x>": the others, "ema_stds": [...], "class_names": [...], "kimg": float, "sigma_data": float}
 """
@@ -921,6 +921,12 @@ def open_training_data(args):
     return dataset, shape, held
 
 
+def kimg_tag(nimg):
+    """Snapshot name part: whole kimg as 000150, a sub-kimg position as 000000.008 (names never clash
+    and sort in training order)."""
+    return f"{nimg // 1000:06d}" + (f".{nimg % 1000:03d}" if nimg % 1000 else "")
+
+
 def check_finite(net, nimg):
     if not all(torch.isfinite(p).all() for p in net.parameters()):
         sys.exit(f"error: non-finite weights at {nimg / 1e3:g} kimg; nothing saved (lower --lr or check the data)")
@@ -999,10 +1005,10 @@ def train(args):
         snap = {"config": net.config, "ema": ema.emas[0].state_dict(), "class_names": net.class_names,
                 "kimg": nimg / 1e3, "sigma_data": sigma_data, "ema_stds": ema.stds, "ema_std": ema.stds[0]}
         snap.update({f"ema_std_{s:g}": e.state_dict() for s, e in zip(ema.stds[1:], ema.emas[1:])})
-        save_atomic(snap, os.path.join(args.out, f"network-snapshot-{nimg // 1000:06d}.pt"))
+        save_atomic(snap, os.path.join(args.out, f"network-snapshot-{kimg_tag(nimg)}.pt"))
         ema.emas[0].class_names = net.class_names
         if args.grid_steps:
-            save_grid(ema.emas[0], os.path.join(args.out, f"samples-{nimg // 1000:06d}.png"), device,
+            save_grid(ema.emas[0], os.path.join(args.out, f"samples-{kimg_tag(nimg)}.png"), device,
                       args.grid_steps)
         rms, mean_rms = denoising_errors(ema.emas[0], *held, mean_image, device)
         lines = [f"denoising RMS error on {'held-out' if args.heldout else 'training'} images at {nimg / 1e3:g} kimg "
@@ -1076,7 +1082,7 @@ def train(args):
         if rank == 0 and (crossed(args.snapshot_every, before) or nimg >= total):
             save_snapshot()
     bar.close()
-    snap_path = os.path.join(args.out, f"network-snapshot-{nimg // 1000:06d}.pt")
+    snap_path = os.path.join(args.out, f"network-snapshot-{kimg_tag(nimg)}.pt")
     if rank == 0 and nimg >= total and not os.path.exists(snap_path):  # re-run of a run that ended before its snapshot
         save_snapshot()
     if world > 1:
@@ -1138,7 +1144,7 @@ def posthoc_ema(argv):
     paths = args.snapshots
     if not paths and args.run and os.path.isdir(args.run):
         paths = sorted(os.path.join(args.run, f) for f in os.listdir(args.run)
-                       if re.fullmatch(r"network-snapshot-\d+\.pt", f))
+                       if re.fullmatch(r"network-snapshot-\d+(\.\d{3})?\.pt", f))
     if not paths:
         sys.exit(f"error: no snapshots: give --run RUN (with network-snapshot-*.pt) or --snapshots")
     try:

@@ -1,10 +1,11 @@
-"""The real-data path rehearsed at the paper's configuration, tiny sizes: 112-px insightface train.rec,
-IResNet-50 at width 1 with 512-d embeddings (plain and Partial FC) under torchrun with 2 processes,
-mixed precision on both branches (bf16 autocast; fp16 with a GradScaler) and resume across them, the
-EDM2 generator (edm2-s layout at 112 px, narrow, with --grad-accum, --compile under torchrun,
-snapshots, resume, post-hoc EMA, an edm2-xs guide), pairs from the .rec, ScoreMix with autoguidance,
-retraining on real + synthetic identities, .bin and IJB-C evaluation, CKA. Every command is the one
-the README gives, only with small sizes; the full-width edm2-s takes one training step in-process."""
+"""The real-data path rehearsed at the paper's configuration, tiny sizes: a 112-px insightface
+train.rec packed by --pack-rec, IResNet-50 at width 1 with 512-d embeddings (plain and Partial FC)
+under torchrun with 2 processes, mixed precision on both branches (bf16 autocast, then fp16 with a
+GradScaler on resume), the EDM2 generator (edm2-s layout, narrow, 64 px) under torchrun with
+--grad-accum, interrupted and resumed with --compile, post-hoc EMA, an edm2-xs guide; pairs from the
+.rec, ScoreMix with autoguidance, retraining on real + synthetic identities (64-px samples resized to
+112), .bin and IJB-C evaluation, CKA. The full-width edm2-s at 112 px (attention at 28 and 14 px)
+takes one bf16 training step in-process. Every command is the README's, with small sizes."""
 import os
 import subprocess
 import sys
@@ -18,8 +19,8 @@ from test_evaluate import make_ijb
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 R50 = ["--network", "r50", "--width", "1", "--embedding-size", "512", "--input-size", "112",
        "--batch-size", "4", "--lr", "0.01", "--workers", "0"]
-EDM2 = ["--preset", "edm2-s", "--resolution", "112", "--channels", "16", "--batch-size", "4",
-        "--grid-steps", "2", "--workers", "0", "--status-every", "0.004"]
+EDM2 = ["--preset", "edm2-s", "--channels", "16", "--batch-size", "4", "--grid-steps", "0",
+        "--workers", "0", "--status-every", "0.004"]
 
 
 def torchrun(script, *args, timeout=300):
@@ -59,21 +60,24 @@ def test_discriminator_r50_on_two_processes_resumes_across_precisions(rec):
                 "--partial-fc", "--sample-rate", "0.5", "--steps", 1), "r50 Partial FC")
 
 
-def test_full_width_edm2_s_takes_a_bf16_training_step():
-    from train_diffusion import PRESETS, Denoiser, edm_loss
-    p = PRESETS["edm2-s"]
-    net = Denoiser(64, 3, 6, sigma_data=0.5, uncertainty=True, channels=p["channels"],
-                   channel_mult=p["channel_mult"], num_blocks=p["num_blocks"],
-                   attn_resolutions=p["attn"], mp=True)
-    y = torch.rand(1, 3, 64, 64) * 2 - 1
+def test_full_width_edm2_s_at_112_px_has_attention_and_takes_a_bf16_training_step():
+    from train_diffusion import Denoiser, edm_loss, parse_args
+    args = parse_args(["--preset", "edm2-s", "--resolution", "112", "--data", "unused", "--out", "unused"])
+    assert args.attn == [28, 14]  # the preset's 16 and 8 px at 64 px, never silently none
+    net = Denoiser(112, 3, 6, sigma_data=float(args.sigma_data), uncertainty=True, channels=args.channels,
+                   channel_mult=args.channel_mult, num_blocks=args.num_blocks, attn_resolutions=args.attn,
+                   mp=True)
+    with_attention = {n.split(".")[-1] for n, m in net.named_modules() if getattr(m, "num_heads", 0)}
+    assert {"28x28_block0", "14x14_block0", "14x14_in0", "28x28_block3"} <= with_attention
+    y = torch.rand(1, 3, 112, 112) * 2 - 1
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = edm_loss(net, y, torch.tensor([3]), p["p_mean"], p["p_std"], 0.5, torch.Generator().manual_seed(0))
+        loss = edm_loss(net, y, torch.tensor([3]), args.p_mean, args.p_std, 0.5, torch.Generator().manual_seed(0))
     loss.backward()
     assert torch.isfinite(loss)
     assert all(torch.isfinite(q.grad).all() for q in net.parameters() if q.grad is not None)
 
 
-def test_generator_edm2_at_112_px_compiled_on_two_processes_with_snapshots_and_resume(rec):
+def test_generator_edm2_on_two_processes_compiled_with_snapshots_resume_and_posthoc_ema(rec):
     run = rec / "gen"
     data = ["--data", rec / "rec" / "train.rec", "--out", run]
     args = [*data, *EDM2, "--grad-accum", 2, "--duration", 0.012, "--snapshot-every", 0.008,
@@ -82,18 +86,12 @@ def test_generator_edm2_at_112_px_compiled_on_two_processes_with_snapshots_and_r
     r = ok(torchrun("train_diffusion.py", *args, "--compile", "--compile-backend", "aot_eager"),
            "edm2 resumed, compiled")  # the DDP graph split that a weight-writing forward broke
     assert "resuming" in r.stdout
-    snaps = sorted(run.glob("network-snapshot-*.pt"))
-    assert snaps, os.listdir(run)
-    from train_diffusion import load_generator
-    net = load_generator(snaps[-1])
-    assert net.img_resolution == 112
-    assert any("attn" in name for name, _ in net.named_modules()), "no attention layer at 112 px"
+    assert len(list(run.glob("network-snapshot-*.pt"))) == 2
     ok(run_script("train_diffusion.py", "posthoc-ema", "--run", run, "--std", 0.06,
                   "--out", run / "phema.pt"), "post-hoc EMA")
-    guide = rec / "guide"
-    ok(run_script("train_diffusion.py", "--data", rec / "rec" / "train.rec", "--out", guide,
-                  *EDM2, "--preset", "edm2-xs", "--channels", 8, "--duration", 0.008,
-                  "--snapshot-every", 0.008, env=ENV), "edm2-xs guide")
+    ok(run_script("train_diffusion.py", "--data", rec / "rec" / "train.rec", "--out", rec / "guide",
+                  *EDM2, "--preset", "edm2-xs", "--channels", 8, "--duration", 0.004,
+                  "--snapshot-every", 0.004, env=ENV), "edm2-xs guide")
 
 
 def test_pairs_scoremix_retraining_evaluation_and_cka(rec):
