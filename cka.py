@@ -19,8 +19,8 @@ import re
 
 import numpy as np
 
-from common import (ArgumentParser, InputError, check_finite, check_output_file, fail, load_checkpoint,
-                    non_negative_int, output_lock, positive_int, remove_stale_tmp, write_atomic)
+from common import (ArgumentParser, InputError, check_finite, fail, load_checkpoint,
+                    non_negative_int, output_file_guard, positive_int, write_atomic)
 
 
 def as_float64(X):
@@ -137,10 +137,7 @@ def main(argv=None):
     args = parse_args(argv)
     from train_arcface import DataError  # imported here so the metrics above stay usable without torch
     try:
-        check_output_file(args.out)
-        with output_lock(args.out, is_dir=False):
-            folder, name = os.path.split(os.path.abspath(args.out))
-            remove_stale_tmp(folder, f"{name}.*.tmp")  # left by a killed run
+        with output_file_guard(args.out):
             compare(args)
     except (InputError, DataError, ValueError, OSError, RuntimeError) as e:
         fail(e)

@@ -288,6 +288,17 @@ def remove_stale_tmp(folder, pattern="*.tmp"):
     return removed
 
 
+@contextmanager
+def output_file_guard(path):
+    """A stage writing one file: the path checked, its lock held for the run, and the temporary
+    files a killed run left beside it removed, before any work."""
+    check_output_file(path)
+    with output_lock(path, is_dir=False):
+        folder, name = os.path.split(os.path.abspath(path))
+        remove_stale_tmp(folder, f"{name}.*.tmp")
+        yield
+
+
 def write_atomic(path, data):
     """Write `path` via a temporary file beside it and a rename; the temporary file never survives a
     failure. `data`: bytes, str (UTF-8), or a callable writing the file whose path it is given."""

@@ -44,8 +44,8 @@ from tqdm import tqdm
 from common import (ArgumentParser, InputError, check_finite, check_output_dir, check_output_file, fail,
                     finite_float, load_checkpoint, non_negative_float, non_negative_int, output_lock,
                     positive_float, positive_int, probability, read_csv, remove_stale_tmp, write_atomic)
-from train_arcface import (DataError, autocast_context, open_datasets, pack_rec, seed_for, setup_distributed,
-                           write_text_atomic)
+from train_arcface import (DataError, autocast_context, open_datasets, pack_rec, seed_for,
+                           setup_distributed)
 from train_diffusion import generate_images, load_generator
 
 # ----------------------------------------------------------------------------- mixing denoisers

@@ -45,8 +45,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (ArgumentParser, InputError, check_finite, check_output_file, fail, load_checkpoint,
-                    non_negative_float, non_negative_int, output_lock, positive_int, remove_stale_tmp,
+from common import (ArgumentParser, InputError, check_finite, fail, load_checkpoint,
+                    non_negative_float, non_negative_int, output_file_guard, positive_int,
                     write_atomic)
 from evaluate import PROGRESS, embed
 from train_arcface import DataError, load_backbone, open_datasets
@@ -431,10 +431,7 @@ def main(argv=None):
     if int(os.environ.get("RANK", "0")) != 0:  # a single-process stage
         return
     try:
-        check_output_file(args.out)
-        with output_lock(args.out, is_dir=False):
-            folder, name = os.path.split(os.path.abspath(args.out))
-            remove_stale_tmp(folder, f"{name}.*.tmp")  # left by a killed run
+        with output_file_guard(args.out):
             select(args)
     except (InputError, DataError, ValueError, OSError, RuntimeError) as e:
         fail(e)

@@ -1146,7 +1146,7 @@ def posthoc_ema(argv):
         paths = sorted(os.path.join(args.run, f) for f in os.listdir(args.run)
                        if re.fullmatch(r"network-snapshot-\d+(\.\d{3})?\.pt", f))
     if not paths:
-        sys.exit(f"error: no snapshots: give --run RUN (with network-snapshot-*.pt) or --snapshots")
+        sys.exit("error: no snapshots: give --run RUN (with network-snapshot-*.pt) or --snapshots")
     try:
         snap = reconstruct_ema(paths, args.std, args.kimg)
     except Exception as e:  # a foreign or truncated snapshot: torch / pickle raise many kinds

@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny toy-face set made once per test session by the real CLI."""
+import glob
 import os
 import subprocess
 import sys
@@ -13,6 +14,13 @@ def run_script(script, *args, env=None, timeout=300):
     """Run one of the repo's scripts with this interpreter; return the CompletedProcess."""
     cmd = [sys.executable, os.path.join(ROOT, script), *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+
+
+def last_snapshot(run):
+    """The latest network-snapshot-*.pt of a generator run folder (names sort in training order)."""
+    snaps = sorted(glob.glob(os.path.join(str(run), "network-snapshot-*.pt")))
+    assert snaps, f"no snapshot in {run}"
+    return type(run)(snaps[-1]) if not isinstance(run, str) else snaps[-1]
 
 
 @pytest.fixture(scope="session")
@@ -38,7 +46,7 @@ def tiny_models(tiny_toy, tmp_path_factory):
                    "--channels", 8, "--channel-mult", 1, 2, "--batch-size", 8, "--duration", 0.05,
                    "--snapshot-every", 0, "--label-dropout", 0.25, env=env)
     assert r.returncode == 0, r.stderr
-    return out / "fr" / "model.pt", out / "gen" / "network-snapshot-000000.pt"
+    return out / "fr" / "model.pt", last_snapshot(out / "gen")
 
 
 def poisoned_copy(src, dst, key=None, value=float("nan")):

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from conftest import ROOT, run_script
+from conftest import last_snapshot, ROOT, run_script
 from scoremix_sample import condition_mix_denoiser, main, mix_denoisers, score_mix_denoiser
 from train_arcface import open_datasets
 from train_diffusion import Denoiser, heun_sample, karras_sigmas, load_generator
@@ -190,7 +190,7 @@ def gen(tiny_toy, tmp_path_factory):
                    "--channels", 8, "--batch-size", 8, "--duration", 0.064, "--rampup-kimg", 0, "--lr", 1e-2,
                    "--snapshot-every", 0, "--label-dropout", 0.25, env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
-    snapshot = out / "run" / "network-snapshot-000000.pt"
+    snapshot = last_snapshot(out / "run")
     names = load_generator(snapshot).class_names
     pairs = out / "pairs.csv"
     with open(pairs, "w", newline="") as f:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import ROOT, run_script
+from conftest import last_snapshot, ROOT, run_script
 from train_arcface import (BackboneError, CombinedMarginLoss, DataError, ImageFolderDataset, MarginHead,
                            PartialFCHead, RecordIODataset, ShardedCrossEntropy, amp_dtype, autocast_context,
                            RecordWriter, cuda_settings, flip_batch, insightface_config, iresnet, load_backbone, load_images,
@@ -737,7 +737,7 @@ def test_scoremix_sample_packs_its_identities_after_the_real_set(tiny_toy, tmp_p
                    "--resolution", 16, "--channels", 8, "--batch-size", 8, "--duration", 0.016, "--rampup-kimg", 0,
                    "--snapshot-every", 0, env=ENV)
     assert r.returncode == 0, r.stderr[-2000:]
-    snapshot = tmp_path / "gen" / "network-snapshot-000000.pt"
+    snapshot = last_snapshot(tmp_path / "gen")
     names = sorted(os.listdir(tiny_toy / "train"))
     (tmp_path / "pairs.csv").write_text(f"class_a,class_b\n{names[0]},{names[1]}\n{names[2]},{names[3]}\n")
     r = run_script("scoremix_sample.py", "--net", snapshot, "--pairs", tmp_path / "pairs.csv", "--per-pair", 2,

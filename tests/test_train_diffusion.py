@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from conftest import ROOT, run_script
+from conftest import last_snapshot, ROOT, run_script
 import train_diffusion as td
 from train_diffusion import (PRESETS, Denoiser, MPConv, PowerEMA, condition_vectors, edm_loss, edm_precond,
                              from_edm2, generate_images, heun_sample, karras_sigmas, learning_rate, load_generator,
@@ -173,9 +173,9 @@ def runs(tiny_toy, tmp_path_factory):
 
 def test_cli_run_writes_a_loadable_snapshot_and_samples(runs, tiny_toy):
     run = runs / "straight"
-    net = load_generator(run / "network-snapshot-000000.pt")
+    net = load_generator(last_snapshot(run))
     assert (net.img_resolution, net.img_channels, net.num_classes) == (16, 3, 6)
-    other = load_generator(run / "network-snapshot-000000.pt", ema_std=0.1)  # the second EMA
+    other = load_generator(last_snapshot(run), ema_std=0.1)  # the second EMA
     x = torch.randn(2, 3, 16, 16)
     assert net(x, 1.0, None).shape == x.shape and not torch.equal(net(x, 1.0, 0), other(x, 1.0, 0))  # null class
     with pytest.raises(ValueError, match="not a network snapshot"):
@@ -183,7 +183,7 @@ def test_cli_run_writes_a_loadable_snapshot_and_samples(runs, tiny_toy):
     assert net.class_names == sorted(os.listdir(tiny_toy / "train"))
     config = json.loads((run / "config.json").read_text())
     assert net.sigma_data == pytest.approx(config["net"]["sigma_data"]) and 0.2 < net.sigma_data < 0.8
-    with Image.open(run / "samples-000000.png") as im:
+    with Image.open(sorted(run.glob("samples-*.png"))[-1]) as im:
         assert im.size == (8 * 16, 6 * 16)
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [round(e["kimg"], 3) for e in log if "loss" in e] == [0.016, 0.032, 0.048, 0.064]
@@ -198,7 +198,7 @@ def test_resumed_run_is_bit_identical(runs):
     for key in a["net"]:
         assert torch.equal(a["net"][key], b["net"][key]) and torch.equal(a["ema"][0][key], b["ema"][0][key]), key
     assert any(not torch.equal(v, w) for v, w in zip(a["net"].values(), torch.load(
-        runs / "straight" / "network-snapshot-000000.pt", weights_only=True)["ema"].values()))  # EMA != net
+        last_snapshot(runs / "straight"), weights_only=True)["ema"].values()))  # EMA != net
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(runs):
@@ -348,12 +348,12 @@ def edm2_tiny(*extra):
 
 def test_edm2_run_posthoc_ema_and_sampling(tiny_toy, tmp_path):
     """A tiny EDM2-preset run (2 snapshots x 2 EMA profiles), post-hoc EMA through the command, sampling."""
-    run, first = tmp_path / "run", tmp_path / "first.pt"
+    run = tmp_path / "run"
+    first, last = run / "network-snapshot-000000.008.pt", run / "network-snapshot-000000.016.pt"
     flags = ["--data", tiny_toy / "train", "--out", run, *edm2_tiny("--duration", 0.016, "--snapshot-every", 0.008)]
     main([*flags, "--stop-after-kimg", 0.008])
-    os.replace(run / "network-snapshot-000000.pt", first)  # sub-kimg snapshots share a name: keep the first
     main(flags)
-    snap = torch.load(run / "network-snapshot-000000.pt", weights_only=True)
+    snap = torch.load(last, weights_only=True)
     assert snap["ema_stds"] == [0.05, 0.10] and "ema_std_0.1" in snap and snap["sigma_data"] == 0.5
     assert snap["kimg"] == 0.016 and torch.load(first, weights_only=True)["kimg"] == 0.008
     for std, key in ((0.05, "ema"), (0.10, "ema_std_0.1")):  # a stored profile is reconstructed as itself
@@ -362,7 +362,7 @@ def test_edm2_run_posthoc_ema_and_sampling(tiny_toy, tmp_path):
         rec = torch.load(out, weights_only=True)
         for k, v in snap[key].items():
             torch.testing.assert_close(rec["ema"][k], v, rtol=1e-4, atol=1e-5)
-    both = ["--snapshots", first, run / "network-snapshot-000000.pt"]
+    both = ["--snapshots", first, last]
     main(["posthoc-ema", *both, "--std", 0.07, "--out", tmp_path / "mid.pt"])
     mid = torch.load(tmp_path / "mid.pt", weights_only=True)
     assert len(mid["posthoc_ema"]["inputs"]) == 4 and mid["kimg"] == 0.016
@@ -425,12 +425,12 @@ def test_training_images_stream_with_bounded_decoding(tiny_toy, tmp_path, monkey
     monkeypatch.setattr(td, "HELD_IMAGES", 8)
     main(["--data", tiny_toy / "train", "--out", tmp_path / "run", "--resolution", "16", "--channels", "8",
           "--batch-size", "8", "--duration", "0.016", "--snapshot-every", "0", "--workers", "1"])
-    assert (tmp_path / "run" / "network-snapshot-000000.pt").exists()
+    assert (last_snapshot(tmp_path / "run")).exists()
 
 
 def test_guide_of_another_architecture_is_accepted_and_another_resolution_refused(runs, tiny_toy, tmp_path):
     import scoremix_sample
-    net = runs / "straight" / "network-snapshot-000000.pt"
+    net = last_snapshot(runs / "straight")
     guide = tmp_path / "guide"
     main(["--data", tiny_toy / "train", "--out", guide, "--preset", "cpu-guide", "--resolution", "16",
           "--channels", "4", "--channel-mult", "1", "2", "--batch-size", "8", "--duration", "0.008",
@@ -439,7 +439,7 @@ def test_guide_of_another_architecture_is_accepted_and_another_resolution_refuse
     pairs = tmp_path / "pairs.csv"
     pairs.write_text(f"class_a,class_b,distance,rank\n{names[0]},{names[1]},1,0\n")
     common = ["--net", str(net), "--pairs", str(pairs), "--per-pair", "1", "--steps", "2"]
-    scoremix_sample.main([*common, "--guide", str(guide / "network-snapshot-000000.pt"),
+    scoremix_sample.main([*common, "--guide", str(last_snapshot(guide)),
                           "--out", str(tmp_path / "s")])
     assert len(list((tmp_path / "s").rglob("*.png"))) == 1
     other = tmp_path / "other"
@@ -447,7 +447,7 @@ def test_guide_of_another_architecture_is_accepted_and_another_resolution_refuse
           "--channels", "4", "--channel-mult", "1", "2", "--batch-size", "8", "--duration", "0.008",
           "--snapshot-every", "0", "--label-dropout", "0.25"])
     with pytest.raises(SystemExit, match="error: --guide .* 8 px"):
-        scoremix_sample.main([*common, "--guide", str(other / "network-snapshot-000000.pt"),
+        scoremix_sample.main([*common, "--guide", str(last_snapshot(other)),
                               "--out", str(tmp_path / "s2")])
 
 
