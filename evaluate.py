@@ -1,6 +1,6 @@
 """Evaluate face-recognition backbones: 1:1 verification, IJB-B/C TAR@FAR, rank-1 identification.
 
-Verification (.bin, PROTOCOLS.md section 4): each LFW-style file is a pickle of (2N encoded images,
+Verification (.bin, docs/formulas.md section 4): each LFW-style file is a pickle of (2N encoded images,
 N booleans), pair i = images (2i, 2i+1). An image's embedding is f(x) + f(flip x), L2-normalised;
 a pair's distance is the squared L2 distance (in [0, 4]). 10-fold accuracy: thresholds
 np.arange(0, 4, 0.01), 10 contiguous unshuffled folds; each fold is scored at the threshold that is
@@ -27,7 +27,7 @@ of the real identity folders REAL_DIR/<identity>/; identity consistency = share 
 SAMPLES_DIR/<identity>/ (identities also in REAL_DIR) whose nearest centre is their own class;
 cleanliness = mean absolute difference between neighbouring pixels (grey levels), samples over real;
 identity spread = mean cosine of each image to its own folder's centre (intra) and mean cosine between
-distinct folders' centres (inter), for real and generated identities alike (DESIGN.md: mixed
+distinct folders' centres (inter), for real and generated identities alike (mixed
 identities that are loose or alike teach the discriminator little); nearest real distance = mean RMS
 pixel distance of each image to its nearest REAL_DIR image (fresh real renders give the figure of a
 generator that does not copy its training set; a smaller one means copies).

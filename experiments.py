@@ -143,7 +143,7 @@ def generator(args):
                     "neighbour_ratio": gen["neighbour_ratio"], "real_neighbour_ratio": real["neighbour_ratio"],
                     "sample_images_per_s": round(gen["images"] / sample_seconds, 2),
                     "train_images_per_s": float(np.median(speed)) if speed else None,
-                    "train_seconds_this_sitting": round(train_seconds, 1),
+                    "train_seconds_this_run": round(train_seconds, 1),
                     "denoise_rms": denoise[-1]["denoise_rms"] if denoise else None,
                     "mean_image_rms": denoise[-1]["mean_image_rms"] if denoise else None}, result_path)
 
@@ -282,7 +282,7 @@ def sample_set(args, name, mode, selection, data, alpha=0.5, guidance=None, step
                 "guide_kimg": args.guide_kimg if guidance != 1 else None, "steps": steps, "churn": churn,
                 "identities": identities,
                 "per_identity": per_identity, "snapshot": os.path.relpath(snap, ROOT),
-                "images_sampled_this_sitting": made, "sampling_seconds_this_sitting": round(seconds, 1),
+                "images_sampled_this_run": made, "sampling_seconds_this_run": round(seconds, 1),
                 "cpu_seconds_per_1000": round(seconds * (os.cpu_count() or 1) / made * 1000, 1) if made else None,
                 **measure()}, info_path)
     return out
@@ -409,7 +409,7 @@ def replication_table(rows):
     if os.path.exists(cka_path):
         with open(cka_path) as f:
             cka = json.load(f)
-        print(f"\n| space A | space B | CKA (null) | unbiased CKA (null) | CKNNA (null) | mutual kNN (null) |")
+        print("\n| space A | space B | CKA (null) | unbiased CKA (null) | CKNNA (null) | mutual kNN (null) |")
         print("|---" * 6 + "|")
         for p in cka["pairs"]:
             cells = [f"{p[m]:.3f} ({p['null'][m]['mean']:.3f} +- {p['null'][m]['std']:.3f})"

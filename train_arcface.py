@@ -1,7 +1,7 @@
 """Train the face-recognition discriminator: an IResNet with a margin softmax (ArcFace / CosFace).
 
 The backbone f maps an aligned face to an embedding; a class weight matrix W (one row per identity)
-gives cos(theta_j) = <f(x)/|f(x)|, W_j/|W_j|>, and the target logit gets a margin (PROTOCOLS.md 3):
+gives cos(theta_j) = <f(x)/|f(x)|, W_j/|W_j|>, and the target logit gets a margin (docs/formulas.md 3):
     ArcFace: s*cos(theta_y + m2)  (s=64, m2=0.5)        CosFace: s*(cos(theta_y) - m3)  (m3=0.4)
 trained with SGD, linear lr decay and horizontal flips, as in insightface's arcface_torch recipe.
 The ArcFace margin is straight-through as in current arcface_torch (--margin-grad textbook: the 2022
@@ -396,7 +396,7 @@ RECORD_MAGIC = 0xCED7230A
 
 
 class RecordIODataset(torch.utils.data.Dataset):
-    """MXNet RecordIO train.rec + train.idx read without mxnet (PROTOCOLS.md 5).
+    """MXNet RecordIO train.rec + train.idx read without mxnet (docs/formulas.md 5).
 
     The file is opened lazily once per process, so DataLoader workers (fork) each get their own."""
 
@@ -477,7 +477,7 @@ class RecordIODataset(torch.utils.data.Dataset):
 
 
 def record_header(label, key=0, labels=None):
-    """A record payload's header (PROTOCOLS.md 5): struct '<IfQQ' (flag, label, id, id2), then
+    """A record payload's header (docs/formulas.md 5): struct '<IfQQ' (flag, label, id, id2), then
     `flag` float32 labels when a list is given (flag = its length, the label field 0)."""
     if labels is None:
         return struct.pack("<IfQQ", 0, label, key, 0)

@@ -16,7 +16,6 @@ Usage: python benchmarks/scale.py [--quick] [--dim 128 --batch 64 --sample-rate 
 import argparse
 import gc
 import io
-import math
 import multiprocessing
 import os
 import platform
