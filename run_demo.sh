@@ -15,6 +15,9 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python}  # the interpreter every stage runs with
+# OpenMP threads that wait passively instead of spinning: the same speed alone, 1.7x faster beside
+# another busy process on a small machine (benchmarks/README.md, "Contention")
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 
 OUT=runs/demo; DEVICE=""; GPUS=1; SCALE=1; SMOKE=0; GUIDANCE=1
 while [ $# -gt 0 ]; do

@@ -10,6 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python}
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}  # see benchmarks/README.md, "Contention"
 "$PY" experiments.py calibration          # the toy sets (N and 2N identities) and their baselines
 "$PY" experiments.py generator            # the shared generator (100 kimg, ~21 min) and its measurements
 "$PY" experiments.py replication "$@"
