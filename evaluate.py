@@ -16,6 +16,11 @@ a template's is the mean over each media's images, summed over media, L2-normali
 TAR at the ROC point whose FAR is closest to 1e-6 ... 1e-1 (ties to the larger TAR; the ROC keeps
 every distinct score as a threshold).
 
+All-pairs 1:1 (--allpairs DIR, IJB-style at image level): every pair of the images in DIR/<identity>/
+is scored (cosine of f(x) + f(flip x)); same identity = genuine, otherwise impostor. TAR@FAR 1e-3,
+1e-4, 1e-5 at the threshold t = the (k+1)-th largest impostor score, k = floor(FAR * impostor pairs),
+computed exactly in bounded memory (only the largest impostor scores are kept).
+
 Rank-1 identification (--identification DIR, TinyFace-style):
     DIR/gallery/<identity>/*.png   labelled gallery images
     DIR/probe/<identity>/*.png     probes; identity names match the gallery's folder names
@@ -36,6 +41,7 @@ Under torchrun only rank 0 works (evaluation is single-process).
 
 Usage: python evaluate.py --model RUN/model.pt [RUN2/model.pt ...] --bin FILE.bin ... --out results.json
        python evaluate.py --model RUN/model.pt --ijb IJB_C --identification tinyface --out results.json
+       python evaluate.py --model RUN/model.pt --allpairs data/toy/allpairs --bin data/toy/bench/*.bin
        python evaluate.py --consistency SAMPLES_DIR [...] --data REAL_DIR --model RUN/model.pt --out c.json
 """
 import argparse
@@ -57,6 +63,7 @@ from train_arcface import (DataError, autocast_context, decode_image, load_backb
 THRESHOLDS = np.arange(0, 4, 0.01)  # the reference's float values, e.g. 0.35000000000000003
 BIN_FARS = (1e-3, 1e-4)
 IJB_FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+ALLPAIRS_FARS = (1e-3, 1e-4, 1e-5)
 PROGRESS = sys.stderr.isatty()  # progress bars on a terminal only: logs and error lines stay clean
 ARCFACE_TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
                              [41.5493, 92.3655], [70.7299, 92.2041]])
@@ -126,6 +133,38 @@ def tar_at_far(scores, labels, fars):
         gap = np.abs(fpr - far)
         out.append(tpr[gap == gap.min()].max())
     return np.array(out)
+
+
+def all_pairs_tar(emb, labels, fars, block=1024):
+    """IJB-style 1:1 over every pair of images i < j: genuine when both show one identity, impostor
+    otherwise; score = cosine. TAR@FAR = share of genuine scores above t, where t is the (k+1)-th
+    largest impostor score and k = floor(FAR * impostors), so at most a FAR share of impostors score
+    above t. Exact, in memory O(block * N + k): only the largest impostor scores are kept.
+    -> (TAR per FAR (NaN where FAR < 1 / impostors), genuine pairs, impostor pairs)"""
+    emb = torch.as_tensor(np.asarray(emb), dtype=torch.float32)
+    labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+    n = len(emb)
+    sizes = torch.bincount(labels)
+    genuine_pairs = int((sizes * (sizes - 1) // 2).sum())
+    impostor_pairs = n * (n - 1) // 2 - genuine_pairs
+    if genuine_pairs == 0 or impostor_pairs == 0:
+        raise ValueError("all-pairs evaluation needs identities with 2+ images and 2+ identities")
+    ks = [int(far * impostor_pairs + 1e-9) for far in fars]  # floor, robust to 1e-3 * 1000 = 0.999...
+    keep = min(max(ks) + 1, impostor_pairs)
+    top, genuine = torch.empty(0), []
+    columns = torch.arange(n)
+    for i in range(0, n, block):
+        rows = columns[i:i + block]
+        scores = emb[rows] @ emb.T
+        upper = columns[None] > rows[:, None]
+        same = labels[rows][:, None] == labels[None]
+        genuine.append(scores[upper & same])
+        top = torch.cat([top, scores[upper & ~same]])
+        top = torch.topk(top, min(keep, len(top))).values  # sorted, largest first
+    genuine = torch.cat(genuine)
+    tars = [float((genuine > top[k]).double().mean()) if far * impostor_pairs >= 1 else float("nan")
+            for far, k in zip(fars, ks)]
+    return np.array(tars), genuine_pairs, impostor_pairs
 
 
 # -----------------------------------------------------------------------------
@@ -531,14 +570,31 @@ def run_benchmarks(args, models, names):
         bench, tars = ijb_tar(models, args.ijb, args.ijb_name, args.batch_size, args.device, args.amp)
         for name, t in zip(names, tars):
             results[name][bench] = {k: 100 * v for k, v in t.items()}
+    if args.allpairs:
+        bench = os.path.basename(os.path.normpath(args.allpairs))
+        ds = open_datasets([args.allpairs])
+        images, labels = load_images(ds, progress=PROGRESS)
+        for name, model in zip(names, models):
+            emb = embed(model, images, args.batch_size, args.device, amp=args.amp)
+            tars, genuine_pairs, impostor_pairs = all_pairs_tar(emb, labels, ALLPAIRS_FARS)
+            results[name][bench] = {f"tar_at_far_{far:.0e}".replace("e-0", "e-"): 100 * t
+                                    for far, t in zip(ALLPAIRS_FARS, tars)}
+        counts = {"bench": bench, "identities": len(ds.classes), "images": len(images),
+                  "genuine_pairs": genuine_pairs, "impostor_pairs": impostor_pairs}
+        print(f"{bench}: {counts['identities']} identities, {len(images)} images, {genuine_pairs:,} genuine "
+              f"and {impostor_pairs:,} impostor pairs")
+        del images
     if args.identification:
         bench = os.path.basename(os.path.normpath(args.identification))
         for name, model in zip(names, models):
             rank1 = rank1_identification(model, args.identification, args.batch_size, args.device, args.amp)
             results[name][bench] = {"rank1": 100 * rank1}
     print_table(results, names)
-    return {"models": {n: {b: {k: float(v) for k, v in r.items()} for b, r in res.items()}
-                       for n, res in results.items()}}
+    out = {"models": {n: {b: {k: None if np.isnan(v) else float(v) for k, v in r.items()} for b, r in res.items()}
+                      for n, res in results.items()}}
+    if args.allpairs:
+        out["allpairs"] = counts
+    return out
 
 
 def main(argv=None):
@@ -555,6 +611,8 @@ def main(argv=None):
     a("--bin", nargs="*", default=[], metavar="FILE.bin", help="LFW-style verification .bin files")
     a("--ijb", metavar="DIR", help="IJB-B/C root folder holding meta/ and loose_crop/")
     a("--ijb-name", metavar="NAME", help="IJB metadata prefix (ijbb, ijbc); None: the one found in DIR/meta")
+    a("--allpairs", metavar="DIR", help="IJB-style 1:1 over every pair of the images in DIR/<identity>/ "
+                                        "(TAR@FAR 1e-3, 1e-4, 1e-5; 8 images x 1000 identities: 32M pairs)")
     a("--identification", metavar="DIR", help="rank-1 identification folder: gallery/<id>/, probe/<id>/, "
                                               "optional distractor/")
     a("--consistency", nargs="+", metavar="SAMPLES_DIR", help="sample folders <identity>/*.png to check "
@@ -584,7 +642,7 @@ def main(argv=None):
     for p in args.model + args.bin:
         if not os.path.isfile(p):
             parser.error(f"no such file: {p}")
-    for d in [args.ijb, args.identification, args.data] + (args.consistency or []):
+    for d in [args.ijb, args.allpairs, args.identification, args.data] + (args.consistency or []):
         if d and not os.path.isdir(d):
             parser.error(f"no such folder: {d}")
     stems = [os.path.splitext(os.path.basename(p))[0] for p in args.bin]
@@ -593,8 +651,8 @@ def main(argv=None):
     if args.consistency:
         if not args.data or len(args.model) != 1:
             parser.error("--consistency needs --data REAL_DIR and exactly one --model")
-    elif not (args.bin or args.ijb or args.identification):
-        parser.error("nothing to evaluate: give --bin, --ijb, --identification or --consistency")
+    elif not (args.bin or args.ijb or args.allpairs or args.identification):
+        parser.error("nothing to evaluate: give --bin, --ijb, --allpairs, --identification or --consistency")
     try:
         depth = int(args.network[1:]) if args.network else None
         models = [load_backbone(p, args.device, depth, args.input_size) for p in args.model]

@@ -14,6 +14,10 @@ them exactly like the real LFW / CFP-FP / AgeDB-30 / CALFW / CPLFW files:
     toy_calfw   age gap, negatives are look-alikes of the first identity
     toy_cplfw   pose gap, negatives are look-alikes of the first identity
 
+Optional: validation benchmarks of the same five kinds in val/ (val_lfw.bin ...: their own identities
+and pairs, for choosing a recipe without looking at the test benchmarks) and an all-pairs 1:1 test set
+in allpairs/<identity>/ (evaluate.py --allpairs: TAR at FAR down to 1e-5 over every pair of images).
+
 Determinism: every identity, image and benchmark pair has its own seed derived from
 (--seed, stream, index), so `--identities 2N` keeps the first N identities and their images
 bit-identical, and the benchmarks do not depend on --identities.
@@ -35,6 +39,7 @@ from train_arcface import write_bin
 BENCHMARKS = ("toy_lfw", "toy_cfp_fp", "toy_agedb", "toy_calfw", "toy_cplfw")
 # seed streams: each kind of random draw has its own, so adding identities changes nothing else
 STREAM_IDENTITY, STREAM_TRAIN, STREAM_HELDOUT, STREAM_TEST_IDENTITY, STREAM_BENCH = range(5)
+STREAM_VAL_IDENTITY, STREAM_VAL_BENCH, STREAM_ALLPAIRS_IDENTITY, STREAM_ALLPAIRS_IMAGE = range(5, 9)
 
 SKIN_LIGHT, SKIN_DARK = np.array([0.96, 0.80, 0.68]), np.array([0.36, 0.22, 0.14])
 HAIR_COLOURS = np.array([[0.08, 0.06, 0.06], [0.30, 0.18, 0.10], [0.55, 0.36, 0.18],
@@ -271,9 +276,9 @@ def draw(p, rng, resolution, strength=1.0, **fixed):
 # ----------------------------------------------------------------------------------------------
 # Benchmarks: LFW-style pairs, pickled as (list of PNG bytes, list of bool)
 
-def bench_pair(name, i, same, test_ids, seed, resolution, jitter, keep, age_gap, strength=1.0):
+def bench_pair(name, i, same, test_ids, seed, resolution, jitter, keep, age_gap, strength=1.0, stream=STREAM_BENCH):
     """The two images of pair i of benchmark `name` (its own seed: benchmarks never change)."""
-    rng = rng_for(seed, STREAM_BENCH, BENCHMARKS.index(name) * 10_000_000 + i)
+    rng = rng_for(seed, stream, BENCHMARKS.index(name) * 10_000_000 + i)
     p = test_ids[rng.integers(len(test_ids))]
     lookalike_negative = {"toy_calfw": True, "toy_cplfw": True}.get(name, rng.random() < 0.5)
     if same:
@@ -321,6 +326,32 @@ def contact_sheet(rows, zoom=2):
     return Image.fromarray(sheet).resize((sheet.shape[1] * zoom, sheet.shape[0] * zoom), Image.NEAREST)
 
 
+def pair_labels(pairs):
+    """issame of a benchmark: 10 folds of `pairs // 20` positives then as many negatives."""
+    half = max(1, pairs // 20)
+    return [k < half for _ in range(10) for k in range(2 * half)] if pairs >= 20 else \
+        [k % 2 == 0 for k in range(pairs)]
+
+
+def write_benchmarks(folder, prefix, ids, issame, stream, args):
+    """The five .bin benchmarks (named prefix + the kind without 'toy_') over identities `ids`; returns
+    4 positive and 4 negative pairs of each for the preview."""
+    os.makedirs(folder, exist_ok=True)
+    rows = []
+    for name in BENCHMARKS:
+        out_name = prefix + name[len("toy_"):] if prefix else name
+        bins = []
+        for i, same in enumerate(tqdm(issame, desc=f"{out_name:10s}", unit="pair")):
+            a, b = bench_pair(name, i, same, ids, args.seed, args.resolution, args.lookalike_jitter,
+                              args.lookalike_keep, args.age_gap, args.nuisance, stream)
+            bins += [png_bytes(a), png_bytes(b)]
+        pos = [i for i, s in enumerate(issame) if s][:4]
+        neg = [i for i, s in enumerate(issame) if not s][:4]
+        rows.append([np.asarray(Image.open(io.BytesIO(bins[2 * i + j]))) for i in pos + neg for j in (0, 1)])
+        write_bin(os.path.join(folder, f"{out_name}.bin"), bins, issame)
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", required=True, help="output folder")
@@ -337,16 +368,28 @@ def main():
                         help="look-alike negatives: probability of keeping each discrete attribute")
     parser.add_argument("--age-gap", type=float, default=0.4, help="age difference inside toy_agedb pairs (half of it in "
                         "toy_calfw positives) (ages run 0..1; training images drift by about 0.15)")
+    parser.add_argument("--val-identities", type=int, default=0,
+                        help="identities of the validation benchmarks in val/ (their own identity and pair streams; "
+                             "for choosing recipes, never the test benchmarks); 0: none")
+    parser.add_argument("--allpairs-identities", type=int, default=0,
+                        help="identities of the all-pairs 1:1 test set in allpairs/<identity>/ (evaluate.py "
+                             "--allpairs); 0: none")
+    parser.add_argument("--allpairs-per-identity", type=int, default=8, help="images per all-pairs identity")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     args = parser.parse_args()
     if not 8 <= args.resolution <= 112:
         parser.error("--resolution must be between 8 and 112")
     if min(args.identities, args.per_identity, args.test_identities, args.pairs) < 1 or args.test_identities < 2:
         parser.error("--identities, --per-identity, --pairs must be >= 1 and --test-identities >= 2")
+    if args.val_identities == 1 or args.val_identities < 0 or args.allpairs_identities == 1 \
+            or args.allpairs_identities < 0 or args.allpairs_per_identity < 2:
+        parser.error("--val-identities and --allpairs-identities must be 0 or >= 2, --allpairs-per-identity >= 2")
     meta_path = os.path.join(args.out, "meta.json")
     if os.path.exists(meta_path):
         with open(meta_path) as f:
-            if json.load(f).get("args") == vars(args):
+            done = json.load(f).get("args", {})
+        # a set made before a flag existed counts as made with that flag's default
+        if {**{k: parser.get_default(k) for k in vars(args)}, **done} == vars(args):
                 print(f"{args.out} is already complete with these arguments")
                 return
     t0 = time.time()
@@ -365,26 +408,24 @@ def main():
                 row.append(img)
             if split == "train" and i < 12:
                 preview.append(row[:12])
-    os.makedirs(os.path.join(args.out, "bench"), exist_ok=True)
-    half = max(1, args.pairs // 20)  # each of the 10 folds: `half` positives then `half` negatives
-    issame = [k < half for _ in range(10) for k in range(2 * half)] if args.pairs >= 20 else \
-        [k % 2 == 0 for k in range(args.pairs)]
-    bench_rows = []
-    for name in BENCHMARKS:
-        bins = []
-        for i, same in enumerate(tqdm(issame, desc=f"{name:10s}", unit="pair")):
-            a, b = bench_pair(name, i, same, test_ids, args.seed, R, args.lookalike_jitter, args.lookalike_keep,
-                              args.age_gap, args.nuisance)
-            bins += [png_bytes(a), png_bytes(b)]
-        # 4 positive and 4 negative pairs of each benchmark for the preview
-        pos = [i for i, s in enumerate(issame) if s][:4]
-        neg = [i for i, s in enumerate(issame) if not s][:4]
-        bench_rows.append([np.asarray(Image.open(io.BytesIO(bins[2 * i + j]))) for i in pos + neg for j in (0, 1)])
-        write_bin(os.path.join(args.out, "bench", f"{name}.bin"), bins, issame)
+    issame = pair_labels(args.pairs)
+    bench_rows = write_benchmarks(os.path.join(args.out, "bench"), "", test_ids, issame, STREAM_BENCH, args)
+    if args.val_identities:  # model selection: its own identities and pairs, never the test benchmarks
+        val_ids = [random_identity(rng_for(args.seed, STREAM_VAL_IDENTITY, j)) for j in range(args.val_identities)]
+        write_benchmarks(os.path.join(args.out, "val"), "val_", val_ids, issame, STREAM_VAL_BENCH, args)
+    if args.allpairs_identities:  # IJB-style all-pairs test set: DIR/allpairs/<identity>/*.png
+        for j in tqdm(range(args.allpairs_identities), desc="allpairs", unit="id"):
+            p = random_identity(rng_for(args.seed, STREAM_ALLPAIRS_IDENTITY, j))
+            folder = os.path.join(args.out, "allpairs", f"id{j:05d}")
+            os.makedirs(folder, exist_ok=True)
+            for k in range(args.allpairs_per_identity):
+                img = draw(p, rng_for(args.seed, STREAM_ALLPAIRS_IMAGE, j * 100_000 + k), R, args.nuisance)
+                write_atomic(os.path.join(folder, f"{k:04d}.png"), png_bytes(img))
     contact_sheet(preview).save(os.path.join(args.out, "preview.png"))
     contact_sheet(bench_rows).save(os.path.join(args.out, "bench_preview.png"))
     meta = {"args": vars(args), "train_images": args.identities * args.per_identity,
             "heldout_images": args.identities * args.heldout, "pairs_per_benchmark": len(issame),
+            "allpairs_images": args.allpairs_identities * args.allpairs_per_identity,
             "positives_per_benchmark": int(sum(issame)), "seconds": round(time.time() - t0, 1)}
     write_atomic(meta_path, json.dumps(meta, indent=2).encode())
     print(json.dumps(meta))

@@ -141,6 +141,32 @@ class EvilWrite:
         return exec, (f"open({self.path!r}, 'w').write('pwned')",)
 
 
+@pytest.mark.parametrize("block", [1, 7, 1000])
+def test_all_pairs_tar_equals_an_enumeration_of_every_pair(block):
+    # entries in {-1, 0, 1} / 2: every cosine is exact in float32 and many tie (the rule is strict ">")
+    rng = np.random.default_rng(block)
+    labels = np.repeat(np.arange(40), 3)[rng.permutation(120)]
+    emb = rng.integers(-1, 2, (120, 4)).astype(np.float32) / 2
+    emb[labels % 2 == 0, 0] += 1  # some structure: half the identities lean one way
+    genuine, impostor = [], []
+    for i in range(120):
+        for j in range(i + 1, 120):
+            (genuine if labels[i] == labels[j] else impostor).append(float(emb[i] @ emb[j]))
+    impostor = np.sort(impostor)[::-1]
+    fars = (0.1, 0.01, 1e-3, 1e-4)
+    tars, n_genuine, n_impostor = evaluate.all_pairs_tar(emb, labels, fars, block=block)
+    assert (n_genuine, n_impostor) == (len(genuine), len(impostor)) == (120, 7020)
+    for far, tar in zip(fars, tars):
+        k = int(np.floor(far * len(impostor) + 1e-9))
+        if far * len(impostor) < 1:
+            assert np.isnan(tar)  # no impostor pair can measure this FAR
+        else:
+            assert tar == np.mean(np.array(genuine) > impostor[k])
+            assert np.sum(impostor > impostor[k]) <= far * len(impostor)
+    with pytest.raises(ValueError, match="2\\+ images"):
+        evaluate.all_pairs_tar(emb[:3], [0, 1, 2], fars)
+
+
 def test_malicious_bin_is_refused(tmp_path):
     marker = tmp_path / "marker"
     good = png_bytes(pattern(0))
@@ -428,6 +454,23 @@ def test_cli_writes_results_json_and_table(trained_model, tiny_toy, tmp_path):
     table = [ln for ln in r.stdout.splitlines() if ln.startswith("|")]
     assert table[0].split("|")[1:-1][:len(stems) + 2] == [" Model "] + [f" {s} " for s in stems] + [" Avg "]
     assert table[2].startswith("| baseline |") and " +- " in table[2] and len(table) == 4
+
+
+def test_cli_all_pairs_reports_tar_and_pair_counts(trained_model, tmp_path):
+    toy = tmp_path / "toy"
+    r = run_script("toy_faces.py", "--out", toy, "--identities", 2, "--per-identity", 2, "--test-identities", 2,
+                   "--pairs", 2, "--heldout", 0, "--allpairs-identities", 30, "--allpairs-per-identity", 4)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "allpairs.json"
+    r = run_script("evaluate.py", "--model", trained_model, "--allpairs", toy / "allpairs", "--out", out)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert res["allpairs"] == {"bench": "allpairs", "identities": 30, "images": 120, "genuine_pairs": 180,
+                               "impostor_pairs": 7140 - 180}
+    tars = res["models"]["baseline"]["allpairs"]
+    assert set(tars) == {"tar_at_far_1e-3", "tar_at_far_1e-4", "tar_at_far_1e-5"}
+    assert 0 <= tars["tar_at_far_1e-3"] <= 100 and tars["tar_at_far_1e-4"] is None  # 6960 impostors < 1e4
+    assert "| baseline |" in r.stdout
 
 
 def test_cli_consistency_reports_real_reference(trained_model, tiny_toy, tmp_path):
