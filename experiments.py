@@ -58,14 +58,15 @@ def measure_samples(samples, data, model):
 
 
 def discriminator_run(group, row, seed, data_dirs, bench_dir, extra=(), note="", result_name=None,
-                      need_model=False, **fields):
-    """Train one discriminator on `data_dirs`, evaluate it on the five toy benchmarks, record it.
-    -> its model.pt. A recorded run is skipped; with need_model, one whose run folder is gone (a new
-    checkout: runs/ is not committed) is retrained by the same seeded command and not re-recorded."""
+                      need_model=False, bench=BENCH, allpairs=None, **fields):
+    """Train one discriminator on `data_dirs`, evaluate it on the five toy benchmarks (`bench`: their
+    names in bench_dir) and optionally the all-pairs set, record it. -> its model.pt. A recorded run is
+    skipped; with need_model, one whose run folder is gone (a new checkout: runs/ is not committed) is
+    retrained by the same seeded command and not re-recorded."""
     result_path = os.path.join(RESULTS, group, f"{result_name or row}-seed{seed}.json")
     run = os.path.join(RUNS, group, f"{result_name or row}-seed{seed}")
     model = os.path.join(run, "model.pt")
-    bins = [os.path.join(bench_dir, f"{b}.bin") for b in BENCH]
+    bins = [os.path.join(bench_dir, f"{b}.bin") for b in bench]
     recorded = os.path.exists(result_path)
     if recorded:
         print(f"skip {result_path} (exists)")
@@ -77,18 +78,20 @@ def discriminator_run(group, row, seed, data_dirs, bench_dir, extra=(), note="",
     if recorded:
         return model
     sh("evaluate.py", "--model", os.path.join(run, "model.pt"), "--bin", *bins, "--names", row,
-       "--out", os.path.join(run, "eval.json"))
+       *(["--allpairs", allpairs] if allpairs else []), "--out", os.path.join(run, "eval.json"))
     with open(os.path.join(run, "eval.json")) as f:
         scores = json.load(f)["models"][row]
+    if allpairs:
+        fields["allpairs"] = scores[os.path.basename(os.path.normpath(allpairs))]
     with open(os.path.join(run, "log.jsonl")) as f:
         log = [json.loads(line) for line in f]
     curve = [{"epoch": e["epoch"], "loss": e["loss"], **e["val"]} for e in log if "val" in e]
     write_json({"group": group, "row": row, "seed": seed, "note": note, "data": data_dirs, "extra": list(extra),
                 "steps": log[-1]["step"], "epochs": log[-1]["epoch"], "train_seconds": round(train_seconds, 1),
                 "train_loop_seconds": round(log[-1]["elapsed"], 1),
-                "accuracy": {b: scores[b]["accuracy"] for b in BENCH},
-                "tar_at_far_1e-3": {b: scores[b]["tar_at_far_1e-3"] for b in BENCH},
-                "avg": float(np.mean([scores[b]["accuracy"] for b in BENCH])), "curve": curve, **fields}, result_path)
+                "accuracy": {b: scores[b]["accuracy"] for b in bench},
+                "tar_at_far_1e-3": {b: scores[b]["tar_at_far_1e-3"] for b in bench},
+                "avg": float(np.mean([scores[b]["accuracy"] for b in bench])), "curve": curve, **fields}, result_path)
     return model
 
 
@@ -118,18 +121,24 @@ def generator(args):
     sh("train_diffusion.py", "--data", os.path.join(data, "train"), "--heldout", os.path.join(data, "heldout"),
        "--out", run, "--duration", args.kimg, "--snapshot-every", args.snapshot_every, *args.extra)
     train_seconds = time.time() - t0
+    measure_snapshots(run, data, baseline, args.name, "generator", args.per_class, args.steps, train_seconds)
+
+
+def measure_snapshots(run, data, baseline, name, group, per_class, steps, train_seconds, sample_flags=()):
+    """For every snapshot of a generator run: Repro samples of every class, their identity consistency and
+    cleanliness under the baseline next to fresh real renders; results/GROUP/NAME-kimgK.json."""
     with open(os.path.join(run, "log.jsonl")) as f:
         log = [json.loads(line) for line in f]
     for snap in sorted(glob.glob(os.path.join(run, "network-snapshot-*.pt"))):
         kimg = int(os.path.basename(snap)[17:23])
-        result_path = os.path.join(RESULTS, "generator", f"{args.name}-kimg{kimg:06d}.json")
+        result_path = os.path.join(RESULTS, group, f"{name}-kimg{kimg:06d}.json")
         if os.path.exists(result_path):
             print(f"skip {result_path} (exists)")
             continue
         samples = os.path.join(run, f"repro-{kimg:06d}")
         t1 = time.time()
-        sh("scoremix_sample.py", "--mode", "repro", "--net", snap, "--per-pair", args.per_class, "--steps", args.steps,
-           "--out", samples)
+        sh("scoremix_sample.py", "--mode", "repro", "--net", snap, "--per-pair", per_class, "--steps", steps,
+           "--out", samples, *sample_flags)
         sample_seconds = time.time() - t1
         sh("evaluate.py", "--consistency", samples, os.path.join(data, "heldout"), "--data", os.path.join(data, "train"),
            "--model", baseline, "--out", samples + ".json")
@@ -138,7 +147,7 @@ def generator(args):
         gen, real = cons[samples], cons[os.path.join(data, "heldout")]
         denoise = [e for e in log if "denoise_rms" in e and abs(e["kimg"] - kimg) < 1]
         speed = [e["images_per_s"] for e in log if "images_per_s" in e]
-        write_json({"run": args.name, "kimg": kimg, "snapshot": os.path.relpath(snap, ROOT), "steps": args.steps,
+        write_json({"run": name, "kimg": kimg, "snapshot": os.path.relpath(snap, ROOT), "steps": steps,
                     "consistency": gen["consistency"], "real_consistency": real["consistency"],
                     "neighbour_ratio": gen["neighbour_ratio"], "real_neighbour_ratio": real["neighbour_ratio"],
                     "sample_images_per_s": round(gen["images"] / sample_seconds, 2),
@@ -177,6 +186,68 @@ def repro_check(args):
             discriminator_run("repro_check", row, seed, [os.path.join(data, "train"), samples],
                               os.path.join(data, "bench"), extra=["--merge-by-name", "--val-every", "24", *flags],
                               note=note, result_name=row_file(row), **stats)
+
+
+# ----------------------------------------------------------------------------- the paper's regime
+# Many identities with few images each (16 per identity, the paper's ratio), the oracle at 2N (the first
+# N bit-identical), validation benchmarks of their own identities for every choice of recipe, sampler or
+# size (never the test benchmarks), and the all-pairs 1:1 test set for TAR at FAR down to 1e-5.
+
+VAL = tuple("val_" + b[len("toy_"):] for b in BENCH)
+RECIPES = {  # discriminator recipes: name -> (epochs, train_arcface.py flags); each also runs at 2x epochs
+    "e24": (24, []),
+    "e12": (12, []),
+    "e24-wd5e-3": (24, ["--weight-decay", "5e-3"]),
+}
+
+
+def regime_data(identities, per_identity, seed=0):
+    """A regime toy set with val/ (400 identities) and allpairs/ (1000 identities x 8 images)."""
+    out = os.path.join(RUNS, "data", f"regime-n{identities}-p{per_identity}-s{seed}")
+    sh("toy_faces.py", "--out", out, "--identities", identities, "--per-identity", per_identity, "--seed", seed,
+       "--val-identities", 400, "--allpairs-identities", 1000, "--allpairs-per-identity", 8)  # skips if complete
+    return out
+
+
+def regime_baseline(args, data, seed=0, need_model=True):
+    """real only with the chosen recipe, scored on validation: the reference of every regime choice."""
+    epochs, flags = RECIPES[args.recipe]
+    return discriminator_run("regime_recipe", args.recipe, seed, [os.path.join(data, "train")],
+                             os.path.join(data, "val"), extra=["--epochs", epochs, "--val-every", epochs, *flags],
+                             bench=VAL, need_model=need_model, recipe=args.recipe, epoch_multiple=1)
+
+
+def regime_recipe(args):
+    """Choose the discriminator recipe on validation only: real only at each recipe's epochs and at twice
+    them (the paper's protocol trains merged sets for the same epochs, so twice the images means twice the
+    steps; a recipe whose 2x run is within a seed std of its 1x run makes that protocol fair)."""
+    data = regime_data(args.identities, args.per_identity)
+    oracle = regime_data(2 * args.identities, args.per_identity) if args.oracle else None
+    for name in args.recipes:
+        epochs, flags = RECIPES[name]
+        for seed in args.seeds:
+            for mult in (1, 2):
+                discriminator_run("regime_recipe", name if mult == 1 else f"{name}-2x", seed,
+                                  [os.path.join(data, "train")], os.path.join(data, "val"),
+                                  extra=["--epochs", mult * epochs, "--val-every", mult * epochs, *flags],
+                                  bench=VAL, recipe=name, epoch_multiple=mult)
+            if oracle:
+                discriminator_run("regime_recipe", f"{name}-oracle", seed, [os.path.join(oracle, "train")],
+                                  os.path.join(data, "val"), extra=["--epochs", epochs, "--val-every", epochs, *flags],
+                                  bench=VAL, recipe=name, epoch_multiple=1)
+
+
+def regime_generator(args):
+    """Train the generator on the regime set; per snapshot, Repro consistency under the recipe's seed-0
+    baseline (nearest class centre over all training identities) next to fresh real renders."""
+    data = regime_data(args.identities, args.per_identity)
+    baseline = regime_baseline(args, data)
+    run = os.path.join(RUNS, "regime", "generator", args.name)
+    t0 = time.time()
+    sh("train_diffusion.py", "--data", os.path.join(data, "train"), "--heldout", os.path.join(data, "heldout"),
+       "--out", run, "--duration", args.kimg, "--snapshot-every", args.snapshot_every, *args.extra)
+    measure_snapshots(run, data, baseline, args.name, "regime_generator", args.per_class, args.steps,
+                      time.time() - t0, sample_flags=["--amp"] if "--amp" in args.extra else [])
 
 
 # ----------------------------------------------------------------------------- replication
@@ -477,12 +548,48 @@ def mean_std(values):
     return f"{np.mean(values):.1f} +- {np.std(values):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
 
 
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)  # t quantile 0.975, df 1..10
+
+
+def paired_interval(runs, reference):
+    """Seed-paired differences of the Avg (runs minus reference, same seeds): 'mean [95% t-interval] (n)'."""
+    ref = {r["seed"]: r["avg"] for r in reference}
+    d = np.array([r["avg"] - ref[r["seed"]] for r in runs if r["seed"] in ref])
+    if len(d) < 2:
+        return f"{d[0]:+.2f} (1 seed)" if len(d) else ""
+    half = T975[len(d) - 2] * d.std(ddof=1) / np.sqrt(len(d))
+    return f"{d.mean():+.2f} [{d.mean() - half:+.2f}, {d.mean() + half:+.2f}] ({len(d)})"
+
+
+def sample_std(values):
+    """'mean +- sample std (ddof 1)': the regime tables' one meaning of +-."""
+    return f"{np.mean(values):.2f} +- {np.std(values, ddof=1):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
+
+
+def regime_recipe_table(rows):
+    """Per recipe: validation Avg at 1x and 2x epochs, their seed-paired difference, the oracle's gain."""
+    print("Validation benchmarks only (val_*: identities of their own); +- is the sample std over seeds; "
+          "[ ] a 95% t-interval of seed-paired differences.\n")
+    print("| recipe | epochs | seeds | val Avg 1x | val Avg 2x | 2x - 1x | 2x within one std of 1x | oracle - 1x |")
+    print("|---" * 8 + "|")
+    for name in (r for r in RECIPES if r in rows):
+        one, two, oracle = rows[name], rows.get(f"{name}-2x", []), rows.get(f"{name}-oracle", [])
+        sd = np.std([r["avg"] for r in one], ddof=1) if len(one) > 1 else float("nan")
+        gap = np.mean([r["avg"] for r in two]) - np.mean([r["avg"] for r in one]) if two else float("nan")
+        print(f"| {name} | {one[0]['epochs']} | {len(one)} | {sample_std([r['avg'] for r in one])} | "
+              f"{sample_std([r['avg'] for r in two]) if two else ''} | {paired_interval(two, one)} | "
+              f"{'' if np.isnan(gap * sd) else ('yes' if abs(gap) <= sd else 'no')} | "
+              f"{paired_interval(oracle, one)} |")
+
+
 def table(args):
     rows = load_results(args.group)
     if not rows:
         sys.exit(f"error: no results under results/{args.group}")
-    if args.group == "generator":
+    if args.group in ("generator", "regime_generator"):
         return generator_table(rows)
+    if args.group == "regime_recipe":
+        return regime_recipe_table(rows)
     if args.group == "replication":
         return replication_table(rows)
     real = load_results("replication").get("real", []) if args.group == "repro_check" else []
@@ -561,6 +668,26 @@ def main():
     p.add_argument("--train-args", default="", metavar="'ARGS'",
                    help="extra train_arcface.py flags as one string, e.g. --train-args='--margin-grad textbook'")
     p.set_defaults(func=calibration)
+    p = sub.add_parser("regime-recipe", help="the paper's regime: discriminator recipes at 1x and 2x epochs, "
+                                             "scored on validation")
+    p.add_argument("--identities", type=int, default=256, help="N: training identities")
+    p.add_argument("--per-identity", type=int, default=16, help="training images per identity")
+    p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES), help="recipes to run")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="discriminator seeds")
+    p.add_argument("--oracle", action="store_true", help="also each recipe on the 2N-identity set")
+    p.set_defaults(func=regime_recipe)
+    p = sub.add_parser("regime-generator", help="the paper's regime: train the generator; Repro consistency "
+                                                "per snapshot")
+    p.add_argument("--identities", type=int, default=256, help="N: training identities")
+    p.add_argument("--per-identity", type=int, default=16, help="training images per identity")
+    p.add_argument("--recipe", default="e24", choices=list(RECIPES), help="the baseline's recipe")
+    p.add_argument("--name", default="cpu-amp", help="run name (runs/exp/regime/generator/NAME)")
+    p.add_argument("--kimg", type=float, default=400, help="training length")
+    p.add_argument("--snapshot-every", type=float, default=100, help="snapshot interval in kimg")
+    p.add_argument("--per-class", type=int, default=2, help="Repro samples per class for the consistency figure")
+    p.add_argument("--steps", type=int, default=32, help="Heun steps")
+    p.add_argument("extra", nargs="*", help="more train_diffusion.py flags (after --), e.g. -- --amp")
+    p.set_defaults(func=regime_generator)
     p = sub.add_parser("generator", help="train the CPU generator once; consistency and cleanliness per snapshot")
     p.add_argument("--identities", type=int, default=32, help="N: the default toy set's identities")
     p.add_argument("--name", default="cpu-100k", help="run name (runs/exp/generator/NAME)")

@@ -440,7 +440,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per sampler batch per process")
     p.add_argument("--seed", type=non_negative_int, default=0, help="base seed: image n of identity i uses seed_for(seed, i, n)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (None: cuda if available)")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast where the GPU or CPU has native bf16")
     p.add_argument("--rec", metavar="OUT_DIR", help="also pack the identities into OUT_DIR/train.rec + "
                                                     "train.idx + property (insightface's layout, JPEG)")
     p.add_argument("--rec-real", nargs="+", default=[], metavar="SRC",

@@ -73,3 +73,27 @@ def test_figure_shows_one_row_per_set_and_rejects_a_missing_set(tmp_path, monkey
     assert Image.open(out).size[1] > 2 * 16  # two rows of 8-px cells at zoom 2
     with pytest.raises(SystemExit, match="does not exist"):
         experiments.figure(argparse.Namespace(sets=["absent"], identities=32, columns=4, out=str(out)))
+
+
+def test_paired_interval_is_a_t_interval_of_seed_paired_differences():
+    ref = [{"seed": s, "avg": a} for s, a in enumerate([70.0, 71.0, 72.0])]
+    runs = [{"seed": s, "avg": a} for s, a in enumerate([71.0, 73.0, 72.0])] + [{"seed": 9, "avg": 0.0}]
+    # differences 1, 2, 0: mean 1, sample std 1, t(0.975, 2) = 4.303 -> half width 4.303 / sqrt(3) = 2.484
+    assert experiments.paired_interval(runs, ref) == "+1.00 [-1.48, +3.48] (3)"
+    assert experiments.paired_interval(runs[:1], ref) == "+1.00 (1 seed)"
+
+
+def test_regime_recipe_table_flags_recipes_whose_2x_run_moves_by_more_than_a_std(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(experiments, "RESULTS", str(tmp_path))
+    (tmp_path / "regime_recipe").mkdir()
+    values = {"e24": (80.0, 81.0, 82.0), "e24-2x": (80.5, 81.5, 82.5), "e12": (75.0, 75.5, 76.0),
+              "e12-2x": (78.0, 78.5, 79.0), "e12-oracle": (77.0, 77.0, 77.0)}
+    for row, avgs in values.items():
+        for seed, avg in enumerate(avgs):
+            (tmp_path / "regime_recipe" / f"{row}-seed{seed}.json").write_text(json.dumps(
+                {"row": row, "seed": seed, "epochs": 24, "avg": avg, "accuracy": {"val_lfw": avg}}))
+    experiments.table(argparse.Namespace(group="regime_recipe"))
+    lines = {line.split(" | ")[0][2:]: line.split(" | ") for line in capsys.readouterr().out.splitlines()
+             if line.startswith("| e")}
+    assert lines["e24"][3:7] == ["81.00 +- 1.00", "81.50 +- 1.00", "+0.50 [+0.50, +0.50] (3)", "yes"]
+    assert lines["e12"][6] == "no" and lines["e12"][7].startswith("+1.50 [")  # 3.0 apart, std 0.5
