@@ -19,8 +19,10 @@ import re
 
 import numpy as np
 
-from common import (ArgumentParser, InputError, check_finite, fail, load_checkpoint,
-                    non_negative_int, output_file_guard, positive_int, write_atomic)
+from common import (ArgumentParser, DataError, InputError, check_finite, fail, load_checkpoint,
+                    non_negative_int, open_datasets, output_file_guard, positive_int, write_atomic)
+from train_arcface import class_centres, load_backbone
+from train_diffusion import condition_vectors, load_generator
 
 
 def as_float64(X):
@@ -135,7 +137,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from train_arcface import DataError  # imported here so the metrics above stay usable without torch
     try:
         with output_file_guard(args.out):
             compare(args)
@@ -146,8 +147,6 @@ def main(argv=None):
 def discriminator_centres(args, dataset):
     """{run name: class centres [C, d]} of every --fr, each model and its centres finite."""
     # imported here so the metrics above stay usable without torch
-    from evaluate import class_centres
-    from train_arcface import load_backbone
     centres = {}
     for path in args.fr:
         model = load_checkpoint(load_backbone, path, "train_arcface.py model.pt")
@@ -161,7 +160,6 @@ def discriminator_centres(args, dataset):
 
 def generator_vectors(path, names):
     """The generator's condition vectors [C, d] in the order of `names`, finite."""
-    from train_diffusion import condition_vectors, load_generator
     net = load_checkpoint(load_generator, path, "train_diffusion.py network snapshot")
     check_finite(f"the generator {path}", net.state_dict())
     index = {c: i for i, c in enumerate(net.class_names)}
@@ -176,7 +174,6 @@ def generator_vectors(path, names):
 
 def compare(args):
     """Every comparison of the module docstring -> the printed table and --out (finite values only)."""
-    from train_arcface import open_datasets
     dataset = open_datasets([args.data])
     names = list(dataset.classes)
     if len(names) < 4:  # the unbiased HSIC divides by n - 3

@@ -47,24 +47,22 @@ Usage: python evaluate.py --model RUN/model.pt [RUN2/model.pt ...] --bin FILE.bi
 import argparse
 import glob
 import io
-import json
 import os
 import pickle
 import sys
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from train_arcface import (DataError, autocast_context, decode_image, load_backbone, load_images, open_datasets,
-                          pack_bin, resize_uint8, write_text_atomic)
+from common import (PROGRESS, DataError, decode_image, load_images, open_datasets, pack_bin, resize_uint8,
+                    write_json)
+from train_arcface import centres_of, class_centres, embed, load_backbone
 
 THRESHOLDS = np.arange(0, 4, 0.01)  # the reference's float values, e.g. 0.35000000000000003
 BIN_FARS = (1e-3, 1e-4)
 IJB_FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 ALLPAIRS_FARS = (1e-3, 1e-4, 1e-5)
-PROGRESS = sys.stderr.isatty()  # progress bars on a terminal only: logs and error lines stay clean
 ARCFACE_TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
                              [41.5493, 92.3655], [70.7299, 92.2041]])
 
@@ -165,69 +163,6 @@ def all_pairs_tar(emb, labels, fars, block=1024):
     tars = [float((genuine > top[k]).double().mean()) if far * impostor_pairs >= 1 else float("nan")
             for far, k in zip(fars, ks)]
     return np.array(tars), genuine_pairs, impostor_pairs
-
-
-# -----------------------------------------------------------------------------
-# Embedding
-
-
-@torch.no_grad()
-def embed(model, images, batch_size=256, device=None, flip=True, amp=False, normalize=True):
-    """uint8 images [N,3,H,W] or [N,H,W,3] (numpy or torch) -> float32 numpy [N, d].
-
-    Resizes to model.input_size (bilinear, antialiased) when needed, normalises (x/255 - 0.5)/0.5,
-    sums f(x) + f(flip x) (one batched forward pass) and L2-normalises (unless normalize=False).
-    """
-    device = torch.device(device) if device is not None else next(model.parameters(), torch.empty(0)).device
-    images = torch.as_tensor(images)
-    if len(images) == 0:
-        raise ValueError("no images to embed")
-    if images.ndim != 4 or 3 not in (images.shape[1], images.shape[-1]):
-        raise ValueError(f"need uint8 images [N,3,H,W] or [N,H,W,3], got {tuple(images.shape)}")
-    if images.shape[1] != 3:
-        images = images.permute(0, 3, 1, 2)
-    size = getattr(model, "input_size", None)
-    ctx, _ = autocast_context(device, amp)
-    was_training = model.training
-    model.eval()
-    feats = []
-    batches = range(0, len(images), batch_size)
-    for i in tqdm(batches, desc="embed", leave=False, disable=True if len(batches) == 1 else None):
-        x = images[i:i + batch_size].to(device).float()
-        if size and tuple(x.shape[-2:]) != (size, size):
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        x = (x / 255 - 0.5) / 0.5
-        if flip:
-            x = torch.cat([x, x.flip(3)])
-        with ctx:
-            f = model(x).float()
-        if flip:
-            f = f[: len(f) // 2] + f[len(f) // 2:]
-        feats.append(f.cpu())
-    model.train(was_training)
-    feats = torch.cat(feats)
-    return (F.normalize(feats, dim=1) if normalize else feats).numpy()
-
-
-def class_centres(model, data, labels=None, num_classes=None, batch_size=256, device=None, amp=False):
-    """Class centres [C, d] (float32, L2-normalised): mean of L2-normalised embeddings, re-normalised.
-
-    `data` is a dataset (train_arcface reader: `.classes`, `ds[i] -> (uint8 [3,H,W], label)`), or
-    uint8 images with `labels` [N] (then C = num_classes, default max label + 1). A class with no
-    image gets a zero centre.
-    """
-    if labels is None:
-        num_classes = len(data.classes) if num_classes is None else num_classes
-        data, labels = load_images(data, getattr(model, "input_size", None), PROGRESS)
-    return centres_of(embed(model, data, batch_size=batch_size, device=device, amp=amp), labels, num_classes).numpy()
-
-
-def centres_of(emb, labels, num_classes=None):
-    """Embeddings [N, d] and labels [N] -> L2-normalised class means [C, d] (a tensor, emb's dtype)."""
-    labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
-    emb = torch.as_tensor(emb)
-    num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
-    return F.normalize(torch.zeros(num_classes, emb.shape[1], dtype=emb.dtype).index_add_(0, labels, emb), dim=1)
 
 
 # -----------------------------------------------------------------------------
@@ -477,12 +412,6 @@ def identity_consistency(model, samples_dir, real_dir, batch_size=256, device=No
 
 # -----------------------------------------------------------------------------
 # Command line
-
-
-def write_json(obj, path):
-    """Atomic JSON write (temp file + os.replace)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    write_text_atomic(json.dumps(obj, indent=2), path)
 
 
 def model_names(paths, names):

@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from evaluate import write_json
+from common import write_json
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 BENCH = ("toy_lfw", "toy_cfp_fp", "toy_agedb", "toy_calfw", "toy_cplfw")

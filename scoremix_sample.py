@@ -41,11 +41,10 @@ import torch.distributed as dist
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from common import (ArgumentParser, InputError, check_finite, check_output_dir, check_output_file, fail,
-                    finite_float, load_checkpoint, non_negative_float, non_negative_int, output_lock,
-                    positive_float, positive_int, probability, read_csv, remove_stale_tmp, write_atomic)
-from train_arcface import (DataError, autocast_context, open_datasets, pack_rec, seed_for,
-                           setup_distributed)
+from common import (ArgumentParser, DataError, InputError, autocast_context, check_finite, check_output_dir,
+                    check_output_file, fail, finite_float, load_checkpoint, non_negative_float,
+                    non_negative_int, open_datasets, output_lock, pack_rec, positive_float, positive_int,
+                    probability, read_csv, remove_stale_tmp, seed_for, setup_distributed, write_atomic)
 from train_diffusion import generate_images, load_generator
 
 # ----------------------------------------------------------------------------- mixing denoisers

@@ -45,11 +45,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (ArgumentParser, InputError, check_finite, fail, load_checkpoint,
-                    non_negative_float, non_negative_int, output_file_guard, positive_int,
+from common import (PROGRESS, ArgumentParser, DataError, InputError, check_finite, fail, load_checkpoint,
+                    non_negative_float, non_negative_int, open_datasets, output_file_guard, positive_int,
                     write_atomic)
-from evaluate import PROGRESS, embed
-from train_arcface import DataError, load_backbone, open_datasets
+from train_arcface import embed, load_backbone
 from train_diffusion import condition_vectors, load_generator
 
 STRATEGIES = ("dist", "close", "random")
@@ -323,7 +322,7 @@ def reorder_rows(vectors, names, target):
 
 
 def streaming_centres(model, dataset, batch_size=256, device=None, workers=0):
-    """evaluate.class_centres in one pass that holds one batch of images at a time: per-class sums of
+    """train_arcface.class_centres in one pass that holds one batch of images at a time: per-class sums of
     the L2-normalised embeddings (with flips), re-normalised [C, d]."""
     dataset.size = getattr(model, "input_size", None)  # resized as they are read
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)

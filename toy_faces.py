@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 from tqdm import tqdm
 
-from train_arcface import write_bin
+from common import write_atomic, write_bin
 
 BENCHMARKS = ("toy_lfw", "toy_cfp_fp", "toy_agedb", "toy_calfw", "toy_cplfw")
 # seed streams: each kind of random draw has its own, so adding identities changes nothing else
@@ -307,13 +307,6 @@ def png_bytes(img):
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def write_atomic(path, data):
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def contact_sheet(rows, zoom=2):

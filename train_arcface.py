@@ -19,12 +19,10 @@ setup, atomic saves, autocast) that the later stages import.
 import argparse
 import datetime
 import gc
-import io
 import json
 import math
 import os
 import pickle
-import struct
 import subprocess
 import sys
 import time
@@ -35,8 +33,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
+
+from common import (PROGRESS, DataError, autocast_context, check_compile, cuda_settings, epoch_order,
+                    load_images, open_datasets, pack_rec, save_atomic, seed_for, setup_distributed,
+                    write_atomic)
 
 # ----------------------------------------------------------------------------- model
 
@@ -339,451 +340,66 @@ def load_backbone(path, device="cpu", depth=None, input_size=None):
     net.input_size, net.class_names = cfg["input_size"], names
     return net.to(device).eval()
 
-# ----------------------------------------------------------------------------- data
+# ----------------------------------------------------------------------------- embeddings
 
 
-class DataError(Exception):
-    """Bad input data; the CLI prints the message as one line."""
+@torch.no_grad()
+def embed(model, images, batch_size=256, device=None, flip=True, amp=False, normalize=True):
+    """uint8 images [N,3,H,W] or [N,H,W,3] (numpy or torch) -> float32 numpy [N, d].
+
+    Resizes to model.input_size (bilinear, antialiased) when needed, normalises (x/255 - 0.5)/0.5,
+    sums f(x) + f(flip x) (one batched forward pass) and L2-normalises (unless normalize=False).
+    """
+    device = torch.device(device) if device is not None else next(model.parameters(), torch.empty(0)).device
+    images = torch.as_tensor(images)
+    if len(images) == 0:
+        raise ValueError("no images to embed")
+    if images.ndim != 4 or 3 not in (images.shape[1], images.shape[-1]):
+        raise ValueError(f"need uint8 images [N,3,H,W] or [N,H,W,3], got {tuple(images.shape)}")
+    if images.shape[1] != 3:
+        images = images.permute(0, 3, 1, 2)
+    size = getattr(model, "input_size", None)
+    ctx, _ = autocast_context(device, amp)
+    was_training = model.training
+    model.eval()
+    feats = []
+    batches = range(0, len(images), batch_size)
+    for i in tqdm(batches, desc="embed", leave=False, disable=True if len(batches) == 1 else None):
+        x = images[i:i + batch_size].to(device).float()
+        if size and tuple(x.shape[-2:]) != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        x = (x / 255 - 0.5) / 0.5
+        if flip:
+            x = torch.cat([x, x.flip(3)])
+        with ctx:
+            f = model(x).float()
+        if flip:
+            f = f[: len(f) // 2] + f[len(f) // 2:]
+        feats.append(f.cpu())
+    model.train(was_training)
+    feats = torch.cat(feats)
+    return (F.normalize(feats, dim=1) if normalize else feats).numpy()
 
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+def class_centres(model, data, labels=None, num_classes=None, batch_size=256, device=None, amp=False):
+    """Class centres [C, d] (float32, L2-normalised): mean of L2-normalised embeddings, re-normalised.
 
-
-def decode_image(data, name):
-    """Encoded bytes (or a path) -> uint8 tensor [3,H,W] RGB; DataError naming the file if corrupt."""
-    try:
-        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
-            arr = np.asarray(im.convert("RGB"))
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError ... for broken files
-        raise DataError(f"corrupt image {name}: {e}") from None
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
-
-
-class ImageFolderDataset(torch.utils.data.Dataset):
-    """root/<identity>/<image>.{png,jpg,jpeg}; classes are the sorted folder names. Hidden folders
-    (a sampler's unfinished `.<name>.partial`) are not identities."""
-
-    def __init__(self, root):
-        if not os.path.isdir(root):
-            raise DataError(f"data source not found: {root}")
-        self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
-        if not self.classes:
-            raise DataError(f"no identity folders in {root}")
-        self.files, self.targets = [], []
-        for label, name in enumerate(self.classes):
-            files = sorted(f for f in os.listdir(os.path.join(root, name)) if f.lower().endswith(IMAGE_EXTS))
-            if not files:
-                raise DataError(f"identity folder {os.path.join(root, name)} has no images")
-            self.files += [os.path.join(root, name, f) for f in files]
-            self.targets += [label] * len(files)
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, i):
-        return decode_image(self.files[i], self.files[i]), self.targets[i]
-
-    def encoded(self, i):
-        """(the image file's bytes, label) without decoding."""
-        with open(self.files[i], "rb") as f:
-            return f.read(), self.targets[i]
-
-    def describe(self, i):
-        return self.files[i]
-
-
-RECORD_MAGIC = 0xCED7230A
-
-
-class RecordIODataset(torch.utils.data.Dataset):
-    """MXNet RecordIO train.rec + train.idx read without mxnet (docs/formulas.md 5).
-
-    The file is opened lazily once per process, so DataLoader workers (fork) each get their own."""
-
-    def __init__(self, rec_path):
-        self.rec_path, idx_path = rec_path, os.path.splitext(rec_path)[0] + ".idx"
-        for p in (rec_path, idx_path):
-            if not os.path.isfile(p):
-                raise DataError(f"data source not found: {p}")
-        self._file, self._pid = None, None
-        try:
-            with open(idx_path) as f:
-                self.offsets = {int(k): int(v) for k, v in (ln.split("\t") for ln in f if ln.strip())}
-        except ValueError:
-            raise DataError(f"corrupt index {idx_path}: expected lines 'key<TAB>offset'") from None
-        size = os.path.getsize(rec_path)
-        if any(o + 8 > size for o in self.offsets.values()):
-            raise DataError(f"truncated or corrupt {rec_path}: the index points past its end ({size} bytes)")
-        self.keys, labels = sorted(self.offsets), {}
-        flag, head, image = self.read_header(0) if 0 in self.offsets else (0, None, None)
-        if flag > 0 and not image:  # insightface: record 0 holds (first identity record, end), no image
-            first, end = int(head[0]), int(head[1])
-            self.keys = [k for k in self.keys if 0 < k < first]
-            for k in range(first, end):  # identity records hold their image-key range (a, b)
-                a, b = (int(v) for v in self.read_header(k)[1][:2]) if k in self.offsets else (0, 0)
-                if a in self.offsets:
-                    labels.update(dict.fromkeys(range(a, b), int(self.read_header(a)[1][0])))
-        if any(k not in labels for k in self.keys):  # no ranges (or flag-0 layout): read every header
-            labels = {k: int(self.read_header(k)[1][0]) for k in self.keys}
-        names = sorted(set(labels[k] for k in self.keys))
-        self.classes = [str(n) for n in names]
-        index = {n: i for i, n in enumerate(names)}
-        self.targets = [index[labels[k]] for k in self.keys]
-
-    def __getstate__(self):
-        return {**self.__dict__, "_file": None, "_pid": None}
-
-    def read_record(self, key):
-        """The payload of record `key`, joining split chunks (cflag 1/2/3) around the magic word."""
-        if self._file is None or self._pid != os.getpid():
-            self._file, self._pid = open(self.rec_path, "rb"), os.getpid()
-        f, parts = self._file, []
-        f.seek(self.offsets[key])
-        while True:
-            head = f.read(8)
-            magic, lrec = struct.unpack("<II", head) if len(head) == 8 else (None, 0)
-            length = lrec & ((1 << 29) - 1)
-            data = f.read(length)
-            if magic != RECORD_MAGIC or len(data) != length:
-                raise DataError(f"truncated or corrupt {self.rec_path} (record {key})")
-            parts.append(data)
-            f.seek((-length) % 4, 1)
-            if lrec >> 29 in (0, 3):
-                return struct.pack("<I", RECORD_MAGIC).join(parts)
-
-    def read_header(self, key, payload=None):
-        """(flag, labels as a float list, image bytes) of record `key`."""
-        payload = self.read_record(key) if payload is None else payload
-        if len(payload) < 24:
-            raise DataError(f"truncated or corrupt {self.rec_path} (record {key} header)")
-        flag, label, _, _ = struct.unpack("<IfQQ", payload[:24])
-        if flag > 0:
-            return flag, list(struct.unpack(f"<{flag}f", payload[24:24 + 4 * flag])), payload[24 + 4 * flag:]
-        return flag, [label], payload[24:]
-
-    def __len__(self):
-        return len(self.keys)
-
-    def __getitem__(self, i):
-        key = self.keys[i]
-        return decode_image(self.read_header(key)[2], f"{self.rec_path} record {key}"), self.targets[i]
-
-    def encoded(self, i):
-        """(the record's encoded image, label) without decoding."""
-        return self.read_header(self.keys[i])[2], self.targets[i]
-
-    def describe(self, i):
-        return f"{self.rec_path} record {self.keys[i]}"
-
-
-def record_header(label, key=0, labels=None):
-    """A record payload's header (docs/formulas.md 5): struct '<IfQQ' (flag, label, id, id2), then
-    `flag` float32 labels when a list is given (flag = its length, the label field 0)."""
+    `data` is a dataset (train_arcface reader: `.classes`, `ds[i] -> (uint8 [3,H,W], label)`), or
+    uint8 images with `labels` [N] (then C = num_classes, default max label + 1). A class with no
+    image gets a zero centre.
+    """
     if labels is None:
-        return struct.pack("<IfQQ", 0, label, key, 0)
-    return struct.pack("<IfQQ", len(labels), 0.0, key, 0) + struct.pack(f"<{len(labels)}f", *labels)
+        num_classes = len(data.classes) if num_classes is None else num_classes
+        data, labels = load_images(data, getattr(model, "input_size", None), PROGRESS)
+    return centres_of(embed(model, data, batch_size=batch_size, device=device, amp=amp), labels, num_classes).numpy()
 
 
-def record_chunks(payload):
-    """RecordIO framing of one record: chunks [uint32 magic, uint32 lrec, data], the last padded
-    with zeros to a multiple of 4 bytes; lrec = cflag << 29 | length. A payload holding the magic
-    word at a 4-aligned offset is cut there, the word dropped (the reader puts it back): cflag 1 on
-    the first chunk, 2 on middle ones, 3 on the last; 0 for an uncut record."""
-    magic = struct.pack("<I", RECORD_MAGIC)
-    cuts, i = [], payload.find(magic)
-    while i != -1:
-        if i % 4 == 0:
-            cuts.append(i)
-        i = payload.find(magic, i + 1)
-    starts, ends = [0] + [c + 4 for c in cuts], cuts + [len(payload)]
-    out = []
-    for j, (a, b) in enumerate(zip(starts, ends)):
-        cflag = 0 if not cuts else 1 if j == 0 else 3 if j == len(cuts) else 2
-        out += [magic, struct.pack("<I", cflag << 29 | (b - a)), payload[a:b]]
-    out.append(b"\0" * (-len(payload) % 4))  # middle chunks end on aligned offsets: only the last pads
-    return b"".join(out)
-
-
-class RecordWriter:
-    """train.rec + train.idx written record by record (the `.idx` line `key<TAB>offset` per record);
-    both go to temporary names and are renamed on close, so a killed job leaves no half dataset."""
-
-    def __init__(self, rec_path):
-        self.paths = [rec_path, os.path.splitext(rec_path)[0] + ".idx"]
-        self.tmp = [f"{p}.{os.getpid()}.tmp" for p in self.paths]
-        self.rec, self.idx = open(self.tmp[0], "wb"), open(self.tmp[1], "w")
-
-    def write(self, key, payload):
-        self.idx.write(f"{key}\t{self.rec.tell()}\n")
-        self.rec.write(record_chunks(payload))
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, *_):
-        self.rec.close()
-        self.idx.close()
-        for tmp, path in zip(self.tmp, self.paths):
-            if kind is None:
-                os.replace(tmp, path)
-            else:
-                os.remove(tmp)
-
-
-def encode_image(image, fmt="jpeg", quality=95):
-    """uint8 [3,H,W] RGB -> JPEG (PIL, 4:2:0 as cv2 writes it) or PNG bytes."""
-    buf = io.BytesIO()
-    pil = Image.fromarray(image.permute(1, 2, 0).numpy())
-    pil.save(buf, format="PNG") if fmt == "png" else pil.save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
-
-
-def stored_image(data, fmt, quality, size):
-    """The bytes a .rec stores for one encoded image: passed through when already in `fmt` and size,
-    else decoded, resized and re-encoded."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            kind, shape = im.format, im.size
-    except Exception as e:
-        raise DataError(f"corrupt image: {e}") from None
-    if kind == {"jpeg": "JPEG", "png": "PNG"}[fmt] and (size is None or shape == (size, size)):
-        return data
-    image = decode_image(data, "image")
-    return encode_image(resize_uint8(image, size) if size else image, fmt, quality)
-
-
-def pack_rec(dataset, out_dir, fmt="jpeg", quality=95, size=None, progress=True):
-    """A dataset from open_datasets (its classes as merged) -> out_dir/train.rec, train.idx, property
-    in insightface's layout: record 0 = header (flag 2, labels (first identity record, end)); image
-    records 1..N grouped by class, label = class index; identity records N+1..N+C, labels (a, b) =
-    the key range of the class's images. Returns (images, classes)."""
-    order = sorted(range(len(dataset)), key=lambda i: (dataset.targets[i], i))
-    n, c = len(order), len(dataset.classes)
-    ranges, shape = [[0, 0] for _ in range(c)], None
-    os.makedirs(out_dir, exist_ok=True)
-    with RecordWriter(os.path.join(out_dir, "train.rec")) as w:
-        w.write(0, record_header(0, labels=(n + 1, n + 1 + c)))
-        for key, i in enumerate(tqdm(order, desc="packing", disable=not progress, leave=False), start=1):
-            data, label = dataset.encoded(i)
-            try:
-                data = stored_image(data, fmt, quality, size)
-            except DataError as e:
-                raise DataError(f"{dataset.describe(i)}: {e}") from None
-            if shape is None:
-                with Image.open(io.BytesIO(data)) as im:
-                    shape = im.size[::-1]
-            w.write(key, record_header(float(label), key) + data)
-            ranges[label] = [ranges[label][0] or key, key + 1]
-        for label, (a, b) in enumerate(ranges):
-            w.write(n + 1 + label, record_header(0, n + 1 + label, labels=(a, b)))
-    write_text_atomic(f"{c},{shape[0]},{shape[1]}\n", os.path.join(out_dir, "property"))
-    return n, c
-
-
-def write_bin(path, images, issame):
-    """A verification benchmark in insightface's .bin layout: the pickle of (bins, issame_list) with
-    2N encoded images (pair i = images 2i, 2i+1) and N booleans; protocol 2, as Python 2 wrote them.
-    images: encoded bytes, or uint8 [H,W,3] arrays (stored as PNG)."""
-    issame = [bool(v) for v in issame]
-    if len(images) != 2 * len(issame) or not issame:
-        raise DataError(f"{len(images)} images for {len(issame)} pairs: need 2 per pair")
-    bins = []
-    for im in images:
-        if not isinstance(im, (bytes, bytearray)):
-            buf = io.BytesIO()
-            Image.fromarray(np.asarray(im, dtype=np.uint8)).save(buf, format="PNG")
-            im = buf.getvalue()
-        bins.append(bytes(im))
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        pickle.dump((bins, issame), f, protocol=2)
-    os.replace(tmp, path)
-
-
-def read_pairs(path):
-    """A pairs list -> (image paths, issame): lines `image1 image2 same` (same: 1/0, true/false;
-    separated by spaces, tabs or commas; `#` comments); relative paths from the list's folder."""
-    root, paths, issame = os.path.dirname(os.path.abspath(path)), [], []
-    with open(path) as f:
-        for num, line in enumerate(f, 1):
-            fields = line.split("#")[0].replace(",", " ").split()
-            if not fields:
-                continue
-            if len(fields) != 3 or fields[2].lower() not in ("1", "0", "true", "false"):
-                raise DataError(f"{path} line {num}: expected 'image1 image2 same(1/0)', got {line.strip()!r}")
-            paths += [os.path.join(root, p) for p in fields[:2]]
-            issame.append(fields[2].lower() in ("1", "true"))
-    return paths, issame
-
-
-def pack_bin(pairs_path, out_path):
-    """A pairs list (read_pairs) -> an insightface .bin holding the images' own encoded bytes."""
-    paths, issame = read_pairs(pairs_path)
-    images, sizes = [], set()
-    for p in paths:
-        if not os.path.isfile(p):
-            raise DataError(f"image not found: {p} (listed in {pairs_path})")
-        with open(p, "rb") as f:
-            images.append(f.read())
-        sizes.add(tuple(decode_image(images[-1], p).shape))
-    if len(sizes) > 1:
-        raise DataError(f"the images of {pairs_path} differ in size {sorted(sizes)}: a .bin holds one size")
-    write_bin(out_path, images, issame)
-    return len(issame)
-
-
-def resize_uint8(image, size):
-    """uint8 [...,3,H,W] -> uint8 [...,3,size,size] (antialiased bilinear), unchanged if already there."""
-    if image.shape[-2:] == (size, size):
-        return image
-    x = F.interpolate(image.reshape(-1, *image.shape[-3:]).float(), size=(size, size), mode="bilinear",
-                      antialias=True, align_corners=False)
-    return x.round().clamp(0, 255).to(torch.uint8).reshape(*image.shape[:-2], size, size)
-
-
-class MergedDataset(torch.utils.data.Dataset):
-    """Several sources as one: later sources' identities become new classes (or join by name).
-
-    Without merge_by_name, a name already taken gets the source's index as suffix (`bob.1`)."""
-
-    def __init__(self, datasets, merge_by_name=False, size=None):
-        self.datasets, self.size, self.classes, self.targets, self.remaps = datasets, size, [], [], []
-        where = {}
-        for s, ds in enumerate(datasets):
-            remap = []
-            for name in ds.classes:
-                if not (merge_by_name and name in where):
-                    if name in where:  # same name, different identity: keep names unique
-                        name = f"{name}.{s}"
-                    where[name] = len(self.classes)
-                    self.classes.append(name)
-                remap.append(where[name])
-            self.targets += [remap[t] for t in ds.targets]
-            self.remaps.append(remap)
-        self.starts = np.cumsum([0] + [len(ds) for ds in datasets])
-
-    def __len__(self):
-        return int(self.starts[-1])
-
-    def source(self, i):
-        """(source index, index inside that source) of item i."""
-        s = int(np.searchsorted(self.starts, i, side="right")) - 1
-        return s, i - int(self.starts[s])
-
-    def __getitem__(self, i):
-        s, j = self.source(i)
-        image, label = self.datasets[s][j]
-        return image if self.size is None else resize_uint8(image, self.size), self.remaps[s][label]
-
-    def encoded(self, i):
-        s, j = self.source(i)
-        data, label = self.datasets[s].encoded(j)
-        return data, self.remaps[s][label]
-
-    def describe(self, i):
-        s, j = self.source(i)
-        return self.datasets[s].describe(j)
-
-
-def open_dataset(source):
-    if source.endswith(".rec"):
-        return RecordIODataset(source)
-    if os.path.isfile(os.path.join(source, "train.rec")):  # insightface's folders: train.rec, train.idx, *.bin
-        return RecordIODataset(os.path.join(source, "train.rec"))
-    if os.path.isdir(source):
-        return ImageFolderDataset(source)
-    raise DataError(f"data source not found: {source} (expected an image folder or a train.rec)")
-
-
-def open_datasets(sources, merge_by_name=False, size=None):
-    """Image folders and/or .rec files -> one dataset with .classes and .targets (images resized to `size`)."""
-    sources = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
-    return MergedDataset([open_dataset(str(s)) for s in sources], merge_by_name, size)
-
-
-def load_images(dataset, size=None, progress=True):
-    """Decode a whole dataset once -> (uint8 [N,3,H,W], int64 labels [N]), resized to `size` if given."""
-    n = len(dataset)
-    images, labels = None, torch.empty(n, dtype=torch.int64)
-    for i in tqdm(range(n), desc="decoding images", disable=not progress, leave=False):
-        image, labels[i] = dataset[i]
-        if size is not None:
-            image = resize_uint8(image, size)
-        if images is None:
-            images = torch.empty((n, *image.shape), dtype=torch.uint8)
-        if image.shape != images.shape[1:]:
-            raise DataError(f"images differ in size ({tuple(image.shape)} at item {i} vs "
-                            f"{tuple(images.shape[1:])}); give a size to resize them")
-        images[i] = image
-    if images is None:
-        raise DataError("the dataset is empty")
-    return images, labels
-
-
-# ----------------------------------------------------------------------------- run helpers
-
-
-def seed_for(*values):
-    """A 63-bit seed from a tuple such as (seed, rank, epoch); resuming re-derives the same ones."""
-    return int(np.random.SeedSequence(list(values)).generate_state(2, np.uint64)[0] >> np.uint64(1))
-
-
-def epoch_order(n, batch_size, seed, epoch):
-    """The global item order of one epoch (same on every rank), cut to whole batches."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed_for(seed, epoch)))
-    return perm[:max(1, n // batch_size) * batch_size]
-
-
-def setup_distributed(device=None, timeout=None):
-    """-> (rank, local_rank, world_size, device). DDP when RANK is set (torchrun), else one process.
-    timeout: how long collectives wait (a datetime.timedelta; None: torch's default)."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if "RANK" not in os.environ:
-        return 0, 0, 1, torch.device(device)
-    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    if torch.device(device).type == "cuda":
-        torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank), timeout=timeout)
-        return rank, local_rank, world, torch.device("cuda", local_rank)
-    dist.init_process_group("gloo", timeout=timeout)
-    return rank, local_rank, world, torch.device(device)
-
-
-def save_atomic(obj, path):
-    """torch.save to a temporary file beside `path`, then rename (a kill never leaves half a file)."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def write_text_atomic(text, path):
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def amp_dtype(device, dtype="auto"):
-    """The autocast dtype --amp uses on `device`, or None for fp32: bf16 where the hardware has it
-    natively (emulated bf16 is slower than fp32), else fp16 on CUDA (with loss scaling) and fp32 on
-    CPU. dtype "bf16" / "fp16" forces one."""
-    if dtype != "auto":
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    if torch.device(device).type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
-
-
-def autocast_context(device, amp, dtype="auto"):
-    """-> (ctx, scaler): autocast in amp_dtype(device, dtype) and a GradScaler enabled for fp16 only;
-    no-ops without amp (or on a CPU without native bf16)."""
-    device = torch.device(device)
-    dtype = amp_dtype(device, dtype) if amp else None
-    if dtype is None:
-        return nullcontext(), torch.amp.GradScaler(device.type, enabled=False)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    return torch.autocast(device.type, dtype=dtype), scaler
+def centres_of(emb, labels, num_classes=None):
+    """Embeddings [N, d] and labels [N] -> L2-normalised class means [C, d] (a tensor, emb's dtype)."""
+    labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+    emb = torch.as_tensor(emb)
+    num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
+    return F.normalize(torch.zeros(num_classes, emb.shape[1], dtype=emb.dtype).index_add_(0, labels, emb), dim=1)
 
 # ----------------------------------------------------------------------------- training
 
@@ -793,13 +409,6 @@ def lr_at(step, total, warmup, base):
     if step < warmup:
         return base * (step + 1) / warmup
     return base * max(0.0, 1 - (step - warmup) / max(1, total - warmup))
-
-
-def cuda_settings(tf32=True):
-    """TF32 matmuls and convolutions (Ampere and later; the reference recipe trains so) and cuDNN's
-    kernel autotuning (fixed input shapes)."""
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
-    torch.backends.cudnn.benchmark = True
 
 
 def rank_order(order, batch, rank, world):
@@ -853,17 +462,6 @@ def refuse_non_finite(trainer, backbone, x, step):
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             sys.exit(f"error: non-finite weights ({name}) after step {step}; nothing saved "
                      "(lower --lr or check the data)")
-
-
-def check_compile(device):
-    """torch.compile fails at the first call, deep in training: try a tiny function first, so a
-    missing C++ compiler (or Triton on CUDA) ends in one error line."""
-    try:
-        torch.compile(lambda t: t * 2 + 1)(torch.ones(4, device=device))
-    except Exception as e:
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
-        raise DataError(f"--compile does not work on this machine ({lines[0]}); "
-                        f"install a C++ compiler or leave --compile out") from None
 
 
 def validate(run, model_path, bins, epoch):
@@ -951,7 +549,7 @@ def train(args):
             print(f"resuming {args.out} at epoch {start_epoch}, step {step}")
     if master:
         os.makedirs(args.out, exist_ok=True)
-        write_text_atomic(json.dumps(vars(args), indent=2) + "\n", os.path.join(args.out, "config.json"))
+        write_atomic(os.path.join(args.out, "config.json"), json.dumps(vars(args), indent=2) + "\n")
         print(f"{n} images, {len(classes)} classes, {sum(p.numel() for p in backbone.parameters()):,} backbone "
               f"parameters, {steps_per_epoch} steps/epoch x {epochs} epochs, {world} process(es) on {device}")
 

@@ -57,8 +57,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from train_arcface import (DataError, autocast_context, check_compile, epoch_order, load_images, open_datasets, save_atomic,
-                           seed_for, setup_distributed, write_text_atomic)
+from common import (DataError, autocast_context, check_compile, epoch_order, load_images, open_datasets,
+                    save_atomic, seed_for, setup_distributed, write_atomic)
 
 # ----------------------------------------------------------------------------- EDM2 layers
 
@@ -984,8 +984,8 @@ def train(args):
     log(f"{len(dataset)} images, {net.num_classes} classes, {args.resolution} px, sigma_data {sigma_data:.4f}, "
         f"{sum(p.numel() for p in net.parameters()):,} parameters, {world} process(es) x {args.grad_accum} x {micro}")
     if rank == 0:
-        write_text_atomic(json.dumps({**vars(args), "net": net.config, "world_size": world}, indent=1),
-                          os.path.join(args.out, "config.json"))
+        write_atomic(os.path.join(args.out, "config.json"),
+                     json.dumps({**vars(args), "net": net.config, "world_size": world}, indent=1))
     model = nn.parallel.DistributedDataParallel(net) if world > 1 else net
     forward = torch.compile(model, backend=args.compile_backend) if args.compile else model
     workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_diffusion as td  # noqa: E402
-from train_arcface import load_images, open_datasets  # noqa: E402
+from common import load_images, open_datasets  # noqa: E402
 
 
 def main():

@@ -33,7 +33,8 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 from select_pairs import (PAIR_PARTNERS, best_partners, cosine_distances, full_path_bytes,  # noqa: E402
                           select_blockwise, select_tuples)
 from test_train_arcface import header, write_rec  # noqa: E402  (the tests' RecordIO writer)
-from train_arcface import MarginHead, PartialFCHead, RecordIODataset, open_datasets, pack_rec  # noqa: E402
+from train_arcface import MarginHead, PartialFCHead  # noqa: E402
+from common import RecordIODataset, open_datasets, pack_rec  # noqa: E402
 
 MiB = 2 ** 20
 

@@ -13,6 +13,7 @@ import torch.nn as nn
 from PIL import Image
 
 import evaluate
+from train_arcface import class_centres, embed
 from conftest import ROOT, run_script
 
 _spec = importlib.util.spec_from_file_location("verification_speed",
@@ -244,7 +245,7 @@ def test_corrupt_bin_raises_value_error_naming_the_file(tmp_path):
 def test_embed_sums_flips_resizes_and_normalises():
     model = StandIn(input_size=16)
     images = np.stack([pattern(i, size=32) for i in range(5)])  # NHWC at 32 px
-    emb = evaluate.embed(model, images, batch_size=2)
+    emb = embed(model, images, batch_size=2)
     x = torch.nn.functional.interpolate(torch.from_numpy(images).permute(0, 3, 1, 2).float(), size=(16, 16),
                                         mode="bilinear", align_corners=False, antialias=True)
     x = (x / 255 - 0.5) / 0.5
@@ -252,8 +253,8 @@ def test_embed_sums_flips_resizes_and_normalises():
         ref = torch.nn.functional.normalize(model(x) + model(x.flip(3)), dim=1).numpy()
     assert emb.dtype == np.float32 and emb.shape == (5, 64)
     assert np.allclose(emb, ref, atol=1e-5)
-    assert np.allclose(evaluate.embed(model, torch.from_numpy(images).permute(0, 3, 1, 2)), emb, atol=1e-6)  # NCHW
-    raw = evaluate.embed(model, images, normalize=False)
+    assert np.allclose(embed(model, torch.from_numpy(images).permute(0, 3, 1, 2)), emb, atol=1e-6)  # NCHW
+    raw = embed(model, images, normalize=False)
     assert np.allclose(raw / np.linalg.norm(raw, axis=1, keepdims=True), emb, atol=1e-5)
 
 
@@ -261,8 +262,8 @@ def test_class_centres_are_normalised_means_of_normalised_embeddings():
     model = StandIn()
     images = np.stack([noisy(pattern(i % 3), i) for i in range(9)])
     labels = np.arange(9) % 3
-    centres = evaluate.class_centres(model, images, labels, num_classes=4)
-    emb = evaluate.embed(model, images)
+    centres = class_centres(model, images, labels, num_classes=4)
+    emb = embed(model, images)
     for c in range(3):
         m = emb[labels == c].mean(0)
         assert np.allclose(centres[c], m / np.linalg.norm(m), atol=1e-5)

@@ -16,7 +16,7 @@ from PIL import Image
 
 from conftest import last_snapshot, ROOT, run_script
 from scoremix_sample import condition_mix_denoiser, main, mix_denoisers, score_mix_denoiser
-from train_arcface import open_datasets
+from common import open_datasets
 from train_diffusion import Denoiser, heun_sample, karras_sigmas, load_generator
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from conftest import run_script
-from evaluate import class_centres
+from train_arcface import class_centres
 from select_pairs import cosine_distances, main, select_blockwise, select_tuples, tuple_distances
-from train_arcface import load_backbone, open_datasets
+from train_arcface import load_backbone
+from common import open_datasets
 from train_diffusion import condition_vectors, load_generator
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
