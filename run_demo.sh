@@ -95,5 +95,5 @@ stage "evaluation" "$PY" evaluate.py --model "$OUT/baseline/model.pt" "$OUT/scor
 stage "consistency" "$PY" evaluate.py --consistency "$OUT/repro" "$DATA/heldout" "$OUT/scoremix" \
     --data "$DATA/train" --model "$OUT/baseline/model.pt" --out "$OUT/consistency.json" $DEV
 stage "CKA" "$PY" cka.py --generator "$NET" --fr "$OUT/baseline/model.pt" --data "$DATA/train" --out "$OUT/cka.json"
-"$PY" experiments.py demo-report "$OUT" --settings "generator $GEN_KIMG kimg; $PER_PAIR images per ScoreMix \
+"$PY" report.py demo "$OUT" --settings "generator $GEN_KIMG kimg; $PER_PAIR images per ScoreMix \
 identity; $STEPS Heun steps; autoguidance weight $GUIDANCE${GUIDE[1]:+ (guide ${GUIDE[1]##*/})}; device ${DEVICE:-auto}; $GPUS process(es)"

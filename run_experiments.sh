@@ -2,7 +2,7 @@
 # The replication on the toy faces (2 CPU cores: the main rows about an hour and a half with 5 seeds,
 # the secondary and triplet rows about an hour more, the sensitivity rows about two and a half hours).
 # Every run writes results/replication/*.json and is skipped when its file exists, so re-running this
-# command continues where the last run stopped. Tables: python experiments.py table replication
+# command continues where the last run stopped. Tables: python report.py table replication
 #
 #   bash run_experiments.sh                  # calibration data, generator, main table, CKA
 #   bash run_experiments.sh --sensitivity    # + alpha / guidance / steps / identities / churn rows
@@ -14,4 +14,4 @@ export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}  # see benchmarks/README.md, 
 "$PY" experiments.py calibration          # the toy sets (N and 2N identities) and their baselines
 "$PY" experiments.py generator            # the shared generator (100 kimg, ~21 min) and its measurements
 "$PY" experiments.py replication "$@"
-"$PY" experiments.py table replication
+"$PY" report.py table replication

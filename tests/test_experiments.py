@@ -1,8 +1,9 @@
-"""experiments.py's bookkeeping: which sensitivity rows run, and the replication table's arithmetic."""
+"""experiments.py's bookkeeping (which sensitivity rows run) and report.py's table arithmetic."""
 import argparse
 import json
 
 import experiments
+import report
 from experiments import BENCH
 
 
@@ -27,7 +28,7 @@ def result(tmp_path, row, seed, avg, sources):
 
 
 def test_replication_table_gives_the_share_of_the_oracle_gain(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(experiments, "RESULTS", str(tmp_path))
+    monkeypatch.setattr(report, "RESULTS", str(tmp_path))
     for seed, (real, oracle, mix) in enumerate([(78.0, 81.0, 79.0), (78.0, 81.0, 80.0)]):
         result(tmp_path, "real", seed, real, ["real"])
         result(tmp_path, "oracle", seed, oracle, ["oracle"])
@@ -42,7 +43,7 @@ def test_replication_table_gives_the_share_of_the_oracle_gain(tmp_path, monkeypa
              "identities": 32, "per_identity": 32, "cpu_seconds_per_1000": 500, **extra,
              "samples": {**spread, **near}, "real_heldout": {**spread, "nearest_real_distance": 39.2},
              "real_train": {"intra_cosine": 0.9, "inter_cosine": 0.0}}))
-    experiments.table(argparse.Namespace(group="replication"))
+    report.table(argparse.Namespace(group="replication"))
     out = capsys.readouterr().out
     assert "| new | repro |  | 0.5 | 1 | 32 | 40 | 32 x 32 | 95.0 |" in out and "| 36.5 (39.2) | 500 |" in out
     assert "| old | repro |  | 0.5 | 1 | 32 | 0 | 32 x 32 |" in out
@@ -79,12 +80,12 @@ def test_paired_interval_is_a_t_interval_of_seed_paired_differences():
     ref = [{"seed": s, "avg": a} for s, a in enumerate([70.0, 71.0, 72.0])]
     runs = [{"seed": s, "avg": a} for s, a in enumerate([71.0, 73.0, 72.0])] + [{"seed": 9, "avg": 0.0}]
     # differences 1, 2, 0: mean 1, sample std 1, t(0.975, 2) = 4.303 -> half width 4.303 / sqrt(3) = 2.484
-    assert experiments.paired_interval(runs, ref) == "+1.00 [-1.48, +3.48] (3)"
-    assert experiments.paired_interval(runs[:1], ref) == "+1.00 (1 seed)"
+    assert report.paired_interval(runs, ref) == "+1.00 [-1.48, +3.48] (3)"
+    assert report.paired_interval(runs[:1], ref) == "+1.00 (1 seed)"
 
 
 def test_regime_recipe_table_flags_recipes_whose_2x_run_moves_by_more_than_a_std(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(experiments, "RESULTS", str(tmp_path))
+    monkeypatch.setattr(report, "RESULTS", str(tmp_path))
     (tmp_path / "regime_recipe").mkdir()
     values = {"e24": (80.0, 81.0, 82.0), "e24-2x": (80.5, 81.5, 82.5), "e12": (75.0, 75.5, 76.0),
               "e12-2x": (78.0, 78.5, 79.0), "e12-oracle": (77.0, 77.0, 77.0)}
@@ -92,7 +93,7 @@ def test_regime_recipe_table_flags_recipes_whose_2x_run_moves_by_more_than_a_std
         for seed, avg in enumerate(avgs):
             (tmp_path / "regime_recipe" / f"{row}-seed{seed}.json").write_text(json.dumps(
                 {"row": row, "seed": seed, "epochs": 24, "avg": avg, "accuracy": {"val_lfw": avg}}))
-    experiments.table(argparse.Namespace(group="regime_recipe"))
+    report.table(argparse.Namespace(group="regime_recipe"))
     lines = {line.split(" | ")[0][2:]: line.split(" | ") for line in capsys.readouterr().out.splitlines()
              if line.startswith("| e")}
     assert lines["e24"][3:7] == ["81.00 +- 1.00", "81.50 +- 1.00", "+0.50 [+0.50, +0.50] (3)", "yes"]

@@ -1,0 +1,245 @@
+"""Tables and reports from the recorded results: the markdown the README and docs/results.md show.
+
+    python report.py table calibration          # results/calibration/*.json -> markdown tables
+    python report.py table replication          # the replication's main, sensitivity, synthetic and CKA tables
+    python report.py table regime_recipe        # the paper regime's recipe choice on validation
+    python report.py demo runs/demo             # runs/demo/report.md from run_demo.sh's outputs
+
++- means the population std over seeds in the calibration and replication tables, the sample std
+(ddof 1) in the regime tables; "vs real, same seeds" is a mean +- standard error of seed-paired
+differences, and [a, b] a 95% t-interval of them.
+"""
+import argparse
+import glob
+import json
+import os
+import sys
+
+import numpy as np
+
+from common import write_atomic
+from experiments import BENCH, RECIPES, REPLICATION_ROWS, RESULTS
+
+def load_results(group):
+    rows = {}
+    for path in sorted(glob.glob(os.path.join(RESULTS, group, "*.json"))):
+        with open(path) as f:
+            r = json.load(f)
+        if "row" in r or "run" in r:  # not the group's other files (cka.json)
+            rows.setdefault(r.get("row", r.get("run")), []).append(r)
+    return rows
+
+
+def mean_std(values):
+    return f"{np.mean(values):.1f} +- {np.std(values):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
+
+
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)  # t quantile 0.975, df 1..10
+
+
+def paired_interval(runs, reference):
+    """Seed-paired differences of the Avg (runs minus reference, same seeds): 'mean [95% t-interval] (n)'."""
+    ref = {r["seed"]: r["avg"] for r in reference}
+    d = np.array([r["avg"] - ref[r["seed"]] for r in runs if r["seed"] in ref])
+    if len(d) < 2:
+        return f"{d[0]:+.2f} (1 seed)" if len(d) else ""
+    half = T975[len(d) - 2] * d.std(ddof=1) / np.sqrt(len(d))
+    return f"{d.mean():+.2f} [{d.mean() - half:+.2f}, {d.mean() + half:+.2f}] ({len(d)})"
+
+
+def sample_std(values):
+    """'mean +- sample std (ddof 1)': the regime tables' one meaning of +-."""
+    return f"{np.mean(values):.2f} +- {np.std(values, ddof=1):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
+
+
+def regime_recipe_table(rows):
+    """Per recipe: validation Avg at 1x and 2x epochs, their seed-paired difference, the oracle's gain."""
+    print("Validation benchmarks only (val_*: identities of their own); +- is the sample std over seeds; "
+          "[ ] a 95% t-interval of seed-paired differences.\n")
+    print("| recipe | epochs | seeds | val Avg 1x | val Avg 2x | 2x - 1x | 2x within one std of 1x | oracle - 1x |")
+    print("|---" * 8 + "|")
+    for name in (r for r in RECIPES if r in rows):
+        one, two, oracle = rows[name], rows.get(f"{name}-2x", []), rows.get(f"{name}-oracle", [])
+        sd = np.std([r["avg"] for r in one], ddof=1) if len(one) > 1 else float("nan")
+        gap = np.mean([r["avg"] for r in two]) - np.mean([r["avg"] for r in one]) if two else float("nan")
+        print(f"| {name} | {one[0]['epochs']} | {len(one)} | {sample_std([r['avg'] for r in one])} | "
+              f"{sample_std([r['avg'] for r in two]) if two else ''} | {paired_interval(two, one)} | "
+              f"{'' if np.isnan(gap * sd) else ('yes' if abs(gap) <= sd else 'no')} | "
+              f"{paired_interval(oracle, one)} |")
+
+
+def replication_table(rows):
+    """Main table: mean +- std over seeds; the share of the oracle's Toy Avg-H gain; synthetic cost."""
+    synth = {}
+    for path in glob.glob(os.path.join(RESULTS, "replication", "synthetic", "*.json")):
+        with open(path) as f:
+            r = json.load(f)
+        synth[r["name"]] = r
+    main = [r[0] for r in REPLICATION_ROWS if r[0] in rows]
+    avg = {row: np.mean([r["avg"] for r in runs]) for row, runs in rows.items()}
+    base, top = avg.get("real"), avg.get("oracle")
+    sensitivity = sorted(set(rows) - set(main))
+    for title, group in (("", main), ("Sensitivity: the dist-embedding row's sampler settings (one seed each), "
+                                      "and Repro with guidance and / or churn", sensitivity)):
+        if not group:
+            continue
+        if title:
+            print(f"\n{title}\n")
+        print("| row | seeds | steps | " + " | ".join(BENCH) + " | Toy Avg-H | vs real, same seeds | TAR@FAR=1e-3 cplfw "
+              "| oracle gain share | synthetic CPU-s / 1000 images |")
+        print("|---" * (len(BENCH) + 8) + "|")
+        for row in group:
+            runs = rows[row]
+            cells = [mean_std([r["accuracy"][b] for r in runs]) for b in BENCH]
+            share = f"{(avg[row] - base) / (top - base):+.2f}" if base is not None and top not in (None, base) else ""
+            syn = [s for s in runs[0]["sources"] if s in synth]
+            cost = " + ".join(f"{synth[s]['cpu_seconds_per_1000']:.0f}" for s in syn
+                              if synth[s]["cpu_seconds_per_1000"])
+            print(f"| {row} | {len(runs)} | {runs[0]['steps']} | " + " | ".join(cells) +
+                  f" | {mean_std([r['avg'] for r in runs])} | {paired_difference(runs, rows.get('real', []))} | "
+                  f"{mean_std([r['tar_at_far_1e-3']['toy_cplfw'] for r in runs])} | {share} | {cost} |")
+    if synth:
+        print("\n| synthetic set | mode | pairs | alpha | w | steps | churn | identities x images | consistency % | "
+              "neighbour ratio (real held-out) | intra / inter cosine (real) | nearest real RMS (real held-out) | "
+              "CPU-s / 1000 images |")
+        print("|---" * 13 + "|")
+        for name, s in sorted(synth.items()):
+            sel = "-".join(map(str, s["selection"])) if s["selection"] else ""
+            cons, sam = s["samples"]["consistency"], s["samples"]
+            spread = f"{sam['intra_cosine']:.2f} / {sam['inter_cosine']:.2f} ({s['real_train']['intra_cosine']:.2f} / " \
+                     f"{s['real_train']['inter_cosine']:.2f})" if "real_train" in s else ""
+            near = f"{sam['nearest_real_distance']:.1f} ({s['real_heldout']['nearest_real_distance']:.1f})" \
+                if "nearest_real_distance" in sam else ""
+            print(f"| {name} | {s['mode']} | {sel} | {s['alpha']:g} | {s['guidance']:g} | {s['steps']} | "
+                  f"{s.get('churn', 0):g} | {s['identities']} x {s['per_identity']} | "
+                  f"{'' if cons is None else f'{cons:.1f}'} | "
+                  f"{sam['neighbour_ratio']:.2f} ({s['real_heldout']['neighbour_ratio']:.2f}) | {spread} | "
+                  f"{near} | {s['cpu_seconds_per_1000'] or ''} |")
+    cka_path = os.path.join(RESULTS, "replication", "cka.json")
+    if os.path.exists(cka_path):
+        with open(cka_path) as f:
+            cka = json.load(f)
+        print("\n| space A | space B | CKA (null) | unbiased CKA (null) | CKNNA (null) | mutual kNN (null) |")
+        print("|---" * 6 + "|")
+        for p in cka["pairs"]:
+            cells = [f"{p[m]:.3f} ({p['null'][m]['mean']:.3f} +- {p['null'][m]['std']:.3f})"
+                     for m in ("cka", "unbiased_cka", "cknna", "mutual_knn")]
+            print(f"| {p['a']} | {p['b']} | " + " | ".join(cells) + " |")
+        print(f"\n{cka['classes']} classes, k = {cka['k']}, null: {cka['permutations']} row permutations")
+
+
+def paired_difference(runs, real):
+    """Toy Avg-H minus real only's, seed by seed (the seed fixes initialisation and batch order):
+    mean +- standard error over the shared seeds."""
+    real = {r["seed"]: r["avg"] for r in real}
+    d = [r["avg"] - real[r["seed"]] for r in runs if r["seed"] in real]
+    if not d:
+        return ""
+    return f"{np.mean(d):+.2f}" + (f" +- {np.std(d, ddof=1) / np.sqrt(len(d)):.2f}" if len(d) > 1 else "")
+
+
+def generator_table(rows):
+    runs = sorted((r for rs in rows.values() for r in rs), key=lambda r: (r["run"], r["kimg"]))
+    sigmas = ("0.002", "0.05", "0.2", "1", "5", "80")
+    print("| run | kimg | consistency % (real held-out) | neighbour ratio (real held-out) | Repro images/s | "
+          + " | ".join(f"RMS at {s}" for s in sigmas) + " |")
+    print("|---" * (5 + len(sigmas)) + "|")
+    for r in runs:
+        d = r["denoise_rms"] or {}
+        print(f"| {r['run']} | {r['kimg']} | {r['consistency']:.1f} ({r['real_consistency']:.1f}) | "
+              f"{r['neighbour_ratio']:.2f} ({r['real_neighbour_ratio']:.2f}) | {r['sample_images_per_s']:.2f} | "
+              + " | ".join(f"{d[s]:.4f}" if s in d else "" for s in sigmas) + " |")
+    print(f"\ntrivial denoisers: RMS = sigma (D = noisy input); {runs[-1]['mean_image_rms']:.4f} (D = mean image)")
+
+
+def table(args):
+    rows = load_results(args.group)
+    if not rows:
+        sys.exit(f"error: no results under results/{args.group}")
+    if args.group in ("generator", "regime_generator"):
+        return generator_table(rows)
+    if args.group == "regime_recipe":
+        return regime_recipe_table(rows)
+    if args.group == "replication":
+        return replication_table(rows)
+    real = load_results("replication").get("real", []) if args.group == "repro_check" else []
+    print("| row | seeds | epochs | steps | train s (loop) | " + " | ".join(BENCH) + " | Toy Avg-H |"
+          + (" vs replication's real, same seeds |" if real else ""))
+    print("|---" * (len(BENCH) + 6 + bool(real)) + "|")
+    for row, runs in rows.items():
+        cells = [mean_std([r["accuracy"][b] for r in runs]) for b in BENCH]
+        print(f"| {row} | {len(runs)} | {runs[0]['epochs']} | {runs[0]['steps']} | "
+              f"{np.mean([r.get('train_loop_seconds', np.nan) for r in runs]):.0f} | " + " | ".join(cells) +
+              f" | {mean_std([r['avg'] for r in runs])} |" + (f" {paired_difference(runs, real)} |" if real else ""))
+    print("\nToy Avg-H over epochs (mean over seeds):\n")
+    epochs = [c["epoch"] for c in next(iter(rows.values()))[0]["curve"]]
+    print("| row | " + " | ".join(f"ep {e}" for e in epochs) + " |")
+    print("|---" * (len(epochs) + 1) + "|")
+    for row, runs in rows.items():
+        curves = [[np.mean([c[b] for b in BENCH]) for c in r["curve"]] for r in runs]
+        length = min(map(len, curves))
+        print(f"| {row} | " + " | ".join(f"{np.mean([c[i] for c in curves]):.1f}" for i in range(length)) + " |")
+
+
+def demo_report(args):
+    """runs/demo/report.md from the demo's JSON outputs: the results table first."""
+    out = args.run
+    with open(os.path.join(out, "eval.json")) as f:
+        models = json.load(f)["models"]
+    lines = ["# ScoreMix demo report", "", "| Discriminator | " + " | ".join(BENCH) + " | Toy Avg-H |",
+             "|---" * (len(BENCH) + 2) + "|"]
+    for name, scores in models.items():
+        cells = [f"{scores[b]['accuracy']:.1f} +- {scores[b]['std']:.1f}" for b in BENCH]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {np.mean([scores[b]['accuracy'] for b in BENCH]):.1f} |")
+    avgs = [np.mean([s[b]["accuracy"] for b in BENCH]) for s in models.values()]
+    if len(avgs) == 2:
+        verdict = "beats" if avgs[1] > avgs[0] else "does not beat"
+        lines += ["", f"ScoreMix {verdict} the baseline in this run ({avgs[1] - avgs[0]:+.1f} points Toy Avg-H, one "
+                      "seed each; the replication measures seed spread and the controls)."]
+    if args.settings:
+        lines += ["", f"Settings: {args.settings}."]
+    with open(os.path.join(out, "consistency.json")) as f:
+        cons = json.load(f)
+    lines += ["", "Generated images under the baseline discriminator (identity consistency: share of images whose "
+                  "nearest class centre is their own class; neighbour ratio: mean neighbouring-pixel difference "
+                  "over that of the real training images):", "",
+              "| Images | Consistency (%) | Neighbour ratio |", "|---|---|---|"]
+    for d, r in cons["samples"].items():
+        c = "n/a (new identities)" if r["consistency"] is None else f"{r['consistency']:.1f}"
+        lines.append(f"| {os.path.relpath(d, out)} | {c} | {r['neighbour_ratio']:.2f} |")
+    with open(os.path.join(out, "cka.json")) as f:
+        cka = json.load(f)["pairs"][0]
+    lines += ["", f"Condition space vs baseline embedding space ({cka['a']}): CKA {cka['cka']:.3f} "
+                  f"(permutation null {cka['null']['cka']['mean']:.3f} +- {cka['null']['cka']['std']:.3f}), "
+                  f"CKNNA {cka['cknna']:.3f} (null {cka['null']['cknna']['mean']:.3f} +- "
+                  f"{cka['null']['cknna']['std']:.3f}).", "",
+              "Figures: `data/preview.png` (toy faces), `data/bench_preview.png` (benchmark pairs), "
+              "`generator/samples-*.png` (class-conditional samples, rows = classes), `alpha_beta.png` "
+              "(alpha x beta sweep, paper Fig. 2), `alpha_beta-triplets.png` (Repro A | ScoreMix | Repro B, Fig. 3).",
+              "", "| Stage | Wall time (s) |", "|---|---|"]
+    with open(os.path.join(out, "stage_times.tsv")) as f:
+        times = [line.rstrip("\n").split("\t") for line in f if line.strip()]
+    lines += [f"| {name} | {sec} |" for name, sec in times]
+    lines.append(f"| total | {sum(int(sec) for _, sec in times)} |")
+    text = "\n".join(lines) + "\n"
+    write_atomic(os.path.join(out, "report.md"), text)
+    print(text)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("table", help="print the markdown tables of one results group")
+    p.add_argument("group", help="results/<group>")
+    p.set_defaults(func=table)
+    p = sub.add_parser("demo", help="write RUN/report.md from run_demo.sh's outputs")
+    p.add_argument("run", help="the demo's output folder (runs/demo)")
+    p.add_argument("--settings", default="", help="one line describing the run's settings, printed under the table")
+    p.set_defaults(func=demo_report)
+    args = parser.parse_args()
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
