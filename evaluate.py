@@ -57,7 +57,7 @@ from tqdm import tqdm
 
 from common import (PROGRESS, DataError, decode_image, load_images, open_datasets, pack_bin, resize_uint8,
                     write_json)
-from train_arcface import centres_of, class_centres, embed, load_backbone
+from train_arcface import centres_of, embed, load_backbone
 
 THRESHOLDS = np.arange(0, 4, 0.01)  # the reference's float values, e.g. 0.35000000000000003
 BIN_FARS = (1e-3, 1e-4)
@@ -399,15 +399,6 @@ def identity_spread(emb, labels):
     gram = centres @ centres.T
     inter = (gram.sum() - gram.diagonal().sum()) / (len(gram) * (len(gram) - 1))
     return float((emb * centres[labels]).sum(1).mean()), float(inter)
-
-
-def identity_consistency(model, samples_dir, real_dir, batch_size=256, device=None, amp=False):
-    """Share of the images in samples_dir/<identity>/ (identities also in real_dir; others are
-    ignored) whose nearest real class centre (cosine, top-1) is their own class; NaN if none match."""
-    real = open_datasets([real_dir])
-    centres = class_centres(model, real, batch_size=batch_size, device=device, amp=amp)
-    images, labels, _ = _named_images(samples_dir, real.classes)
-    return _own_centre_share(embed(model, images, batch_size, device, amp=amp), labels, centres)
 
 
 # -----------------------------------------------------------------------------

@@ -26,7 +26,6 @@ import pickle
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -70,12 +69,12 @@ class IBasicBlock(nn.Module):
 
 
 class IResNet(nn.Module):
-    def __init__(self, layers, width=1.0, embedding_size=512, input_size=112, dropout=0.0, fp16=False):
+    def __init__(self, layers, width=1.0, embedding_size=512, input_size=112, dropout=0.0):
         super().__init__()
         if input_size % 16:
             raise ValueError(f"input_size must be a multiple of 16 (four stride-2 stages), got {input_size}")
         c = [max(1, int(round(w * width))) for w in (64, 64, 128, 256, 512)]  # stem, stages 1-4
-        self.fp16, self.input_size = fp16, input_size
+        self.input_size = input_size
         self.conv1, self.bn1, self.prelu = conv3x3(3, c[0]), nn.BatchNorm2d(c[0], eps=1e-5), nn.PReLU(c[0])
         for i, n in enumerate(layers):  # stride 2 on the first block of every stage
             blocks = [IBasicBlock(c[i], c[i + 1], 2)] + [IBasicBlock(c[i + 1], c[i + 1]) for _ in range(n - 1)]
@@ -91,21 +90,19 @@ class IResNet(nn.Module):
                 nn.init.normal_(m.weight, 0, 0.1)  # insightface's init
 
     def forward(self, x):
-        # fp16=True opens fp16 autocast for the convolutions (insightface's flag); otherwise the
-        # caller's autocast, if any, applies unchanged. The embedding layers always run in fp32.
-        with torch.autocast(x.device.type, dtype=torch.float16) if self.fp16 else nullcontext():
-            x = self.prelu(self.bn1(self.conv1(x)))
-            x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-            x = self.dropout(torch.flatten(self.bn2(x), 1))
+        # the caller's autocast, if any, runs the convolutions; the embedding layers always run in fp32
+        x = self.prelu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        x = self.dropout(torch.flatten(self.bn2(x), 1))
         with torch.autocast(x.device.type, enabled=False):
             return self.features(self.fc(x.float()))
 
 
-def iresnet(depth=50, width=1.0, embedding_size=512, input_size=112, dropout=0.0, fp16=False):
+def iresnet(depth=50, width=1.0, embedding_size=512, input_size=112, dropout=0.0):
     """IResNet-{18,34,50,100,200}; defaults are the 112-px, 512-d reference model."""
     if depth not in BLOCKS:
         raise ValueError(f"depth must be one of {sorted(BLOCKS)}, got {depth}")
-    return IResNet(BLOCKS[depth], width, embedding_size, input_size, dropout, fp16)
+    return IResNet(BLOCKS[depth], width, embedding_size, input_size, dropout)
 
 
 class CombinedMarginLoss(nn.Module):

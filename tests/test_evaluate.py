@@ -293,8 +293,10 @@ def test_identity_consistency_counts_own_class_nearest_centres(tmp_path, monkeyp
     save_png(noisy(pattern(1), 200), str(tmp_path / "samples" / "id1" / "0.png"))
     save_png(noisy(pattern(2), 201), str(tmp_path / "samples" / "id1" / "1.png"))
     save_png(noisy(pattern(5), 300), str(tmp_path / "samples" / "mix-0-1" / "0.png"))  # not a real identity: ignored
-    share = evaluate.identity_consistency(StandIn(), str(tmp_path / "samples"), str(tmp_path / "real"))
-    assert share == pytest.approx(3 / 4)
+    real = evaluate.open_datasets([str(tmp_path / "real")])
+    centres = class_centres(StandIn(), real)
+    images, labels, _ = evaluate._named_images(str(tmp_path / "samples"), real.classes)
+    assert evaluate._own_centre_share(embed(StandIn(), images), labels, centres) == pytest.approx(3 / 4)
 
 
 def test_identity_spread_matches_hand_computed_cosines():
