@@ -271,32 +271,28 @@ SYNTHETIC = {
 # sources: "real", "oracle" (2N real identities), "fresh" (the real set with twice the images per identity,
 # what a perfect Repro generator would add), or a synthetic set; "=" in flags: the baseline's steps
 MERGE = ["--merge-by-name"]  # Repro images join their real classes
+
+
+def with_twin(row, sources, flags=(), all_seeds=True):
+    """A row and its (=) twin: the same training set, trained for the baseline's number of steps."""
+    return [(row, sources, list(flags), all_seeds), (f"{row} (=)", sources, list(flags) + ["="], all_seeds)]
+
+
 REPLICATION_ROWS = [
     ("real", ["real"], [], True),
     ("real-48ep", ["real"], ["--epochs", "48"], True),  # as many steps as the merged rows: the length control
     ("real-r50", ["real"], ["--network", "r50"], False),
-    ("oracle", ["oracle"], [], True),
-    ("oracle (=)", ["oracle"], ["="], True),
-    ("real+fresh", ["fresh"], [], True),  # Repro's oracle: as many fresh real renders of the same identities
-    ("real+fresh (=)", ["fresh"], ["="], True),
-    ("real+repro", ["real", "repro"], MERGE, True),
-    ("real+repro (=)", ["real", "repro"], MERGE + ["="], True),
-    ("real+condmix-dist-emb", ["real", "condmix-dist-emb"], [], True),
-    ("real+condmix-dist-emb (=)", ["real", "condmix-dist-emb"], ["="], True),
-    ("real+scoremix-random", ["real", "scoremix-random"], [], False),
-    ("real+scoremix-random (=)", ["real", "scoremix-random"], ["="], False),
-    ("real+scoremix-dist-emb", ["real", "scoremix-dist-emb"], [], True),
-    ("real+scoremix-dist-emb (=)", ["real", "scoremix-dist-emb"], ["="], True),
-    ("real+scoremix-close-emb", ["real", "scoremix-close-emb"], [], True),
-    ("real+scoremix-close-emb (=)", ["real", "scoremix-close-emb"], ["="], True),
-    ("real+scoremix-dist-cond", ["real", "scoremix-dist-cond"], [], False),
-    ("real+scoremix-dist-cond (=)", ["real", "scoremix-dist-cond"], ["="], False),
-    ("real+scoremix-close-cond", ["real", "scoremix-close-cond"], [], False),
-    ("real+scoremix-close-cond (=)", ["real", "scoremix-close-cond"], ["="], False),
-    ("real+scoremix-summax-emb", ["real", "scoremix-summax-emb"], [], False),
-    ("real+scoremix-summax-emb (=)", ["real", "scoremix-summax-emb"], ["="], False),
-    ("real+scoremix-summin-emb", ["real", "scoremix-summin-emb"], [], False),
-    ("real+scoremix-summin-emb (=)", ["real", "scoremix-summin-emb"], ["="], False),
+    *with_twin("oracle", ["oracle"]),
+    *with_twin("real+fresh", ["fresh"]),  # Repro's oracle: as many fresh real renders of the same identities
+    *with_twin("real+repro", ["real", "repro"], MERGE),
+    *with_twin("real+condmix-dist-emb", ["real", "condmix-dist-emb"]),
+    *with_twin("real+scoremix-random", ["real", "scoremix-random"], all_seeds=False),
+    *with_twin("real+scoremix-dist-emb", ["real", "scoremix-dist-emb"]),
+    *with_twin("real+scoremix-close-emb", ["real", "scoremix-close-emb"]),
+    *with_twin("real+scoremix-dist-cond", ["real", "scoremix-dist-cond"], all_seeds=False),
+    *with_twin("real+scoremix-close-cond", ["real", "scoremix-close-cond"], all_seeds=False),
+    *with_twin("real+scoremix-summax-emb", ["real", "scoremix-summax-emb"], all_seeds=False),
+    *with_twin("real+scoremix-summin-emb", ["real", "scoremix-summin-emb"], all_seeds=False),
     ("repro-only", ["repro"], [], False),
     ("scoremix-only", ["scoremix-dist-emb"], [], False),
 ]
@@ -423,9 +419,7 @@ def sensitivity_rows(args):
     for name, (mode, _, over) in SENSITIVITY.items():
         if not all(main.get(k) == v for k, v in over.items()):
             repro = mode == "repro"  # Repro images join their real classes, and get every seed
-            flags = MERGE if repro else []
-            rows += [(f"real+{name}", ["real", name], flags, repro),
-                     (f"real+{name} (=)", ["real", name], flags + ["="], repro)]
+            rows += with_twin(f"real+{name}", ["real", name], MERGE if repro else [], repro)
     return rows
 
 
