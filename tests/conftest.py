@@ -16,6 +16,17 @@ def run_script(script, *args, env=None, timeout=300):
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
 
 
+def one_error_line(main, argv, capsys):
+    """main(argv) in this process -> its single stderr / exit line, which must start with `error: `."""
+    with pytest.raises(SystemExit) as e:
+        main([*map(str, argv)])
+    assert e.value.code not in (0, None)
+    text = e.value.code if isinstance(e.value.code, str) else capsys.readouterr().err
+    lines = text.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in text, text
+    return lines[0]
+
+
 def last_snapshot(run):
     """The latest network-snapshot-*.pt of a generator run folder (names sort in training order)."""
     snaps = sorted(glob.glob(os.path.join(str(run), "network-snapshot-*.pt")))

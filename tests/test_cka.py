@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import cka
+from conftest import one_error_line
 
 
 def golden_spaces():
@@ -52,17 +53,6 @@ def cka_main(argv):
     main([*map(str, argv)])
 
 
-def one_error_line(argv, capsys):
-    from cka import main
-    with pytest.raises(SystemExit) as e:
-        main([*map(str, argv)])
-    assert e.value.code not in (0, None)
-    text = e.value.code if isinstance(e.value.code, str) else capsys.readouterr().err
-    lines = text.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in text, text
-    return lines[0]
-
-
 def test_cli_writes_finite_metrics_for_the_generator_and_the_discriminator(tiny_models, tiny_toy, tmp_path):
     import json
     import shutil
@@ -86,7 +76,7 @@ def test_a_model_with_a_nan_weight_writes_nothing(tiny_models, tiny_toy, tmp_pat
     bad, key = poisoned_copy(fr if which == "fr" else snapshot, tmp_path / "bad.pt")
     (tmp_path / "cka.json").write_text("{}")
     argv = ["--fr", bad] if which == "fr" else ["--fr", fr, "--generator", bad]
-    line = one_error_line([*argv, "--data", tiny_toy / "train", "--out", tmp_path / "cka.json"], capsys)
+    line = one_error_line(cka.main, [*argv, "--data", tiny_toy / "train", "--out", tmp_path / "cka.json"], capsys)
     assert f"{bad}: 1 non-finite value(s) in {key}" in line
     assert (tmp_path / "cka.json").read_text() == "{}" and sorted(os.listdir(tmp_path)) == ["bad.pt", "cka.json"]
 
@@ -106,6 +96,6 @@ def test_bad_input_gives_one_error_line(tiny_models, tiny_toy, tmp_path, capsys,
     subst = {"SNAP": snapshot, "FR": fr, "DIR": tmp_path / "dir"}
     base = {"--fr": [fr], "--data": [tiny_toy / "train"], "--out": [tmp_path / "cka.json"]}
     base[argv[0]] = [subst.get(a, a) for a in argv[1:]]
-    line = one_error_line([a for flag, values in base.items() for a in (flag, *values)], capsys)
+    line = one_error_line(cka.main, [a for flag, values in base.items() for a in (flag, *values)], capsys)
     assert needle in line
     assert os.listdir(tmp_path) == ["dir"]

@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_script
-from train_arcface import class_centres
-from select_pairs import cosine_distances, main, select_blockwise, select_tuples, tuple_distances
-from train_arcface import load_backbone
 from common import open_datasets
+from conftest import one_error_line, run_script
+from select_pairs import cosine_distances, main, select_blockwise, select_tuples, tuple_distances
+from train_arcface import class_centres, load_backbone
 from train_diffusion import condition_vectors, load_generator
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -304,22 +303,11 @@ def test_bad_input_from_the_command_line_has_no_traceback(models, tmp_path):
 # ----------------------------------------------------------------------------- nothing bad is kept
 
 
-def one_error_line(argv, capsys):
-    """main(argv) in this process -> its single stderr / exit line, which must start with `error: `."""
-    with pytest.raises(SystemExit) as e:
-        main([*map(str, argv)])
-    assert e.value.code not in (0, None)
-    text = e.value.code if isinstance(e.value.code, str) else capsys.readouterr().err
-    lines = text.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in text, text
-    return lines[0]
-
-
 def test_a_discriminator_with_a_nan_weight_writes_no_pairs(models, tiny_toy, tmp_path, capsys):
     from conftest import poisoned_copy
     bad, key = poisoned_copy(models[0], tmp_path / "model.pt")
     (tmp_path / "pairs.csv").write_text("earlier\n")
-    line = one_error_line(["--fr", bad, "--data", tiny_toy / "train", "--out", tmp_path / "pairs.csv"], capsys)
+    line = one_error_line(main, ["--fr", bad, "--data", tiny_toy / "train", "--out", tmp_path / "pairs.csv"], capsys)
     assert f"the discriminator {bad}: 1 non-finite value(s) in {key}" in line
     assert (tmp_path / "pairs.csv").read_text() == "earlier\n"  # the earlier result is kept as it was
     assert sorted(os.listdir(tmp_path)) == ["model.pt", "pairs.csv"]  # no lock or temporary file left
@@ -328,7 +316,7 @@ def test_a_discriminator_with_a_nan_weight_writes_no_pairs(models, tiny_toy, tmp
 def test_a_generator_with_a_nan_condition_vector_writes_no_pairs(models, tmp_path, capsys):
     from conftest import poisoned_copy
     bad, _ = poisoned_copy(models[1], tmp_path / "snap.pt", "unet.emb_label.weight")
-    line = one_error_line(["--space", "condition", "--generator", bad, "--out", tmp_path / "p.csv"], capsys)
+    line = one_error_line(main, ["--space", "condition", "--generator", bad, "--out", tmp_path / "p.csv"], capsys)
     assert f"the generator {bad}: 1 non-finite value(s) in unet.emb_label.weight" in line
     assert sorted(os.listdir(tmp_path)) == ["snap.pt"]
 
@@ -336,7 +324,7 @@ def test_a_generator_with_a_nan_condition_vector_writes_no_pairs(models, tmp_pat
 def test_non_finite_distances_write_no_pairs(models, tmp_path, capsys, monkeypatch):
     import select_pairs
     monkeypatch.setattr(select_pairs, "cosine_distances", lambda X: np.full((len(X), len(X)), np.nan))
-    line = one_error_line(["--space", "condition", "--generator", models[1], "--out", tmp_path / "p.csv"], capsys)
+    line = one_error_line(main, ["--space", "condition", "--generator", models[1], "--out", tmp_path / "p.csv"], capsys)
     assert f"the distances from {models[1]}" in line and "non-finite" in line
     assert os.listdir(tmp_path) == []
 
@@ -352,7 +340,7 @@ def test_non_finite_distances_write_no_pairs(models, tmp_path, capsys, monkeypat
     (["--tuple-size", 4], "argument --tuple-size: invalid choice"),
 ])
 def test_numeric_flags_are_checked_at_the_door(models, tiny_toy, tmp_path, capsys, argv, needle):
-    line = one_error_line(["--fr", models[0], "--data", tiny_toy / "train", "--out", tmp_path / "p.csv", *argv],
+    line = one_error_line(main, ["--fr", models[0], "--data", tiny_toy / "train", "--out", tmp_path / "p.csv", *argv],
                           capsys)
     assert needle in line
     assert os.listdir(tmp_path) == []
@@ -362,9 +350,9 @@ def test_an_out_that_is_a_folder_or_locked_is_refused_before_any_work(models, ti
     from common import output_lock
     argv = ["--fr", models[0], "--data", tiny_toy / "train"]
     (tmp_path / "dir.csv").mkdir()
-    assert "is a folder, not a file" in one_error_line([*argv, "--out", tmp_path / "dir.csv"], capsys)
+    assert "is a folder, not a file" in one_error_line(main, [*argv, "--out", tmp_path / "dir.csv"], capsys)
     with output_lock(str(tmp_path / "p.csv"), is_dir=False):
-        line = one_error_line([*argv, "--out", tmp_path / "p.csv"], capsys)
+        line = one_error_line(main, [*argv, "--out", tmp_path / "p.csv"], capsys)
         assert f"--out {tmp_path / 'p.csv'} is in use by another process (pid {os.getpid()})" in line
     assert os.listdir(tmp_path) == ["dir.csv"]
 
