@@ -481,6 +481,80 @@ def validate(run, model_path, bins, epoch):
     return {"val": acc, "val_mean": sum(acc.values()) / max(1, len(acc))}
 
 
+def build_model(args, num_classes, partial_fc, rank, world, device):
+    """-> (backbone, head, trainer, SGD optimiser, the head's slot in the optimiser state), initialised
+    identically on every rank."""
+    torch.manual_seed(args.seed)
+    backbone = iresnet(int(args.network[1:]), args.width, args.embedding_size, args.input_size, args.dropout)
+    if partial_fc:
+        head = PartialFCHead(args.embedding_size, num_classes, args.scale, args.margin, args.sample_rate,
+                             rank, world, args.margin_grad)
+    else:
+        head = MarginHead(args.embedding_size, num_classes, args.scale, args.margin, args.margin_grad)
+    trainer = FaceTrainer(backbone, head).to(device, memory_format=torch.channels_last)  # ~1.8x faster on CPU
+    params = [p for p in trainer.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    head_index = next(i for i, p in enumerate(params) if p is head.weight)
+    return backbone, head, trainer, opt, head_index
+
+
+def resume(ckpt_path, args, classes, trainer, opt, scaler, partial_fc, head_index, device):
+    """Load checkpoint.pt into the trainer, optimiser and scaler -> (step, elapsed seconds); a checkpoint
+    of another architecture or class list is refused."""
+    ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+    for k in ("network", "width", "embedding_size", "input_size", "margin"):
+        if ckpt["args"][k] != getattr(args, k):
+            raise DataError(f"{ckpt_path} was trained with --{k.replace('_', '-')} {ckpt['args'][k]}; "
+                            f"use another --out to start a new run")
+    if ckpt["class_names"] != classes:
+        raise DataError(f"{ckpt_path} was trained on other classes; use another --out for new data")
+    model_state, opt_state = ckpt["model"], ckpt["optimizer"]
+    if partial_fc:  # checkpoints hold every class's row: keep this rank's
+        model_state["head.weight"] = trainer.head.shard(model_state["head.weight"])
+        slot = opt_state["state"].get(head_index, {})
+        if "momentum_buffer" in slot:
+            slot["momentum_buffer"] = trainer.head.shard(slot["momentum_buffer"])
+    trainer.load_state_dict(model_state)
+    opt.load_state_dict(opt_state)
+    if scaler.is_enabled() and ckpt["scaler"]:  # empty when written without fp16 loss scaling
+        scaler.load_state_dict(ckpt["scaler"])
+    return ckpt["step"], ckpt["elapsed"]
+
+
+def wrap_model(trainer, partial_fc, world, local_rank, device, compile_model):
+    """The trainer under DDP (Partial FC: the backbone only, each rank owns its shard of the head, which
+    DDP must neither broadcast nor average) and torch.compile when asked."""
+    model = trainer
+    if compile_model:
+        check_compile(device)
+    if world > 1:
+        ids = [local_rank] if device.type == "cuda" else None
+        if partial_fc:
+            model = FaceTrainer(nn.parallel.DistributedDataParallel(trainer.backbone, device_ids=ids), trainer.head)
+        else:
+            model = nn.parallel.DistributedDataParallel(trainer, device_ids=ids)
+    return torch.compile(model) if compile_model else model
+
+
+def epoch_batches(data, n, batch, seed, epoch, skip, rank, world, device):
+    """This rank's batches of one epoch after its first `skip` ones, and the epoch's flip generator past
+    the skipped batches' draws. Everything random derives from (seed, rank, epoch) and the step, so a run
+    resumed from a checkpoint written mid-epoch repeats what an uninterrupted run does.
+    data: (images, labels) decoded in memory, or (dataset, DataLoader workers)."""
+    flip_gen = torch.Generator().manual_seed(seed_for(seed, rank, epoch, 1))
+    per_rank = min(batch, n) // world  # a set smaller than --batch-size is one batch
+    for _ in range(skip):
+        torch.rand(per_rank, generator=flip_gen)
+    order = rank_order(epoch_order(n, batch, seed, epoch), batch, rank, world)[skip * per_rank:]
+    if isinstance(data[0], torch.Tensor):
+        images, labels = data
+        return ((images[i], labels[i]) for i in order.split(per_rank)), flip_gen
+    ds, workers = data  # the same items per rank, decoded by workers
+    loader = torch.utils.data.DataLoader(ds, batch_size=per_rank, sampler=order.tolist(), num_workers=workers,
+                                         pin_memory=device.type == "cuda")
+    return iter(loader), flip_gen
+
+
 def train(args):
     # validation pauses the other ranks at a barrier while rank 0 runs evaluate.py: allow it time
     timeout = datetime.timedelta(hours=args.val_timeout) if args.val else None
@@ -503,85 +577,34 @@ def train(args):
     partial_fc = args.partial_fc or args.sample_rate < 1
     if partial_fc and len(classes) < world:
         raise DataError(f"--partial-fc shards {len(classes)} classes over {world} processes: too few classes")
-
-    torch.manual_seed(args.seed)  # identical initialisation on every rank
-    backbone = iresnet(int(args.network[1:]), args.width, args.embedding_size, args.input_size, args.dropout)
-    if partial_fc:
-        head = PartialFCHead(args.embedding_size, len(classes), args.scale, args.margin, args.sample_rate,
-                             rank, world, args.margin_grad)
-    else:
-        head = MarginHead(args.embedding_size, len(classes), args.scale, args.margin, args.margin_grad)
-    trainer = FaceTrainer(backbone, head)
-    trainer = trainer.to(device, memory_format=torch.channels_last)  # ~1.8x faster convolutions on CPU
-    params = [p for p in trainer.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    head_index = next(i for i, p in enumerate(params) if p is head.weight)  # its slot in opt.state_dict()
+    backbone, head, trainer, opt, head_index = build_model(args, len(classes), partial_fc, rank, world, device)
     ctx, scaler = autocast_context(device, args.amp, args.amp_dtype)
-    start_epoch, step, elapsed = 0, 0, 0.0
+    step, elapsed = 0, 0.0
     if os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        for k in ("network", "width", "embedding_size", "input_size", "margin"):
-            if ckpt["args"][k] != getattr(args, k):
-                raise DataError(f"{ckpt_path} was trained with --{k.replace('_', '-')} {ckpt['args'][k]}; "
-                                f"use another --out to start a new run")
-        if ckpt["class_names"] != classes:
-            raise DataError(f"{ckpt_path} was trained on other classes; use another --out for new data")
-        model_state, opt_state = ckpt["model"], ckpt["optimizer"]
-        if partial_fc:  # checkpoints hold every class's row: keep this rank's
-            model_state["head.weight"] = head.shard(model_state["head.weight"])
-            slot = opt_state["state"].get(head_index, {})
-            if "momentum_buffer" in slot:
-                slot["momentum_buffer"] = head.shard(slot["momentum_buffer"])
-        trainer.load_state_dict(model_state)
-        opt.load_state_dict(opt_state)
-        if scaler.is_enabled() and ckpt["scaler"]:  # empty when written without fp16 loss scaling
-            scaler.load_state_dict(ckpt["scaler"])
-        step, elapsed = ckpt["step"], ckpt["elapsed"]
-        start_epoch = step // steps_per_epoch  # whole epochs: a run stopped mid-epoch continues it
+        step, elapsed = resume(ckpt_path, args, classes, trainer, opt, scaler, partial_fc, head_index, device)
         if step >= total:
             if master:
-                print(f"{args.out} already finished ({step} steps, {start_epoch} epochs); nothing to do")
+                print(f"{args.out} already finished ({step} steps, {step // steps_per_epoch} epochs); nothing to do")
             return
         if master:
-            print(f"resuming {args.out} at epoch {start_epoch}, step {step}")
+            print(f"resuming {args.out} at epoch {step // steps_per_epoch}, step {step}")
     if master:
         os.makedirs(args.out, exist_ok=True)
         write_atomic(os.path.join(args.out, "config.json"), json.dumps(vars(args), indent=2) + "\n")
         print(f"{n} images, {len(classes)} classes, {sum(p.numel() for p in backbone.parameters()):,} backbone "
               f"parameters, {steps_per_epoch} steps/epoch x {epochs} epochs, {world} process(es) on {device}")
 
-    in_memory = args.workers == 0 and n * 3 * args.input_size ** 2 <= args.memory_limit * 2 ** 30
-    if in_memory:  # small sets: decode once, batch with tensor indexing (no per-item overhead)
-        images, labels = load_images(ds, args.input_size, progress=master)
+    if args.workers == 0 and n * 3 * args.input_size ** 2 <= args.memory_limit * 2 ** 30:
+        data = load_images(ds, args.input_size, progress=master)  # decoded once, batched by indexing
     else:
-        ds.size, workers = args.input_size, args.workers or min(8, max(1, (os.cpu_count() or 1) // world))
-    model = trainer
-    if args.compile:
-        check_compile(device)
-    if world > 1:
-        ids = [local_rank] if device.type == "cuda" else None
-        if partial_fc:  # each rank owns its shard of the head: DDP must neither broadcast nor average it
-            model = FaceTrainer(nn.parallel.DistributedDataParallel(backbone, device_ids=ids), head)
-        else:
-            model = nn.parallel.DistributedDataParallel(trainer, device_ids=ids)
-    if args.compile:
-        model = torch.compile(model)
+        ds.size, data = args.input_size, (ds, args.workers or min(8, max(1, (os.cpu_count() or 1) // world)))
+    model = wrap_model(trainer, partial_fc, world, local_rank, device, args.compile)
 
+    start_epoch = step // steps_per_epoch  # whole epochs: a run stopped mid-epoch continues it
     stop_at = step + args.stop_after_steps if args.stop_after_steps else total
     for epoch in range(step // steps_per_epoch, epochs):
-        # Everything random derives from (seed, rank, epoch) and the step: a resumed run repeats it,
-        # also from a checkpoint written mid-epoch (the epoch's trained batches are skipped).
         skip = step - epoch * steps_per_epoch
-        flip_gen = torch.Generator().manual_seed(seed_for(args.seed, rank, epoch, 1))
-        per_rank = min(batch, n) // world  # a set smaller than --batch-size is one batch
-        for _ in range(skip):  # the skipped batches' flips: the generator resumes where it was
-            torch.rand(per_rank, generator=flip_gen)
-        order = rank_order(epoch_order(n, batch, args.seed, epoch), batch, rank, world)[skip * per_rank:]
-        if in_memory:
-            batches = ((images[i], labels[i]) for i in order.split(per_rank))
-        else:  # the same items per rank as above, decoded by workers
-            batches = iter(torch.utils.data.DataLoader(ds, batch_size=per_rank, sampler=order.tolist(),
-                                                       num_workers=workers, pin_memory=device.type == "cuda"))
+        batches, flip_gen = epoch_batches(data, n, batch, args.seed, epoch, skip, rank, world, device)
         steps_now = min(steps_per_epoch - skip, total - step)
         trainer.train()
         t0, seen, loss_sum, done = time.time(), 0, 0.0, 0
