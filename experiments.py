@@ -101,12 +101,9 @@ def calibration(args):
     n, tag = args.identities, args.tag
     base, oracle = toy_data(n), toy_data(2 * n)
     for seed in args.seeds:
-        discriminator_run("calibration", f"real-n{n}", seed, [os.path.join(base, "train")],
-                          os.path.join(base, "bench"), extra=["--val-every", "2", *shlex.split(args.train_args)],
-                          result_name=f"real-n{n}{tag}")
-        discriminator_run("calibration", f"real-n{2 * n}", seed, [os.path.join(oracle, "train")],
-                          os.path.join(base, "bench"), extra=["--val-every", "2", *shlex.split(args.train_args)],
-                          result_name=f"real-n{2 * n}{tag}")
+        for row, data in ((f"real-n{n}{tag}", base), (f"real-n{2 * n}{tag}", oracle)):
+            discriminator_run("calibration", row, seed, [os.path.join(data, "train")], os.path.join(base, "bench"),
+                              extra=["--val-every", "2", *shlex.split(args.train_args)])
 
 
 def generator(args):

@@ -461,6 +461,25 @@ def refuse_non_finite(trainer, backbone, x, step):
                      "(lower --lr or check the data)")
 
 
+def backbone_file(args, backbone, classes, step, steps_per_epoch):
+    """The contents of model.pt: the backbone's weights and what load_backbone needs to rebuild it."""
+    config = {"network": args.network, "depth": int(args.network[1:]), "width": args.width,
+              "embedding_size": args.embedding_size, "input_size": args.input_size, "dropout": args.dropout,
+              "margin": args.margin, "margin_grad": args.margin_grad, "epoch": step // steps_per_epoch, "step": step}
+    return {"config": config, "state_dict": backbone.state_dict(), "class_names": classes}
+
+
+def log_epoch(run, rec, epochs):
+    """One line of RUN/log.jsonl and one printed line per epoch."""
+    with open(os.path.join(run, "log.jsonl"), "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    val = ""
+    if "val" in rec:
+        val = f"  val {rec['val_mean']:.2f} (" + ", ".join(f"{k} {v:.1f}" for k, v in rec["val"].items()) + ")"
+    print(f"epoch {rec['epoch']}/{epochs}  step {rec['step']}  loss {rec['loss']:.4f}  lr {rec['lr']:.5f}  "
+          f"{rec['images_per_s']:.0f} img/s  {rec['time']:.1f} s{val}", flush=True)
+
+
 def validate(run, model_path, bins, epoch):
     """Run evaluate.py on model.pt (the later stage's own command) -> {"val": {bench: %}, "val_mean": %}."""
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "evaluate.py")
@@ -659,24 +678,14 @@ def train(args):
         state = gather_state(trainer, opt, head, head_index, partial_fc)
         validating = args.val and ((epoch + 1) % args.val_every == 0 or step >= total)
         if master:
-            config = {"network": args.network, "depth": int(args.network[1:]), "width": args.width,
-                      "embedding_size": args.embedding_size, "input_size": args.input_size,
-                      "dropout": args.dropout, "margin": args.margin, "margin_grad": args.margin_grad,
-                      "epoch": step // steps_per_epoch, "step": step}
-            save_atomic({"config": config, "state_dict": backbone.state_dict(), "class_names": classes}, model_path)
+            save_atomic(backbone_file(args, backbone, classes, step, steps_per_epoch), model_path)
             save_atomic(checkpoint(state, scaler, step, steps_per_epoch, elapsed, args, classes, device),
                         ckpt_path)
             if validating:  # the other ranks wait at the barrier below: evaluate.py has the GPU to itself
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 rec.update(validate(args.out, model_path, args.val, epoch + 1))
-            with open(os.path.join(args.out, "log.jsonl"), "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            val = ""
-            if "val" in rec:
-                val = f"  val {rec['val_mean']:.2f} (" + ", ".join(f"{k} {v:.1f}" for k, v in rec["val"].items()) + ")"
-            print(f"epoch {epoch + 1}/{epochs}  step {step}  loss {rec['loss']:.4f}  lr {lr:.5f}  "
-                  f"{rec['images_per_s']:.0f} img/s  {dt:.1f} s{val}", flush=True)
+            log_epoch(args.out, rec, epochs)
         if validating and world > 1:
             dist.barrier()
         if args.stop_after_epochs and epoch + 1 - start_epoch >= args.stop_after_epochs:
