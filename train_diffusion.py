@@ -932,6 +932,56 @@ def check_finite(net, nimg):
         sys.exit(f"error: non-finite weights at {nimg / 1e3:g} kimg; nothing saved (lower --lr or check the data)")
 
 
+def resume(ckpt, ckpt_path, net, ema, opt, scaler):
+    """Load a checkpoint into the net, its EMAs, the optimiser, the scaler and the RNG -> images seen;
+    a checkpoint of another network or class list is refused."""
+    if ckpt["config"] != net.config or ckpt["class_names"] != net.class_names:
+        sys.exit(f"error: {ckpt_path} was made with another network or data (config {ckpt['config']}); "
+                 "use another --out or the same settings")
+    net.load_state_dict(ckpt["net"])
+    for e, sd in zip(ema.emas, ckpt["ema"]):
+        e.load_state_dict(sd)
+    opt.load_state_dict(ckpt["optimizer"])
+    load_scaler_state(scaler, ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"])
+    return ckpt["nimg"]
+
+
+def write_snapshot(out, net, ema, nimg, sigma_data, device, grid_steps):
+    """OUT/network-snapshot-KIMG.pt: the first EMA profile as the network, the others stored for
+    post-hoc EMA; and a sample grid when grid_steps > 0. Non-finite weights are refused."""
+    check_finite(ema.emas[0], nimg)
+    snap = {"config": net.config, "ema": ema.emas[0].state_dict(), "class_names": net.class_names,
+            "kimg": nimg / 1e3, "sigma_data": sigma_data, "ema_stds": ema.stds, "ema_std": ema.stds[0]}
+    snap.update({f"ema_std_{s:g}": e.state_dict() for s, e in zip(ema.stds[1:], ema.emas[1:])})
+    save_atomic(snap, os.path.join(out, f"network-snapshot-{kimg_tag(nimg)}.pt"))
+    ema.emas[0].class_names = net.class_names
+    if grid_steps:
+        save_grid(ema.emas[0], os.path.join(out, f"samples-{kimg_tag(nimg)}.png"), device, grid_steps)
+
+
+def log_status(out, nimg, n_status, t_status, losses, lr):
+    """Speed and mean loss since the last status line, printed and appended to OUT/log.jsonl -> now."""
+    now = time.time()
+    stat = {"kimg": nimg / 1e3, "images_per_s": (nimg - n_status) / (now - t_status), "loss": float(np.mean(losses)),
+            "lr": lr, "time": now}
+    tqdm.write(" ".join(f"{k} {v:.4g}" for k, v in stat.items() if k != "time"))
+    with open(os.path.join(out, "log.jsonl"), "a") as f:
+        f.write(json.dumps(stat) + "\n")
+    return now
+
+
+def log_denoising(out, rms, mean_rms, nimg, heldout):
+    """The EMA's denoising error per noise level, printed and appended to OUT/log.jsonl."""
+    lines = [f"denoising RMS error on {'held-out' if heldout else 'training'} images at {nimg / 1e3:g} kimg "
+             "(trivial: D = noisy input -> sigma; D = mean image -> " + f"{mean_rms:.4f})",
+             "sigma  " + " ".join(f"{s:>7g}" for s in rms), "D_ema  " + " ".join(f"{v:7.4f}" for v in rms.values())]
+    tqdm.write("\n".join(lines))
+    with open(os.path.join(out, "log.jsonl"), "a") as f:
+        f.write(json.dumps({"kimg": nimg / 1e3, "denoise_rms": {f"{s:g}": v for s, v in rms.items()},
+                            "mean_image_rms": mean_rms, "heldout": heldout}) + "\n")
+
+
 def train(args):
     rank, _, world, device = setup_distributed(args.device)
     micro, rem = divmod(args.batch_size, world * args.grad_accum)
@@ -969,16 +1019,7 @@ def train(args):
     ctx, scaler = autocast_context(device, args.amp, args.amp_dtype)
     nimg = 0
     if ckpt is not None:
-        if ckpt["config"] != net.config or ckpt["class_names"] != net.class_names:
-            sys.exit(f"error: {ckpt_path} was made with another network or data (config {ckpt['config']}); "
-                     "use another --out or the same settings")
-        net.load_state_dict(ckpt["net"])
-        for e, sd in zip(ema.emas, ckpt["ema"]):
-            e.load_state_dict(sd)
-        opt.load_state_dict(ckpt["optimizer"])
-        load_scaler_state(scaler, ckpt["scaler"])
-        torch.set_rng_state(ckpt["rng"])
-        nimg = ckpt["nimg"]
+        nimg = resume(ckpt, ckpt_path, net, ema, opt, scaler)
         log(f"resuming from {ckpt_path} at {nimg / 1e3:g} kimg")
         del ckpt
     log(f"{len(dataset)} images, {net.num_classes} classes, {args.resolution} px, sigma_data {sigma_data:.4f}, "
@@ -994,34 +1035,14 @@ def train(args):
                                              world, args.seed),
         num_workers=workers, pin_memory=device.type == "cuda"))
 
-    def save_checkpoint():
-        check_finite(net, nimg)
-        save_atomic({"net": net.state_dict(), "ema": [e.state_dict() for e in ema.emas], "optimizer": opt.state_dict(),
-                     "scaler": scaler.state_dict(), "nimg": nimg, "rng": torch.get_rng_state(),
-                     "config": net.config, "class_names": net.class_names}, ckpt_path)
-
-    def save_snapshot():
-        check_finite(ema.emas[0], nimg)
-        snap = {"config": net.config, "ema": ema.emas[0].state_dict(), "class_names": net.class_names,
-                "kimg": nimg / 1e3, "sigma_data": sigma_data, "ema_stds": ema.stds, "ema_std": ema.stds[0]}
-        snap.update({f"ema_std_{s:g}": e.state_dict() for s, e in zip(ema.stds[1:], ema.emas[1:])})
-        save_atomic(snap, os.path.join(args.out, f"network-snapshot-{kimg_tag(nimg)}.pt"))
-        ema.emas[0].class_names = net.class_names
-        if args.grid_steps:
-            save_grid(ema.emas[0], os.path.join(args.out, f"samples-{kimg_tag(nimg)}.png"), device,
-                      args.grid_steps)
-        rms, mean_rms = denoising_errors(ema.emas[0], *held, mean_image, device)
-        lines = [f"denoising RMS error on {'held-out' if args.heldout else 'training'} images at {nimg / 1e3:g} kimg "
-                 "(trivial: D = noisy input -> sigma; D = mean image -> " + f"{mean_rms:.4f})",
-                 "sigma  " + " ".join(f"{s:>7g}" for s in rms), "D_ema  " + " ".join(f"{v:7.4f}" for v in rms.values())]
-        tqdm.write("\n".join(lines))
-        with open(os.path.join(args.out, "log.jsonl"), "a") as f:
-            f.write(json.dumps({"kimg": nimg / 1e3, "denoise_rms": {f"{s:g}": v for s, v in rms.items()},
-                                "mean_image_rms": mean_rms, "heldout": bool(args.heldout)}) + "\n")
-
     def crossed(every, before):
         step = max(1, int(every * 1e3))
         return every > 0 and nimg // step > before // step
+
+    def save_snapshot():
+        write_snapshot(args.out, net, ema, nimg, sigma_data, device, args.grid_steps)
+        rms, mean_rms = denoising_errors(ema.emas[0], *held, mean_image, device)
+        log_denoising(args.out, rms, mean_rms, nimg, bool(args.heldout))
 
     total, stop = int(args.duration * 1e3), int((args.stop_after_kimg or args.duration) * 1e3)
     bar = tqdm(total=total, initial=nimg, unit="img", unit_scale=True, disable=rank != 0, dynamic_ncols=True)
@@ -1069,16 +1090,14 @@ def train(args):
         bar.update(args.batch_size)
         bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}")
         if rank == 0 and (crossed(args.status_every, before) or nimg >= total):
-            now = time.time()
-            stat = {"kimg": nimg / 1e3, "images_per_s": (nimg - n_status) / (now - t_status), "loss": float(np.mean(losses)),
-                    "lr": lr, "time": now}
-            tqdm.write(" ".join(f"{k} {v:.4g}" for k, v in stat.items() if k != "time"))
-            with open(os.path.join(args.out, "log.jsonl"), "a") as f:
-                f.write(json.dumps(stat) + "\n")
-            t_status, n_status, losses = now, nimg, []
+            t_status, n_status, losses = log_status(args.out, nimg, n_status, t_status, losses, lr), nimg, []
         if rank == 0 and (crossed(args.checkpoint_every, before) or crossed(args.snapshot_every, before)
                           or nimg >= min(total, stop)):
-            save_checkpoint()
+            check_finite(net, nimg)
+            save_atomic({"net": net.state_dict(), "ema": [e.state_dict() for e in ema.emas],
+                         "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "nimg": nimg,
+                         "rng": torch.get_rng_state(), "config": net.config, "class_names": net.class_names},
+                        ckpt_path)
         if rank == 0 and (crossed(args.snapshot_every, before) or nimg >= total):
             save_snapshot()
     bar.close()
