@@ -18,6 +18,7 @@ import os
 import re
 
 import numpy as np
+import torch
 
 from common import (ArgumentParser, DataError, InputError, check_finite, fail, load_checkpoint,
                     non_negative_int, open_datasets, output_file_guard, positive_int, write_atomic)
@@ -127,7 +128,7 @@ def parse_args(argv=None):
     parser.add_argument("--permutations", type=positive_int, default=20, help="row shuffles for the null")
     parser.add_argument("--batch-size", type=positive_int, default=256, help="embedding batch size")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the permutation null")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     args = parser.parse_args(argv)
     for path in args.generator + args.fr + [args.data]:
         if not os.path.exists(path):
@@ -146,11 +147,10 @@ def main(argv=None):
 
 def discriminator_centres(args, dataset):
     """{run name: class centres [C, d]} of every --fr, each model and its centres finite."""
-    # imported here so the metrics above stay usable without torch
     centres = {}
     for path in args.fr:
         model = load_checkpoint(load_backbone, path, "train_arcface.py model.pt")
-        model = model.to(args.device or "cpu")
+        model = model.to(args.device)
         check_finite(f"the discriminator {path}", model.state_dict())
         label = os.path.basename(os.path.dirname(os.path.abspath(path))) or path
         centres[label] = class_centres(model, dataset, batch_size=args.batch_size, device=args.device)

@@ -42,13 +42,11 @@ import os
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
-from common import (PROGRESS, ArgumentParser, DataError, InputError, check_finite, fail, load_checkpoint,
+from common import (ArgumentParser, DataError, InputError, check_finite, fail, load_checkpoint,
                     non_negative_float, non_negative_int, open_datasets, output_file_guard, positive_int,
                     write_atomic)
-from train_arcface import embed, load_backbone
+from train_arcface import class_centres, load_backbone
 from train_diffusion import condition_vectors, load_generator
 
 STRATEGIES = ("dist", "close", "random")
@@ -321,19 +319,6 @@ def reorder_rows(vectors, names, target):
     return vectors[[index[n] for n in target]]
 
 
-def streaming_centres(model, dataset, batch_size=256, device=None, workers=0):
-    """train_arcface.class_centres in one pass that holds one batch of images at a time: per-class sums of
-    the L2-normalised embeddings (with flips), re-normalised [C, d]."""
-    dataset.size = getattr(model, "input_size", None)  # resized as they are read
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
-    sums = None
-    for images, labels in tqdm(loader, desc="class centres", disable=not PROGRESS, leave=False):
-        emb = torch.from_numpy(embed(model, images, batch_size=batch_size, device=device))
-        sums = torch.zeros(len(dataset.classes), emb.shape[1]) if sums is None else sums
-        sums.index_add_(0, labels, emb)
-    return F.normalize(sums, dim=1).numpy()
-
-
 def class_vectors(args):
     """(vectors [C, d] numpy, class names) for --space embedding or condition."""
     if args.space == "embedding":
@@ -341,7 +326,7 @@ def class_vectors(args):
         model = load_checkpoint(load_backbone, args.fr, "train_arcface.py model.pt").to(args.device)
         check_finite(f"the discriminator {args.fr}", model.state_dict())
         print(f"class centres of {len(dataset.classes)} classes ({len(dataset)} images) under {args.fr}")
-        centres = streaming_centres(model, dataset, args.batch_size, args.device, args.workers)
+        centres = class_centres(model, dataset, batch_size=args.batch_size, device=args.device, workers=args.workers)
         check_finite(f"the class centres under {args.fr}", centres)
         return centres, list(dataset.classes)
     net = load_checkpoint(load_generator, args.generator, "train_diffusion.py network snapshot")

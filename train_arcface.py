@@ -378,17 +378,25 @@ def embed(model, images, batch_size=256, device=None, flip=True, amp=False, norm
     return (F.normalize(feats, dim=1) if normalize else feats).numpy()
 
 
-def class_centres(model, data, labels=None, num_classes=None, batch_size=256, device=None, amp=False):
+def class_centres(model, data, labels=None, num_classes=None, batch_size=256, device=None, amp=False, workers=0):
     """Class centres [C, d] (float32, L2-normalised): mean of L2-normalised embeddings, re-normalised.
 
-    `data` is a dataset (train_arcface reader: `.classes`, `ds[i] -> (uint8 [3,H,W], label)`), or
-    uint8 images with `labels` [N] (then C = num_classes, default max label + 1). A class with no
-    image gets a zero centre.
+    `data` is a dataset (`.classes`, `ds[i] -> (uint8 [3,H,W], label)`), read in one pass that holds one
+    batch of images at a time (resized as read; `workers` DataLoader processes), so millions of images
+    fit; or uint8 images with `labels` [N] (then C = num_classes, default max label + 1). A class with
+    no image gets a zero centre.
     """
-    if labels is None:
-        num_classes = len(data.classes) if num_classes is None else num_classes
-        data, labels = load_images(data, getattr(model, "input_size", None), PROGRESS)
-    return centres_of(embed(model, data, batch_size=batch_size, device=device, amp=amp), labels, num_classes).numpy()
+    if labels is not None:
+        return centres_of(embed(model, data, batch_size, device, amp=amp), labels, num_classes).numpy()
+    data.size = getattr(model, "input_size", None)
+    sums = None
+    for images, labels in tqdm(torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=workers),
+                               desc="class centres", disable=not PROGRESS, leave=False):
+        emb = torch.from_numpy(embed(model, images, batch_size, device, amp=amp))
+        if sums is None:
+            sums = torch.zeros(len(data.classes) if num_classes is None else num_classes, emb.shape[1])
+        sums.index_add_(0, labels, emb)
+    return F.normalize(sums, dim=1).numpy()
 
 
 def centres_of(emb, labels, num_classes=None):
