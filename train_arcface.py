@@ -13,7 +13,7 @@ setup, atomic saves, autocast) that the later stages import.
     python train_arcface.py --data toy/train --out runs/baseline --val toy/bench/*.bin
     torchrun --nproc_per_node=8 train_arcface.py --data faces_webface/train.rec --out runs/r50 \
         --network r50 --width 1 --embedding-size 512 --input-size 112 --batch-size 1024 --epochs 20 --amp
-    (Glint360K: add --partial-fc --sample-rate 0.1 --workers 8; several nodes: README, "Running at scale")
+    (Glint360K: add --partial-fc --sample-rate 0.1 --workers 8; several nodes: docs/scale.md)
     python train_arcface.py --data faces/ more_faces/ --pack-rec faces_rec --pack-size 112   # -> train.rec
 """
 import argparse
