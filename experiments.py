@@ -441,6 +441,18 @@ def figure(args):
     print(f"wrote {args.out}")
 
 
+def generator_flags(p, identities, name, kimg, snapshot_every, per_class):
+    """The flags of the commands that train a generator and measure its snapshots."""
+    p.add_argument("--identities", type=int, default=identities, help="N: training identities")
+    default_name, where = name.split(" ", 1)
+    p.add_argument("--name", default=default_name, help=f"run name {where}")
+    p.add_argument("--kimg", type=float, default=kimg, help="training length in kimg")
+    p.add_argument("--snapshot-every", type=float, default=snapshot_every, help="snapshot interval in kimg")
+    p.add_argument("--per-class", type=int, default=per_class, help="Repro samples per class for the consistency figure")
+    p.add_argument("--steps", type=int, default=32, help="Heun steps")
+    p.add_argument("extra", nargs="*", help="more train_diffusion.py flags (after --), e.g. -- --amp")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -462,24 +474,12 @@ def main():
     p.set_defaults(func=regime_recipe)
     p = sub.add_parser("regime-generator", help="the paper's regime: train the generator; Repro consistency "
                                                 "per snapshot")
-    p.add_argument("--identities", type=int, default=256, help="N: training identities")
+    generator_flags(p, 256, "cpu-amp (runs/exp/regime/generator/NAME)", 400, 50, 2)
     p.add_argument("--per-identity", type=int, default=16, help="training images per identity")
     p.add_argument("--recipe", default="e24", choices=list(RECIPES), help="the baseline's recipe")
-    p.add_argument("--name", default="cpu-amp", help="run name (runs/exp/regime/generator/NAME)")
-    p.add_argument("--kimg", type=float, default=400, help="training length")
-    p.add_argument("--snapshot-every", type=float, default=100, help="snapshot interval in kimg")
-    p.add_argument("--per-class", type=int, default=2, help="Repro samples per class for the consistency figure")
-    p.add_argument("--steps", type=int, default=32, help="Heun steps")
-    p.add_argument("extra", nargs="*", help="more train_diffusion.py flags (after --), e.g. -- --amp")
     p.set_defaults(func=regime_generator)
     p = sub.add_parser("generator", help="train the CPU generator once; consistency and cleanliness per snapshot")
-    p.add_argument("--identities", type=int, default=32, help="N: the default toy set's identities")
-    p.add_argument("--name", default="cpu-100k", help="run name (runs/exp/generator/NAME)")
-    p.add_argument("--kimg", type=float, default=100, help="training length (100 kimg: about 25 minutes on 2 cores)")
-    p.add_argument("--snapshot-every", type=float, default=25, help="snapshot interval in kimg")
-    p.add_argument("--per-class", type=int, default=8, help="Repro samples per class for the consistency figure")
-    p.add_argument("--steps", type=int, default=32, help="Heun steps")
-    p.add_argument("extra", nargs="*", help="more train_diffusion.py flags (after --)")
+    generator_flags(p, 32, "cpu-100k (runs/exp/generator/NAME)", 100, 25, 8)
     p.set_defaults(func=generator)
     p = sub.add_parser("repro-check", help="baseline recipe on real + Repro samples of the last snapshot")
     p.add_argument("--identities", type=int, default=32, help="N: the default toy set's identities")
