@@ -534,7 +534,7 @@ class RecordWriter:
 
     def __init__(self, rec_path):
         self.paths = [rec_path, os.path.splitext(rec_path)[0] + ".idx"]
-        self.tmp = [f"{p}.{os.getpid()}.tmp" for p in self.paths]
+        self.tmp = [tmp_name(p) for p in self.paths]
         self.rec, self.idx = open(self.tmp[0], "wb"), open(self.tmp[1], "w")
 
     def write(self, key, payload):
@@ -618,10 +618,7 @@ def write_bin(path, images, issame):
             Image.fromarray(np.asarray(im, dtype=np.uint8)).save(buf, format="PNG")
             im = buf.getvalue()
         bins.append(bytes(im))
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        pickle.dump((bins, issame), f, protocol=2)
-    os.replace(tmp, path)
+    write_atomic(path, pickle.dumps((bins, issame), protocol=2))
 
 
 def read_pairs(path):

@@ -794,9 +794,7 @@ def save_grid(net, path, device, num_steps=32):
     x = generate_images(net, labels, list(range(len(labels))), num_steps=num_steps, device=device)
     c, h, w = x.shape[1:]
     grid = x.reshape(len(rows), 8, c, h, w).permute(0, 3, 1, 4, 2).reshape(len(rows) * h, 8 * w, c)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    Image.fromarray(grid.squeeze(-1).numpy()).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: Image.fromarray(grid.squeeze(-1).numpy()).save(tmp, format="PNG"))
 
 
 
