@@ -919,10 +919,11 @@ def open_training_data(args):
     return dataset, shape, held
 
 
-def kimg_tag(nimg):
-    """Snapshot name part: whole kimg as 000150, a sub-kimg position as 000000.008 (names never clash
-    and sort in training order)."""
-    return f"{nimg // 1000:06d}" + (f".{nimg % 1000:03d}" if nimg % 1000 else "")
+def kimg_tag(nimg, fine=False):
+    """Snapshot name part: whole kimg as 000150 (as EDM2 names them); with `fine` (a run whose
+    duration or snapshot interval is not a whole kimg) a sub-kimg position as 000000.008, so names
+    never clash. Both sort in training order."""
+    return f"{nimg // 1000:06d}" + (f".{nimg % 1000:03d}" if fine and nimg % 1000 else "")
 
 
 def check_finite(net, nimg):
@@ -945,17 +946,17 @@ def resume(ckpt, ckpt_path, net, ema, opt, scaler):
     return ckpt["nimg"]
 
 
-def write_snapshot(out, net, ema, nimg, sigma_data, device, grid_steps):
-    """OUT/network-snapshot-KIMG.pt: the first EMA profile as the network, the others stored for
+def write_snapshot(out, tag, net, ema, nimg, sigma_data, device, grid_steps):
+    """OUT/network-snapshot-TAG.pt: the first EMA profile as the network, the others stored for
     post-hoc EMA; and a sample grid when grid_steps > 0. Non-finite weights are refused."""
     check_finite(ema.emas[0], nimg)
     snap = {"config": net.config, "ema": ema.emas[0].state_dict(), "class_names": net.class_names,
             "kimg": nimg / 1e3, "sigma_data": sigma_data, "ema_stds": ema.stds, "ema_std": ema.stds[0]}
     snap.update({f"ema_std_{s:g}": e.state_dict() for s, e in zip(ema.stds[1:], ema.emas[1:])})
-    save_atomic(snap, os.path.join(out, f"network-snapshot-{kimg_tag(nimg)}.pt"))
+    save_atomic(snap, os.path.join(out, f"network-snapshot-{tag}.pt"))
     ema.emas[0].class_names = net.class_names
     if grid_steps:
-        save_grid(ema.emas[0], os.path.join(out, f"samples-{kimg_tag(nimg)}.png"), device, grid_steps)
+        save_grid(ema.emas[0], os.path.join(out, f"samples-{tag}.png"), device, grid_steps)
 
 
 def log_status(out, nimg, n_status, t_status, losses, lr):
@@ -1033,12 +1034,14 @@ def train(args):
                                              world, args.seed),
         num_workers=workers, pin_memory=device.type == "cuda"))
 
+    fine = args.duration % 1 or args.snapshot_every % 1  # sub-kimg snapshot names (kimg_tag)
+
     def crossed(every, before):
         step = max(1, int(every * 1e3))
         return every > 0 and nimg // step > before // step
 
     def save_snapshot():
-        write_snapshot(args.out, net, ema, nimg, sigma_data, device, args.grid_steps)
+        write_snapshot(args.out, kimg_tag(nimg, fine), net, ema, nimg, sigma_data, device, args.grid_steps)
         rms, mean_rms = denoising_errors(ema.emas[0], *held, mean_image, device)
         log_denoising(args.out, rms, mean_rms, nimg, bool(args.heldout))
 
@@ -1099,7 +1102,7 @@ def train(args):
         if rank == 0 and (crossed(args.snapshot_every, before) or nimg >= total):
             save_snapshot()
     bar.close()
-    snap_path = os.path.join(args.out, f"network-snapshot-{kimg_tag(nimg)}.pt")
+    snap_path = os.path.join(args.out, f"network-snapshot-{kimg_tag(nimg, fine)}.pt")
     if rank == 0 and nimg >= total and not os.path.exists(snap_path):  # re-run of a run that ended before its snapshot
         save_snapshot()
     if world > 1:
