@@ -284,7 +284,7 @@ def test_nearest_distance_is_the_rms_to_the_closest_reference():
     assert evaluate.nearest_distance(images, reference, chunk=2) == pytest.approx((10 + 0 + 55) / 3, rel=1e-6)
 
 
-def test_identity_consistency_counts_own_class_nearest_centres(tmp_path, monkeypatch):
+def test_consistency_counts_own_class_nearest_centres(tmp_path, monkeypatch):
     for c in range(3):
         for n in range(3):
             save_png(noisy(pattern(c), 10 * c + n), str(tmp_path / "real" / f"id{c}" / f"{n}.png"))
