@@ -149,7 +149,9 @@ def generator_table(rows):
         print(f"| {r['run']} | {r['kimg']} | {r['consistency']:.1f} ({r['real_consistency']:.1f}) | "
               f"{r['neighbour_ratio']:.2f} ({r['real_neighbour_ratio']:.2f}) | {r['sample_images_per_s']:.2f} | "
               + " | ".join(f"{d[s]:.4f}" if s in d else "" for s in sigmas) + " |")
-    print(f"\ntrivial denoisers: RMS = sigma (D = noisy input); {runs[-1]['mean_image_rms']:.4f} (D = mean image)")
+    mean_rms = [r["mean_image_rms"] for r in runs if r.get("mean_image_rms") is not None]
+    if mean_rms:
+        print(f"\ntrivial denoisers: RMS = sigma (D = noisy input); {mean_rms[-1]:.4f} (D = mean image)")
 
 
 def table(args):
