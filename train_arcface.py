@@ -37,6 +37,7 @@ from tqdm import tqdm
 from common import (PROGRESS, DataError, autocast_context, check_compile, cuda_settings, epoch_order,
                     load_images, open_datasets, pack_rec, save_atomic, seed_for, setup_distributed,
                     write_atomic)
+from common import RecordIODataset  # noqa: F401  (the discriminator's data reader, by its contract name)
 
 # ----------------------------------------------------------------------------- model
 

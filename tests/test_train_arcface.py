@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import last_snapshot, ROOT, run_script
-from train_arcface import (BackboneError, CombinedMarginLoss, MarginHead, PartialFCHead, ShardedCrossEntropy,
-                           flip_batch, insightface_config, iresnet, load_backbone, lr_at)
-from common import (DataError, ImageFolderDataset, RecordIODataset, RecordWriter, amp_dtype, autocast_context,
+from train_arcface import (BackboneError, CombinedMarginLoss, MarginHead, PartialFCHead, RecordIODataset,
+                           ShardedCrossEntropy, flip_batch, insightface_config, iresnet, load_backbone, lr_at)
+from common import (DataError, ImageFolderDataset, RecordWriter, amp_dtype, autocast_context,
                     cuda_settings, load_images, open_datasets, pack_rec, record_chunks, record_header)
 
 MAGIC = 0xCED7230A
