@@ -206,12 +206,12 @@ def regime_data(identities, per_identity, seed=0):
     return out
 
 
-def regime_baseline(args, data, seed=0, need_model=True):
-    """real only with the chosen recipe, scored on validation: the reference of every regime choice."""
-    epochs, flags = RECIPES[args.recipe]
-    return discriminator_run("regime_recipe", args.recipe, seed, [os.path.join(data, "train")],
-                             os.path.join(data, "val"), extra=["--epochs", epochs, "--val-every", epochs, *flags],
-                             bench=VAL, need_model=need_model, recipe=args.recipe, epoch_multiple=1)
+def recipe_run(name, seed, train_dir, val_dir, mult=1, row=None, need_model=False):
+    """Real only (or the oracle set) with recipe `name` at `mult` times its epochs, scored on validation."""
+    epochs, flags = RECIPES[name]
+    return discriminator_run("regime_recipe", row or (name if mult == 1 else f"{name}-2x"), seed, [train_dir],
+                             val_dir, extra=["--epochs", mult * epochs, "--val-every", mult * epochs, *flags],
+                             bench=VAL, need_model=need_model, recipe=name, epoch_multiple=mult)
 
 
 def regime_recipe(args):
@@ -220,25 +220,21 @@ def regime_recipe(args):
     steps; a recipe whose 2x run is within a seed std of its 1x run makes that protocol fair)."""
     data = regime_data(args.identities, args.per_identity)
     oracle = regime_data(2 * args.identities, args.per_identity) if args.oracle else None
+    val = os.path.join(data, "val")
     for name in args.recipes:
-        epochs, flags = RECIPES[name]
         for seed in args.seeds:
             for mult in (1, 2):
-                discriminator_run("regime_recipe", name if mult == 1 else f"{name}-2x", seed,
-                                  [os.path.join(data, "train")], os.path.join(data, "val"),
-                                  extra=["--epochs", mult * epochs, "--val-every", mult * epochs, *flags],
-                                  bench=VAL, recipe=name, epoch_multiple=mult)
+                recipe_run(name, seed, os.path.join(data, "train"), val, mult)
             if oracle:
-                discriminator_run("regime_recipe", f"{name}-oracle", seed, [os.path.join(oracle, "train")],
-                                  os.path.join(data, "val"), extra=["--epochs", epochs, "--val-every", epochs, *flags],
-                                  bench=VAL, recipe=name, epoch_multiple=1)
+                recipe_run(name, seed, os.path.join(oracle, "train"), val, row=f"{name}-oracle")
 
 
 def regime_generator(args):
     """Train the generator on the regime set; per snapshot, Repro consistency under the recipe's seed-0
     baseline (nearest class centre over all training identities) next to fresh real renders."""
     data = regime_data(args.identities, args.per_identity)
-    baseline = regime_baseline(args, data)
+    baseline = recipe_run(args.recipe, 0, os.path.join(data, "train"), os.path.join(data, "val"),
+                          need_model=True)  # the reference of every regime choice
     run = os.path.join(RUNS, "regime", "generator", args.name)
     t0 = time.time()
     sh("train_diffusion.py", "--data", os.path.join(data, "train"), "--heldout", os.path.join(data, "heldout"),
