@@ -74,6 +74,7 @@ positive_float = _bounded(float, lambda v: v > 0, "a positive number")
 non_negative_float = _bounded(float, lambda v: v >= 0, "a number >= 0")
 probability = _bounded(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 finite_float = _bounded(float, lambda v: True, "a finite number")
+jpeg_quality = _bounded(int, lambda v: 1 <= v <= 100, "an integer in [1, 100]")
 
 # ----------------------------------------------------------------------------- errors
 
@@ -135,6 +136,15 @@ def check_finite(name, tensors):
         if bad:
             where = key if isinstance(key, str) else "it"
             raise InputError(f"{name}: {bad} non-finite value(s) in {where}")
+
+
+def check_same_recipe(saved, args, keys, path):
+    """Resuming: InputError unless each flag in `keys` equals the one `path` was trained with (`saved`:
+    its flags; a flag it does not record is not compared). The run's length is the one allowed change."""
+    for k in keys:
+        if k in saved and saved[k] != getattr(args, k):
+            raise InputError(f"{path} was trained with --{k.replace('_', '-')} {saved[k]}, not {getattr(args, k)}; "
+                             "resume with the same flags (a longer run is allowed) or use another --out")
 
 
 def _nearest_existing(path):
@@ -296,6 +306,19 @@ def remove_stale_tmp(folder, pattern="*.tmp"):
             except OSError:
                 pass
     return removed
+
+
+@contextmanager
+def run_folder_guard(path, rank=0):
+    """A training run folder: checked before any work; rank 0 holds its lock for the run and removes
+    the temporary files a killed run left (the other ranks only check: they write nothing there)."""
+    check_output_dir(path)
+    if rank != 0:
+        yield
+        return
+    with output_lock(path):
+        remove_stale_tmp(path)
+        yield
 
 
 @contextmanager

@@ -49,13 +49,14 @@ import glob
 import io
 import os
 import pickle
-import sys
+from contextlib import nullcontext
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (PROGRESS, DataError, decode_image, load_images, open_datasets, pack_bin, resize_uint8,
+from common import (PROGRESS, ArgumentParser, DataError, InputError, check_finite, decode_image, fail,
+                    load_images, open_datasets, output_file_guard, pack_bin, positive_int, resize_uint8,
                     write_json)
 from train_arcface import centres_of, embed, load_backbone
 
@@ -518,14 +519,14 @@ def run_benchmarks(args, models, names):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0],
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = parser.add_argument
     a("--model", nargs="+", metavar="MODEL.pt",
       help="backbone checkpoints: RUN/model.pt, or insightface backbone files (IResNet state dicts)")
     a("--network", choices=["r18", "r34", "r50", "r100", "r200"],
       help="insightface backbone files: the depth, overriding what the keys say")
-    a("--input-size", type=int, help="insightface backbone files: the input size, overriding what the "
+    a("--input-size", type=positive_int, help="insightface backbone files: the input size, overriding what the "
                                      "fc layer's shape says (reference 112)")
     a("--names", nargs="+", metavar="NAME", help="row names, one per model; None: the run folder names")
     a("--bin", nargs="*", default=[], metavar="FILE.bin", help="LFW-style verification .bin files")
@@ -539,7 +540,7 @@ def main(argv=None):
                                                               "against the class centres of --data")
     a("--data", metavar="REAL_DIR", help="real identity folders (the training images) for --consistency")
     a("--out", metavar="FILE.json", help="write the results as JSON here")
-    a("--batch-size", type=int, default=256, help="images per forward pass")
+    a("--batch-size", type=positive_int, default=256, help="images per forward pass")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     a("--amp", action="store_true", help="autocast: bf16 where native (GPU or CPU), else fp16 on CUDA")
     a("--pack-bin", metavar="PAIRS.txt", help="instead of evaluating: write the pairs list (lines 'image1 image2 "
@@ -551,9 +552,10 @@ def main(argv=None):
         if not args.out:
             parser.error("--pack-bin needs --out FILE.bin")
         try:
-            print(f"{pack_bin(args.pack_bin, args.out)} pairs -> {args.out}")
-        except (DataError, OSError) as e:
-            sys.exit(f"error: {e}")
+            with output_file_guard(args.out):
+                print(f"{pack_bin(args.pack_bin, args.out)} pairs -> {args.out}")
+        except (InputError, DataError, OSError) as e:
+            fail(e)
         return
     if not args.model:
         parser.error("give --model MODEL.pt (or --pack-bin PAIRS.txt)")
@@ -574,17 +576,20 @@ def main(argv=None):
     elif not (args.bin or args.ijb or args.allpairs or args.identification):
         parser.error("nothing to evaluate: give --bin, --ijb, --allpairs, --identification or --consistency")
     try:
-        depth = int(args.network[1:]) if args.network else None
-        models = [load_backbone(p, args.device, depth, args.input_size) for p in args.model]
-        if args.consistency:
-            out = run_consistency(args, models[0])
-        else:
-            out = run_benchmarks(args, models, model_names(args.model, args.names))
-    except (DataError, ValueError, OSError, pickle.UnpicklingError, KeyError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
-    if args.out:
-        write_json(out, args.out)
-        print(f"\nwrote {args.out}")
+        with output_file_guard(args.out) if args.out else nullcontext():
+            depth = int(args.network[1:]) if args.network else None
+            models = [load_backbone(p, args.device, depth, args.input_size) for p in args.model]
+            for path, model in zip(args.model, models):
+                check_finite(f"the discriminator {path}", model.state_dict())
+            if args.consistency:
+                out = run_consistency(args, models[0])
+            else:
+                out = run_benchmarks(args, models, model_names(args.model, args.names))
+            if args.out:
+                write_json(out, args.out)
+                print(f"\nwrote {args.out}")
+    except (InputError, DataError, ValueError, OSError, pickle.UnpicklingError, KeyError, RuntimeError) as e:
+        fail(e)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,13 @@ def images_per_identity(folder):
     return len(os.listdir(os.path.join(folder, sorted(os.listdir(folder))[0])))
 
 
+def guide_flags(run, guide_kimg, guidance):
+    """scoremix_sample.py flags of autoguidance by the run's own snapshot at guide_kimg (none without it)."""
+    if not guide_kimg:
+        return []
+    return ["--guide", os.path.join(run, f"network-snapshot-{guide_kimg:06.0f}.pt"), "--guidance", guidance]
+
+
 def measure_samples(samples, data, model):
     """Consistency, cleanliness, identity spread and nearest-real distance of a sample folder under a
     discriminator, next to the held-out real renders (evaluate.py --consistency; SAMPLES.json)."""
@@ -121,18 +128,22 @@ def generator(args):
     measure_snapshots(run, data, baseline, args.name, "generator", args.per_class, args.steps, train_seconds)
 
 
-def measure_snapshots(run, data, baseline, name, group, per_class, steps, train_seconds, sample_flags=()):
-    """For every snapshot of a generator run: Repro samples of every class, their identity consistency and
-    cleanliness under the baseline next to fresh real renders; results/GROUP/NAME-kimgK.json."""
+def measure_snapshots(run, data, baseline, name, group, per_class, steps, train_seconds, sample_flags=(),
+                      every=None, tag=""):
+    """For every snapshot of a generator run (or those at multiples of `every` kimg): Repro samples of
+    every class, their identity consistency and cleanliness under the baseline next to fresh real renders;
+    results/GROUP/NAME[TAG]-kimgK.json (TAG names the sampler flags, e.g. a guide)."""
     with open(os.path.join(run, "log.jsonl")) as f:
         log = [json.loads(line) for line in f]
     for snap in sorted(glob.glob(os.path.join(run, "network-snapshot-*.pt"))):
         kimg = int(os.path.basename(snap)[17:23])
-        result_path = os.path.join(RESULTS, group, f"{name}-kimg{kimg:06d}.json")
+        if every and kimg % every:
+            continue
+        result_path = os.path.join(RESULTS, group, f"{name}{tag}-kimg{kimg:06d}.json")
         if os.path.exists(result_path):
             print(f"skip {result_path} (exists)")
             continue
-        samples = os.path.join(run, f"repro-{kimg:06d}")
+        samples = os.path.join(run, f"repro{tag}-{kimg:06d}")
         t1 = time.time()
         sh("scoremix_sample.py", "--mode", "repro", "--net", snap, "--per-pair", per_class, "--steps", steps,
            "--out", samples, *sample_flags)
@@ -145,6 +156,7 @@ def measure_snapshots(run, data, baseline, name, group, per_class, steps, train_
         denoise = [e for e in log if "denoise_rms" in e and abs(e["kimg"] - kimg) < 1]
         speed = [e["images_per_s"] for e in log if "images_per_s" in e]
         write_json({"run": name, "kimg": kimg, "snapshot": os.path.relpath(snap, ROOT), "steps": steps,
+                    "sample_flags": [str(f) for f in sample_flags],
                     "consistency": gen["consistency"], "real_consistency": real["consistency"],
                     "neighbour_ratio": gen["neighbour_ratio"], "real_neighbour_ratio": real["neighbour_ratio"],
                     "sample_images_per_s": round(gen["images"] / sample_seconds, 2),
@@ -165,8 +177,7 @@ def repro_check(args):
     tag += f"-churn{args.churn:g}" if args.churn else ""
     samples = os.path.join(run, "repro-full" + tag)
     per_class = images_per_identity(os.path.join(data, "train"))
-    guide = ["--guide", os.path.join(run, f"network-snapshot-{args.guide_kimg:06.0f}.pt"),
-             "--guidance", args.guidance] if args.guide_kimg else []
+    guide = guide_flags(run, args.guide_kimg, args.guidance)
     t0 = time.time()
     sh("scoremix_sample.py", "--mode", "repro", "--net", snap, "--per-pair", per_class, "--steps", args.steps,
        "--out", samples, "--seed", 1, "--churn", args.churn, *guide)  # seed 1: not the consistency samples
@@ -239,8 +250,11 @@ def regime_generator(args):
     t0 = time.time()
     sh("train_diffusion.py", "--data", os.path.join(data, "train"), "--heldout", os.path.join(data, "heldout"),
        "--out", run, "--duration", args.kimg, "--snapshot-every", args.snapshot_every, *args.extra)
+    # optionally autoguided by an early snapshot of the same run (no second training)
+    flags = (["--amp"] if "--amp" in args.extra else []) + guide_flags(run, args.guide_kimg, args.guidance)
+    tag = f"-guide{args.guide_kimg:g}-w{args.guidance:g}" if args.guide_kimg else ""
     measure_snapshots(run, data, baseline, args.name, "regime_generator", args.per_class, args.steps,
-                      time.time() - t0, sample_flags=["--amp"] if "--amp" in args.extra else [])
+                      time.time() - t0, sample_flags=flags, every=args.measure_every, tag=tag)
 
 
 # ----------------------------------------------------------------------------- replication
@@ -324,7 +338,7 @@ def sample_set(args, name, mode, selection, data, alpha=0.5, guidance=None, step
     if churn:
         flags += ["--churn", churn]
     if guidance != 1:
-        flags += ["--guide", os.path.join(gen, f"network-snapshot-{args.guide_kimg:06.0f}.pt"), "--guidance", guidance]
+        flags += guide_flags(gen, args.guide_kimg, guidance)
     if selection:
         space, strategy, size = selection
         pairs = os.path.join(RUNS, "replication", "pairs", f"{space}-{strategy}-{size}-{identities}.csv")
@@ -473,6 +487,10 @@ def main():
     generator_flags(p, 256, "cpu-amp (runs/exp/regime/generator/NAME)", 400, 50, 2)
     p.add_argument("--per-identity", type=int, default=16, help="training images per identity")
     p.add_argument("--recipe", default="e24", choices=list(RECIPES), help="the baseline's recipe")
+    p.add_argument("--measure-every", type=float, help="measure only the snapshots at multiples of this many kimg "
+                                                       "(None: every snapshot)")
+    p.add_argument("--guide-kimg", type=float, help="autoguidance: the snapshot of the same run at this kimg guides")
+    p.add_argument("--guidance", type=float, default=1.3, help="guidance weight w with --guide-kimg")
     p.set_defaults(func=regime_generator)
     p = sub.add_parser("generator", help="train the CPU generator once; consistency and cleanliness per snapshot")
     generator_flags(p, 32, "cpu-100k (runs/exp/generator/NAME)", 100, 25, 8)

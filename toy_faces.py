@@ -34,7 +34,8 @@ import numpy as np
 from PIL import Image, ImageFilter
 from tqdm import tqdm
 
-from common import write_atomic, write_bin
+from common import (ArgumentParser, InputError, check_output_dir, fail, non_negative_float, non_negative_int,
+                    output_lock, positive_int, probability, remove_stale_tmp, write_atomic, write_bin)
 
 BENCHMARKS = ("toy_lfw", "toy_cfp_fp", "toy_agedb", "toy_calfw", "toy_cplfw")
 # seed streams: each kind of random draw has its own, so adding identities changes nothing else
@@ -345,46 +346,63 @@ def write_benchmarks(folder, prefix, ids, issame, stream, args):
     return rows
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parse_args(argv=None):
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--identities", type=int, default=32, help="training identities")
-    parser.add_argument("--per-identity", type=int, default=32, help="training images per identity")
-    parser.add_argument("--test-identities", type=int, default=400, help="benchmark identities (disjoint from training)")
-    parser.add_argument("--resolution", type=int, default=32, help="image size in pixels (up to 112)")
-    parser.add_argument("--pairs", type=int, default=1000, help="pairs per benchmark (half positive)")
-    parser.add_argument("--heldout", type=int, default=8, help="fresh renders per training identity in heldout/")
-    parser.add_argument("--nuisance", type=float, default=1.0, help="strength of the nuisance factors")
-    parser.add_argument("--lookalike-jitter", type=float, default=0.5,
+    parser.add_argument("--identities", type=positive_int, default=32, help="training identities")
+    parser.add_argument("--per-identity", type=positive_int, default=32, help="training images per identity")
+    parser.add_argument("--test-identities", type=positive_int, default=400, help="benchmark identities (disjoint from training)")
+    parser.add_argument("--resolution", type=positive_int, default=32, help="image size in pixels (up to 112)")
+    parser.add_argument("--pairs", type=positive_int, default=1000, help="pairs per benchmark (half positive)")
+    parser.add_argument("--heldout", type=non_negative_int, default=8, help="fresh renders per training identity in heldout/")
+    parser.add_argument("--nuisance", type=non_negative_float, default=1.0, help="strength of the nuisance factors")
+    parser.add_argument("--lookalike-jitter", type=probability, default=0.5,
                         help="look-alike negatives: continuous parameters move by up to this share of their range")
-    parser.add_argument("--lookalike-keep", type=float, default=0.3,
+    parser.add_argument("--lookalike-keep", type=probability, default=0.3,
                         help="look-alike negatives: probability of keeping each discrete attribute")
-    parser.add_argument("--age-gap", type=float, default=0.4, help="age difference inside toy_agedb pairs (half of it in "
+    parser.add_argument("--age-gap", type=probability, default=0.4, help="age difference inside toy_agedb pairs (half of it in "
                         "toy_calfw positives) (ages run 0..1; training images drift by about 0.15)")
-    parser.add_argument("--val-identities", type=int, default=0,
+    parser.add_argument("--val-identities", type=non_negative_int, default=0,
                         help="identities of the validation benchmarks in val/ (their own identity and pair streams; "
                              "for choosing recipes, never the test benchmarks); 0: none")
-    parser.add_argument("--allpairs-identities", type=int, default=0,
+    parser.add_argument("--allpairs-identities", type=non_negative_int, default=0,
                         help="identities of the all-pairs 1:1 test set in allpairs/<identity>/ (evaluate.py "
                              "--allpairs); 0: none")
-    parser.add_argument("--allpairs-per-identity", type=int, default=8, help="images per all-pairs identity")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
-    args = parser.parse_args()
+    parser.add_argument("--allpairs-per-identity", type=positive_int, default=8, help="images per all-pairs identity")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="random seed")
+    args = parser.parse_args(argv)
     if not 8 <= args.resolution <= 112:
         parser.error("--resolution must be between 8 and 112")
-    if min(args.identities, args.per_identity, args.test_identities, args.pairs) < 1 or args.test_identities < 2:
-        parser.error("--identities, --per-identity, --pairs must be >= 1 and --test-identities >= 2")
-    if args.val_identities == 1 or args.val_identities < 0 or args.allpairs_identities == 1 \
-            or args.allpairs_identities < 0 or args.allpairs_per_identity < 2:
+    if args.test_identities < 2:
+        parser.error("--test-identities must be >= 2")
+    if args.val_identities == 1 or args.allpairs_identities == 1 or args.allpairs_per_identity < 2:
         parser.error("--val-identities and --allpairs-identities must be 0 or >= 2, --allpairs-per-identity >= 2")
+    args.defaults = {k: parser.get_default(k) for k in vars(args)}
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    defaults = args.__dict__.pop("defaults")
     meta_path = os.path.join(args.out, "meta.json")
     if os.path.exists(meta_path):
         with open(meta_path) as f:
             done = json.load(f).get("args", {})
         # a set made before a flag existed counts as made with that flag's default
-        if {**{k: parser.get_default(k) for k in vars(args)}, **done} == vars(args):
-                print(f"{args.out} is already complete with these arguments")
-                return
+        if {**defaults, **done} == vars(args):
+            print(f"{args.out} is already complete with these arguments")
+            return
+    try:
+        check_output_dir(args.out)
+        with output_lock(args.out):
+            remove_stale_tmp(args.out)
+            make(args, meta_path)
+    except InputError as e:
+        fail(e)
+
+
+def make(args, meta_path):
+    """Render the training identities, held-out renders, benchmarks, validation and all-pairs sets."""
     t0 = time.time()
     R = args.resolution
     identities = [random_identity(rng_for(args.seed, STREAM_IDENTITY, i)) for i in range(args.identities)]
@@ -414,8 +432,9 @@ def main():
             for k in range(args.allpairs_per_identity):
                 img = draw(p, rng_for(args.seed, STREAM_ALLPAIRS_IMAGE, j * 100_000 + k), R, args.nuisance)
                 write_atomic(os.path.join(folder, f"{k:04d}.png"), png_bytes(img))
-    contact_sheet(preview).save(os.path.join(args.out, "preview.png"))
-    contact_sheet(bench_rows).save(os.path.join(args.out, "bench_preview.png"))
+    for name, rows in (("preview.png", preview), ("bench_preview.png", bench_rows)):
+        sheet = contact_sheet(rows)
+        write_atomic(os.path.join(args.out, name), lambda tmp: sheet.save(tmp, format="PNG"))
     meta = {"args": vars(args), "train_images": args.identities * args.per_identity,
             "heldout_images": args.identities * args.heldout, "pairs_per_benchmark": len(issame),
             "allpairs_images": args.allpairs_identities * args.allpairs_per_identity,

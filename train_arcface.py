@@ -34,9 +34,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (PROGRESS, DataError, autocast_context, check_compile, cuda_settings, epoch_order,
-                    load_images, open_datasets, pack_rec, save_atomic, seed_for, setup_distributed,
-                    write_atomic)
+from common import (PROGRESS, ArgumentParser, DataError, InputError, autocast_context, check_compile,
+                    check_same_recipe, cuda_settings, epoch_order, fail, jpeg_quality, load_images, non_negative_float,
+                    non_negative_int, open_datasets, pack_rec, positive_float, positive_int, probability,
+                    run_folder_guard, save_atomic, seed_for, setup_distributed, write_atomic)
 from common import RecordIODataset  # noqa: F401  (the discriminator's data reader, by its contract name)
 
 # ----------------------------------------------------------------------------- model
@@ -526,14 +527,17 @@ def build_model(args, num_classes, partial_fc, rank, world, device):
     return backbone, head, trainer, opt, head_index
 
 
+# the flags a resumed run must share with its checkpoint (the number of epochs / steps may grow)
+RECIPE = ("network", "width", "embedding_size", "input_size", "dropout", "batch_size", "lr", "momentum",
+          "weight_decay", "warmup_epochs", "clip_grad", "margin", "margin_grad", "scale", "partial_fc",
+          "sample_rate", "merge_by_name", "seed")
+
+
 def resume(ckpt_path, args, classes, trainer, opt, scaler, partial_fc, head_index, device):
     """Load checkpoint.pt into the trainer, optimiser and scaler -> (step, elapsed seconds); a checkpoint
-    of another architecture or class list is refused."""
+    of another recipe or class list is refused."""
     ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-    for k in ("network", "width", "embedding_size", "input_size", "margin"):
-        if ckpt["args"][k] != getattr(args, k):
-            raise DataError(f"{ckpt_path} was trained with --{k.replace('_', '-')} {ckpt['args'][k]}; "
-                            f"use another --out to start a new run")
+    check_same_recipe(ckpt["args"], args, RECIPE, ckpt_path)
     if ckpt["class_names"] != classes:
         raise DataError(f"{ckpt_path} was trained on other classes; use another --out for new data")
     model_state, opt_state = ckpt["model"], ckpt["optimizer"]
@@ -617,15 +621,15 @@ def train(args):
         if master:
             print(f"resuming {args.out} at epoch {step // steps_per_epoch}, step {step}")
     if master:
-        os.makedirs(args.out, exist_ok=True)
-        write_atomic(os.path.join(args.out, "config.json"), json.dumps(vars(args), indent=2) + "\n")
         print(f"{n} images, {len(classes)} classes, {sum(p.numel() for p in backbone.parameters()):,} backbone "
               f"parameters, {steps_per_epoch} steps/epoch x {epochs} epochs, {world} process(es) on {device}")
-
     if args.workers == 0 and n * 3 * args.input_size ** 2 <= args.memory_limit * 2 ** 30:
         data = load_images(ds, args.input_size, progress=master)  # decoded once, batched by indexing
     else:
         ds.size, data = args.input_size, (ds, args.workers or min(8, max(1, (os.cpu_count() or 1) // world)))
+    if master:  # after the data is read: a set that cannot be read leaves no run folder behind
+        os.makedirs(args.out, exist_ok=True)
+        write_atomic(os.path.join(args.out, "config.json"), json.dumps(vars(args), indent=2) + "\n")
     model = wrap_model(trainer, partial_fc, world, local_rank, device, args.compile)
 
     start_epoch = step // steps_per_epoch  # whole epochs: a run stopped mid-epoch continues it
@@ -715,8 +719,8 @@ def pack_cli(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--data", nargs="+", required=True, metavar="SRC",
       help="image folders (one sub-folder per identity) and/or train.rec files; later sources' identities "
@@ -727,51 +731,51 @@ def parse_args(argv=None):
                                             "(insightface's layout) and exit")
     a("--pack-format", default="jpeg", choices=["jpeg", "png"], help="--pack-rec image encoding (images already "
                                                                       "in it and in size are copied as they are)")
-    a("--pack-quality", type=int, default=95, help="--pack-rec JPEG quality")
-    a("--pack-size", type=int, default=None, help="--pack-rec: resize images to this square size (insightface: "
-                                                  "112); default: keep their size")
+    a("--pack-quality", type=jpeg_quality, default=95, help="--pack-rec JPEG quality")
+    a("--pack-size", type=positive_int, default=None,
+      help="--pack-rec: resize images to this square size (insightface: 112); default: keep their size")
     a("--merge-by-name", action="store_true",
       help="an identity whose name exists in an earlier source joins that class")
     a("--network", default="r18", choices=["r18", "r34", "r50", "r100", "r200"], help="IResNet depth")
-    a("--width", type=float, default=0.25, help="multiplier of the stage widths 64/128/256/512 (1 = reference)")
-    a("--embedding-size", type=int, default=128, help="embedding dimension (reference 512)")
-    a("--input-size", type=int, default=32, help="input resolution in pixels, a multiple of 16 (reference 112); "
+    a("--width", type=positive_float, default=0.25, help="multiplier of the stage widths 64/128/256/512 (1 = reference)")
+    a("--embedding-size", type=positive_int, default=128, help="embedding dimension (reference 512)")
+    a("--input-size", type=positive_int, default=32, help="input resolution in pixels, a multiple of 16 (reference 112); "
                                                   "images of another size are resized")
-    a("--dropout", type=float, default=0.0, help="dropout before the embedding layer")
-    a("--epochs", type=int, default=24, help="epochs over the data")
-    a("--steps", type=int, default=None, help="total optimiser steps, overriding --epochs (equal-steps controls)")
-    a("--batch-size", type=int, default=128, help="global batch size, split over the processes")
-    a("--lr", type=float, default=0.1, help="peak learning rate (SGD), decayed linearly to 0 per iteration")
-    a("--momentum", type=float, default=0.9, help="SGD momentum")
-    a("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
-    a("--warmup-epochs", type=float, default=0.0, help="linear learning-rate warm-up length in epochs")
-    a("--clip-grad", type=float, default=5.0, help="gradient-norm clip on the backbone")
+    a("--dropout", type=probability, default=0.0, help="dropout before the embedding layer")
+    a("--epochs", type=positive_int, default=24, help="epochs over the data")
+    a("--steps", type=positive_int, default=None, help="total optimiser steps, overriding --epochs (equal-steps controls)")
+    a("--batch-size", type=positive_int, default=128, help="global batch size, split over the processes")
+    a("--lr", type=positive_float, default=0.1, help="peak learning rate (SGD), decayed linearly to 0 per iteration")
+    a("--momentum", type=probability, default=0.9, help="SGD momentum")
+    a("--weight-decay", type=non_negative_float, default=5e-4, help="SGD weight decay")
+    a("--warmup-epochs", type=non_negative_float, default=0.0, help="linear learning-rate warm-up length in epochs")
+    a("--clip-grad", type=positive_float, default=5.0, help="gradient-norm clip on the backbone")
     a("--margin", default="arcface", choices=sorted(MARGINS), help="cosface: s(cos - 0.4); arcface: s cos(theta + 0.5)")
     a("--margin-grad", default="straight", choices=CombinedMarginLoss.GRADIENTS,
       help="ArcFace gradient: straight (current arcface_torch: margin on the value only) or textbook "
            "(arcface_torch of 2022: through cos(theta + m), fallback cos(theta) - m sin m past pi)")
-    a("--scale", type=float, default=64.0, help="logit scale s of the margin softmax")
+    a("--scale", type=positive_float, default=64.0, help="logit scale s of the margin softmax")
     a("--partial-fc", action="store_true", help="Partial FC head for many classes: the class weights sharded over "
                                                 "the processes, the softmax normaliser all-reduced")
-    a("--sample-rate", type=float, default=1.0, help="Partial FC: share of each shard's classes scored per step "
+    a("--sample-rate", type=positive_float, default=1.0, help="Partial FC: share of each shard's classes scored per step "
                                                      "(the batch's classes always); below 1 implies --partial-fc")
     a("--val", nargs="*", default=[], metavar="FILE.bin", help="verification .bin files evaluated by evaluate.py")
-    a("--val-every", type=int, default=4, help="validate every this many epochs (and at the end)")
-    a("--val-timeout", type=float, default=2.0, help="hours the other processes wait for rank 0's validation")
-    a("--checkpoint-every", type=int, default=1000, help="also write checkpoint.pt every this many steps "
+    a("--val-every", type=positive_int, default=4, help="validate every this many epochs (and at the end)")
+    a("--val-timeout", type=positive_float, default=2.0, help="hours the other processes wait for rank 0's validation")
+    a("--checkpoint-every", type=non_negative_int, default=1000, help="also write checkpoint.pt every this many steps "
                                                           "(besides every epoch end); 0: epoch ends only")
     a("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls and convolutions on CUDA")
-    a("--seed", type=int, default=0, help="random seed (initialisation, batch order, flips)")
+    a("--seed", type=non_negative_int, default=0, help="random seed (initialisation, batch order, flips)")
     a("--amp", action="store_true", help="mixed precision: bf16 autocast where the GPU or CPU has native bf16, "
                                          "else fp16 with loss scaling on CUDA (fp32 on such a CPU)")
     a("--amp-dtype", default="auto", choices=["auto", "bf16", "fp16"], help="force the --amp dtype")
     a("--compile", action="store_true", help="torch.compile the model")
-    a("--workers", type=int, default=0, help="DataLoader workers per process; 0 decodes the whole set into memory "
+    a("--workers", type=non_negative_int, default=0, help="DataLoader workers per process; 0 decodes the whole set into memory "
                                              "when it fits in --memory-limit, else uses min(8, cores) workers")
-    a("--memory-limit", type=float, default=8.0, help="GiB of decoded images the in-memory path may hold")
+    a("--memory-limit", type=non_negative_float, default=8.0, help="GiB of decoded images the in-memory path may hold")
     a("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    a("--stop-after-epochs", type=int, default=0, help="(testing) stop after this many epochs, as if interrupted")
-    a("--stop-after-steps", type=int, default=0, help="(testing) stop after this many steps, as if killed")
+    a("--stop-after-epochs", type=non_negative_int, default=0, help="(testing) stop after this many epochs, as if interrupted")
+    a("--stop-after-steps", type=non_negative_int, default=0, help="(testing) stop after this many steps, as if killed")
     a("--debug-rank-weights", action="store_true", help="(testing) every rank saves its final weights "
                                                         "to RUN/rank<r>-weights.pt")
     args = p.parse_args(argv)
@@ -790,9 +794,12 @@ def main(argv=None):
         if args.pack_rec:
             pack_cli(args)
         else:
-            train(args)
+            with run_folder_guard(args.out, int(os.environ.get("RANK", "0"))):  # torchrun sets RANK
+                train(args)
     except DataError as e:  # errors re-raised from DataLoader workers carry their traceback: keep the message
         sys.exit("error: " + str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1])
+    except InputError as e:
+        fail(e)
     finally:
         if dist.is_initialized():
             gc.collect()  # DDP objects sit in reference cycles: freed after their group, exit aborts (1 run in 5)

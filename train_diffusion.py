@@ -57,8 +57,10 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from common import (DataError, autocast_context, check_compile, epoch_order, load_images, open_datasets,
-                    save_atomic, seed_for, setup_distributed, write_atomic)
+from common import (ArgumentParser, DataError, InputError, autocast_context, check_compile, check_same_recipe,
+                    epoch_order, fail, finite_float, load_images, non_negative_float, non_negative_int,
+                    open_datasets, positive_float, positive_int, probability, run_folder_guard, save_atomic,
+                    seed_for, setup_distributed, write_atomic)
 
 # ----------------------------------------------------------------------------- EDM2 layers
 
@@ -815,49 +817,49 @@ def attention_levels(args, preset, error):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                epilog="Other commands: `train_diffusion.py import-edm2 --help` (EDM2 weights -> "
-                                       "snapshot), `train_diffusion.py posthoc-ema --help` (post-hoc EMA).")
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       epilog="Other commands: `train_diffusion.py import-edm2 --help` (EDM2 weights -> snapshot), "
+                              "`train_diffusion.py posthoc-ema --help` (post-hoc EMA).")
     p.add_argument("--data", nargs="+", required=True, help="image folder(s) and/or train.rec file(s)")
     p.add_argument("--out", required=True, help="run folder (re-running resumes from its checkpoint.pt)")
     p.add_argument("--preset", choices=list(PRESETS), default="cpu", help="defaults for every flag shown as None")
     p.add_argument("--heldout", help="held-out real images (identity folders named as in --data) for the "
                                      "denoising-error table; without it a slice of training images is used")
     g = p.add_argument_group("network (None: from --preset)")
-    g.add_argument("--resolution", type=int, help="image size in pixels (images are resized to it)")
-    g.add_argument("--channels", type=int, help="base width (a narrower net can serve as an autoguidance guide)")
-    g.add_argument("--channel-mult", type=int, nargs="+", help="width multipliers per resolution level")
-    g.add_argument("--num-blocks", type=int, help="residual blocks per level (EDM2: +1 in the decoder)")
-    g.add_argument("--num-mid-blocks", type=int, help="cpu net: blocks at the lowest resolution (EDM2: 2)")
-    g.add_argument("--attn", type=int, nargs="*", help="resolutions with self-attention (None: the preset's "
+    g.add_argument("--resolution", type=positive_int, help="image size in pixels (images are resized to it)")
+    g.add_argument("--channels", type=positive_int, help="base width (a narrower net can serve as an autoguidance guide)")
+    g.add_argument("--channel-mult", type=positive_int, nargs="+", help="width multipliers per resolution level")
+    g.add_argument("--num-blocks", type=positive_int, help="residual blocks per level (EDM2: +1 in the decoder)")
+    g.add_argument("--num-mid-blocks", type=non_negative_int, help="cpu net: blocks at the lowest resolution (EDM2: 2)")
+    g.add_argument("--attn", type=positive_int, nargs="*", help="resolutions with self-attention (None: the preset's "
                                                        "attention levels at this --resolution)")
     g.add_argument("--mp", type=int, choices=[0, 1], help="1: EDM2's magnitude-preserving UNet; 0: the cpu UNet")
     g.add_argument("--uncertainty", type=int, choices=[0, 1], help="1: EDM2 learned loss weighting u(sigma)")
-    g.add_argument("--dropout", type=float, help="dropout in the residual blocks")
-    g.add_argument("--label-dropout", type=float, default=0.0,
+    g.add_argument("--dropout", type=probability, help="dropout in the residual blocks")
+    g.add_argument("--label-dropout", type=probability, default=0.0,
                    help="probability of the null class in training (classifier-free guidance); 0: conditional only")
     g.add_argument("--sigma-data", help="'auto' (pixel std of the data in [-1, 1]) or a number")
     g.add_argument("--xflip", type=int, choices=[0, 1], help="1: random horizontal flips")
     g = p.add_argument_group("optimisation (None: from --preset)")
-    g.add_argument("--duration", type=float, help="training length in kimg")
-    g.add_argument("--batch-size", type=int, help="global batch size (images per optimiser step)")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per rank and step")
-    g.add_argument("--lr", type=float, help="reference learning rate (Adam, betas 0.9 0.99)")
+    g.add_argument("--duration", type=positive_float, help="training length in kimg")
+    g.add_argument("--batch-size", type=positive_int, help="global batch size (images per optimiser step)")
+    g.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per rank and step")
+    g.add_argument("--lr", type=positive_float, help="reference learning rate (Adam, betas 0.9 0.99)")
     g.add_argument("--lr-schedule", choices=["linear", "isqrt"],
                    help="linear: constant for half the run, then to 0; isqrt: EDM2's lr / sqrt(max(nimg / "
                         "(ref_batches * batch), 1))")
-    g.add_argument("--rampup-kimg", type=float, help="linear lr warm-up length")
-    g.add_argument("--ref-batches", type=float, help="isqrt: optimiser steps before the decay starts (EDM2)")
-    g.add_argument("--p-mean", type=float, help="mean of ln(sigma) in training")
-    g.add_argument("--p-std", type=float, help="std of ln(sigma) in training")
-    g.add_argument("--ema-std", type=float, nargs="+", help="relative std(s) of the power-function EMA")
+    g.add_argument("--rampup-kimg", type=non_negative_float, help="linear lr warm-up length")
+    g.add_argument("--ref-batches", type=non_negative_float, help="isqrt: optimiser steps before the decay starts (EDM2)")
+    g.add_argument("--p-mean", type=finite_float, help="mean of ln(sigma) in training")
+    g.add_argument("--p-std", type=positive_float, help="std of ln(sigma) in training")
+    g.add_argument("--ema-std", type=positive_float, nargs="+", help="relative std(s) of the power-function EMA")
     g = p.add_argument_group("run")
-    g.add_argument("--snapshot-every", type=float, help="kimg between snapshots + sample grids (None: preset)")
-    g.add_argument("--checkpoint-every", type=float, help="kimg between checkpoints (None: preset)")
-    g.add_argument("--status-every", type=float, help="kimg between status lines in log.jsonl (None: preset)")
-    g.add_argument("--workers", type=int, help="data-loading processes per rank (None: 4 on CUDA, 0 on CPU)")
-    g.add_argument("--seed", type=int, default=0, help="random seed")
+    g.add_argument("--snapshot-every", type=non_negative_float, help="kimg between snapshots + sample grids (None: preset)")
+    g.add_argument("--checkpoint-every", type=non_negative_float, help="kimg between checkpoints (None: preset)")
+    g.add_argument("--status-every", type=non_negative_float, help="kimg between status lines in log.jsonl (None: preset)")
+    g.add_argument("--workers", type=non_negative_int, help="data-loading processes per rank (None: 4 on CUDA, 0 on CPU)")
+    g.add_argument("--seed", type=non_negative_int, default=0, help="random seed")
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     g.add_argument("--amp", action="store_true", help="mixed precision: bf16 autocast where the GPU or CPU has "
                    "native bf16, else fp16 + GradScaler on CUDA")
@@ -866,9 +868,9 @@ def parse_args(argv=None):
     g.add_argument("--compile", action="store_true", help="torch.compile the training forward pass")
     g.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend (aot_eager: no C++ compiler, for checking the graph only)")
-    g.add_argument("--grid-steps", type=int, default=32,
+    g.add_argument("--grid-steps", type=non_negative_int, default=32,
                    help="Heun steps of each snapshot's sample grid (0: no grid)")
-    g.add_argument("--stop-after-kimg", type=float, help="debug: save the checkpoint and stop here, as if killed")
+    g.add_argument("--stop-after-kimg", type=positive_float, help="debug: save the checkpoint and stop here, as if killed")
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]
     for k, v in preset.items():
@@ -887,8 +889,6 @@ def parse_args(argv=None):
             assert float(args.sigma_data) > 0
         except (ValueError, AssertionError):
             p.error(f"--sigma-data must be 'auto' or a positive number, not {args.sigma_data!r}")
-    if args.workers is not None and args.workers < 0:
-        p.error("--workers must be >= 0")
     return args
 
 
@@ -931,9 +931,15 @@ def check_finite(net, nimg):
         sys.exit(f"error: non-finite weights at {nimg / 1e3:g} kimg; nothing saved (lower --lr or check the data)")
 
 
-def resume(ckpt, ckpt_path, net, ema, opt, scaler):
+# the flags a resumed run must share with its checkpoint (--duration may grow)
+RECIPE = ("batch_size", "lr", "lr_schedule", "rampup_kimg", "ref_batches", "p_mean", "p_std", "ema_std",
+          "label_dropout", "xflip", "seed")
+
+
+def resume(ckpt, ckpt_path, args, net, ema, opt, scaler):
     """Load a checkpoint into the net, its EMAs, the optimiser, the scaler and the RNG -> images seen;
-    a checkpoint of another network or class list is refused."""
+    a checkpoint of another recipe, network or class list is refused."""
+    check_same_recipe(ckpt.get("args", {}), args, RECIPE, ckpt_path)
     if ckpt["config"] != net.config or ckpt["class_names"] != net.class_names:
         sys.exit(f"error: {ckpt_path} was made with another network or data (config {ckpt['config']}); "
                  "use another --out or the same settings")
@@ -1018,7 +1024,7 @@ def train(args):
     ctx, scaler = autocast_context(device, args.amp, args.amp_dtype)
     nimg = 0
     if ckpt is not None:
-        nimg = resume(ckpt, ckpt_path, net, ema, opt, scaler)
+        nimg = resume(ckpt, ckpt_path, args, net, ema, opt, scaler)
         log(f"resuming from {ckpt_path} at {nimg / 1e3:g} kimg")
         del ckpt
     log(f"{len(dataset)} images, {net.num_classes} classes, {args.resolution} px, sigma_data {sigma_data:.4f}, "
@@ -1097,7 +1103,8 @@ def train(args):
             check_finite(net, nimg)
             save_atomic({"net": net.state_dict(), "ema": [e.state_dict() for e in ema.emas],
                          "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "nimg": nimg,
-                         "rng": torch.get_rng_state(), "config": net.config, "class_names": net.class_names},
+                         "rng": torch.get_rng_state(), "config": net.config, "class_names": net.class_names,
+                         "args": {k: getattr(args, k) for k in RECIPE}},
                         ckpt_path)
         if rank == 0 and (crossed(args.snapshot_every, before) or nimg >= total):
             save_snapshot()
@@ -1185,7 +1192,12 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     if argv and argv[0] in COMMANDS:
         return COMMANDS[argv[0]](argv[1:])
-    train(parse_args(argv))
+    args = parse_args(argv)
+    try:
+        with run_folder_guard(args.out, int(os.environ.get("RANK", "0"))):  # torchrun sets RANK
+            train(args)
+    except InputError as e:
+        fail(e)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,7 @@ non-finite, not a number), damaged and foreign files for every checkpoint argume
 bytes, truncated, another kind of checkpoint, a code-running pickle, a weight set to NaN or
 infinity), damaged data folders, damaged pairs.csv files, and outputs that cannot be written (a
 file, a folder, a path under a file, an output another process is writing). Cases run in this
-process through `main(argv)`; a sample also runs as a real subprocess. What the other stages do
-not refuse cleanly yet is an expected failure with its reason, so it shows up when it is fixed.
+process through `main(argv)`; a sample also runs as a real subprocess.
 """
 import contextlib
 import hashlib
@@ -43,8 +42,6 @@ class Case:
     argv: list  # {ws}, {toy}, {fr}, {snap}, {bad}, {pairs} are filled in per case
     needle: str = ""  # what the error line must name (filled in like argv)
     setup: str = ""  # how prepare() readies the case folder
-    xfail: str = ""  # why the stage does not refuse it cleanly yet
-    slow: bool = False  # an expected failure that would do real work: not run
     subprocess: bool = False
 
 
@@ -75,15 +72,6 @@ def bad_numbers(kind, rng, n=4):
         "finite_float": ["nan", "inf", "-inf", word]}[kind]
     rng.shuffle(pool)
     return list(dict.fromkeys(pool))[:n]
-
-
-def converts(value, kind):
-    """Whether argparse's plain int / float type takes the text (only a range check refuses it)."""
-    try:
-        (int if kind.endswith("int") else float)(value)
-        return True
-    except ValueError:
-        return False
 
 
 BAD_FILES = {  # every checkpoint argument gets each of these (made by make_bad_files)
@@ -191,18 +179,10 @@ PAIRS = pairs_files(random.Random(2), 22)
 # ----------------------------------------------------------------------------- the cases
 
 
-def flag_cases(stage, base, flags, rng, unchecked=(), run=False):
-    """Every numeric flag of a stage with a few generated bad values. For a flag in `unchecked`
-    (not range-checked by the stage yet) a value argparse converts is an expected failure, not
-    run unless `run` (the stage would do its work)."""
-    cases = []
-    for flag, kind in flags.items():
-        for value in bad_numbers(kind, rng):
-            case = Case(stage, f"{flag}={value!r}", with_flag(base, flag, value), needle=flag)
-            if flag in unchecked and converts(value, kind):
-                case.xfail, case.slow = f"{stage} does not range-check {flag} yet", not run
-            cases.append(case)
-    return cases
+def flag_cases(stage, base, flags, rng):
+    """Every numeric flag of a stage with a few generated bad values."""
+    return [Case(stage, f"{flag}={value!r}", with_flag(base, flag, value), needle=flag)
+            for flag, kind in flags.items() for value in bad_numbers(kind, rng)]
 
 
 def file_cases(stage, base, flag, kinds):
@@ -215,7 +195,7 @@ def data_cases(stage, base):
                  needle="corrupt image" if d == "data_corrupt" else d) for d in BAD_DATA]
 
 
-def out_cases(stage, base, is_dir, xfail="", slow=False):
+def out_cases(stage, base, is_dir):
     """Outputs that cannot be written. Every case folder also holds an earlier output that must
     stay as it was."""
     taken = "a file" if is_dir else "a folder"
@@ -225,8 +205,6 @@ def out_cases(stage, base, is_dir, xfail="", slow=False):
                   needle="--out"),
              Case(stage, "--out in use", base, needle="in use",
                   setup="locked_dir" if is_dir else "locked_file")]
-    for case in cases:
-        case.xfail, case.slow = xfail, slow and bool(xfail)
     return cases
 
 
@@ -308,18 +286,14 @@ def toy_faces_cases(rng):
         "--identities": "positive_int", "--per-identity": "positive_int",
         "--test-identities": "positive_int", "--pairs": "positive_int",
         "--resolution": "positive_int", "--seed": "non_negative_int",
-        "--heldout": "non_negative_int", "--nuisance": "non_negative_float"},
-        rng, unchecked={"--seed", "--heldout", "--nuisance"})
-    outs = out_cases(stage, base, is_dir=True, xfail="toy_faces.py does not check --out yet")
-    outs[-1].slow = True  # it takes no lock yet: it would write the data set
-    return cases + outs
+        "--heldout": "non_negative_int", "--nuisance": "non_negative_float",
+        "--lookalike-keep": "probability", "--val-identities": "non_negative_int"}, rng)
+    return cases + out_cases(stage, base, is_dir=True)
 
 
-def training_cases(stage, base, flags, unchecked, rng):
-    """A trainer: bad numbers, damaged data, outputs it cannot write (not checked first yet)."""
-    return (flag_cases(stage, base, flags, rng, unchecked=unchecked) + data_cases(stage, base)
-            + out_cases(stage, base, is_dir=True, slow=True,
-                        xfail=f"{stage} does not check --out before training yet"))
+def training_cases(stage, base, flags, rng):
+    """A trainer: bad numbers, damaged data, outputs it cannot write."""
+    return flag_cases(stage, base, flags, rng) + data_cases(stage, base) + out_cases(stage, base, is_dir=True)
 
 
 def train_arcface_cases(rng):
@@ -327,12 +301,9 @@ def train_arcface_cases(rng):
             "--embedding-size", 8, "--batch-size", 4, "--workers", 0]
     flags = {"--batch-size": "positive_int", "--epochs": "positive_int", "--lr": "positive_float",
              "--workers": "non_negative_int", "--embedding-size": "positive_int",
-             "--width": "positive_float"}
-    cases = training_cases("train_arcface.py", base, flags, set(flags), rng)
-    for case in cases:
-        if case.name == "--data data_corrupt":
-            case.xfail = "train_arcface.py writes config.json before reading the data"
-    return cases
+             "--width": "positive_float", "--dropout": "probability", "--seed": "non_negative_int",
+             "--pack-quality": "positive_int"}
+    return training_cases("train_arcface.py", base, flags, rng)
 
 
 def train_diffusion_cases(rng):
@@ -340,25 +311,19 @@ def train_diffusion_cases(rng):
             "--channel-mult", 1, 2, "--batch-size", 4, "--duration", 0.004, "--snapshot-every", 0]
     flags = {"--batch-size": "positive_int", "--duration": "positive_float", "--lr": "positive_float",
              "--label-dropout": "probability", "--channels": "positive_int",
-             "--grad-accum": "positive_int"}
-    return training_cases("train_diffusion.py", base, flags, set(flags) - {"--label-dropout"}, rng)
+             "--grad-accum": "positive_int", "--workers": "non_negative_int", "--seed": "non_negative_int",
+             "--ema-std": "positive_float", "--grid-steps": "non_negative_int"}
+    return training_cases("train_diffusion.py", base, flags, rng)
 
 
 def evaluate_cases(rng):
     stage = "evaluate.py"
     base = ["--model", "{fr}", "--bin", "{toy}/../bench/toy_lfw.bin", "--out", "{ws}/results.json"]
-    cases = flag_cases(stage, base, {"--batch-size": "positive_int"}, rng,
-                       unchecked={"--batch-size"}, run=True)
-    for case in file_cases(stage, base, "--model", FR_KINDS):
-        if "nan" in case.name or "inf" in case.name:
-            case.xfail, case.slow = "evaluate.py does not refuse non-finite weights yet", True
-        elif "missing" not in case.name and "folder" not in case.name:
-            case.xfail = "evaluate.py does not name the file of every foreign checkpoint yet"
-        cases.append(case)
+    cases = flag_cases(stage, base, {"--batch-size": "positive_int", "--input-size": "positive_int"}, rng)
+    cases += file_cases(stage, base, "--model", FR_KINDS)
     cases += file_cases(stage, base, "--bin", ["empty.pt", "noise0.pt", "text.pt", "evil.pt",
                                                "missing.pt"])
-    return cases + out_cases(stage, base, is_dir=False,
-                             xfail="evaluate.py does not check --out before evaluating yet")
+    return cases + out_cases(stage, base, is_dir=False)
 
 
 def all_cases():
@@ -368,7 +333,7 @@ def all_cases():
                  train_arcface_cases, train_diffusion_cases, evaluate_cases):
         stage_cases = make(rng)
         for i, case in enumerate(stage_cases):
-            case.subprocess = i % SUBPROCESS_EVERY == SUBPROCESS_EVERY // 2 and not case.xfail
+            case.subprocess = i % SUBPROCESS_EVERY == SUBPROCESS_EVERY // 2
         cases += stage_cases
     return cases
 
@@ -437,14 +402,7 @@ def run_in_process(stage, argv):
     err, code = io.StringIO(), 0
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         try:
-            if stage == "toy_faces.py":  # its main() reads sys.argv
-                saved, sys.argv = sys.argv, [stage, *argv]
-                try:
-                    module.main()
-                finally:
-                    sys.argv = saved
-            else:
-                module.main(argv)
+            module.main(argv)
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else 1
             if isinstance(e.code, str):
@@ -472,13 +430,7 @@ def verdict(stage, code, stderr, needle):
     return problems
 
 
-def param(case):
-    xfail = pytest.mark.xfail(reason=case.xfail, run=not case.slow, strict=False)
-    marks = [xfail] if case.xfail else []
-    return pytest.param(case, id=f"{case.stage}:{case.name}", marks=marks)
-
-
-@pytest.mark.parametrize("case", [param(c) for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=[f"{c.stage}:{c.name}" for c in CASES])
 def test_bad_input_is_refused_at_the_door(case, world, tmp_path):
     ws = tmp_path / "ws"
     ws.mkdir()

@@ -592,6 +592,10 @@ def test_resume_with_fp16_amp_from_a_checkpoint_written_without_it(tmp_path):
     args = ["--data", data, "--out", tmp_path / "run", *TINY, "--epochs", "2"]
     r = run_script("train_arcface.py", *args, "--stop-after-epochs", "1", env=ENV)
     assert r.returncode == 0, r.stderr
+    r = run_script("train_arcface.py", *args, "--lr", "0.02", env=ENV)  # another recipe: refused
+    assert r.returncode != 0 and r.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'run' / 'checkpoint.pt'} was trained with --lr 0.05, not 0.02; resume with the "
+        "same flags (a longer run is allowed) or use another --out"], r.stderr
     r = run_script("train_arcface.py", *args, "--amp", "--amp-dtype", "fp16", env=ENV)
     assert r.returncode == 0 and "resuming" in r.stdout, r.stderr
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["scaler"]["scale"] > 0

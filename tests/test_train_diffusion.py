@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from conftest import last_snapshot, ROOT, run_script
+from conftest import last_snapshot, one_error_line, ROOT, run_script
 import train_diffusion as td
 from train_diffusion import (PRESETS, Denoiser, MPConv, PowerEMA, condition_vectors, edm_loss, edm_precond,
                              from_edm2, generate_images, heun_sample, karras_sigmas, learning_rate, load_generator,
@@ -408,8 +408,18 @@ def test_fp16_amp_resumes_from_a_checkpoint_written_without_a_scaler(runs, tiny_
                         lambda device, amp, dtype="auto": (torch.autocast("cpu", enabled=False), torch.amp.GradScaler("cpu")))
     monkeypatch.setattr(td.torch, "load", spy_load)
     main(["--data", tiny_toy / "train", "--out", tmp_path / "run", *TINY, "--duration", "0.072", "--amp"])
-    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["scaler"]["scale"] > 0
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert ckpt["scaler"]["scale"] > 0 and ckpt["args"]["seed"] == 0
     assert loads[0].get("mmap") and loads[0].get("weights_only")  # the resume maps the checkpoint
+
+
+def test_resuming_with_another_recipe_is_refused(runs, tiny_toy, tmp_path, capsys):
+    shutil.copytree(runs / "straight", tmp_path / "run")
+    before = open(tmp_path / "run" / "checkpoint.pt", "rb").read()
+    line = one_error_line(main, ["--data", tiny_toy / "train", "--out", tmp_path / "run", *TINY, "--duration",
+                                 "0.072", "--seed", "3"], capsys)
+    assert "--seed 0, not 3" in line
+    assert open(tmp_path / "run" / "checkpoint.pt", "rb").read() == before
 
 
 def test_training_images_stream_with_bounded_decoding(tiny_toy, tmp_path, monkeypatch):
