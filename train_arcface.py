@@ -453,14 +453,15 @@ def gather_state(trainer, opt, head, head_index, partial_fc):
     return model_state, opt_state
 
 
-def checkpoint(state, scaler, step, steps_per_epoch, elapsed, args, classes, device):
-    """The resume state of checkpoint.pt; "epoch" counts whole epochs done."""
+def checkpoint(state, scaler, step, steps_per_epoch, elapsed, args, classes, device, epoch_loss=(0.0, 0)):
+    """The resume state of checkpoint.pt; "epoch" counts whole epochs done; "epoch_loss" (sum, steps) of
+    the epoch under way, so that a run resumed mid-epoch logs the same epoch loss."""
     rng = {"torch": torch.get_rng_state()}  # for inspection: every step re-seeds from (seed, rank, step)
     if device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(device)
     return {"model": state[0], "optimizer": state[1], "scaler": scaler.state_dict(), "step": step,
             "epoch": step // steps_per_epoch, "elapsed": elapsed, "args": vars(args), "class_names": classes,
-            "rng": rng}
+            "rng": rng, "epoch_loss": list(epoch_loss)}
 
 
 def refuse_non_finite(trainer, backbone, x, step):
@@ -550,7 +551,7 @@ def resume(ckpt_path, args, classes, trainer, opt, scaler, partial_fc, head_inde
     opt.load_state_dict(opt_state)
     if scaler.is_enabled() and ckpt["scaler"]:  # empty when written without fp16 loss scaling
         scaler.load_state_dict(ckpt["scaler"])
-    return ckpt["step"], ckpt["elapsed"]
+    return ckpt["step"], ckpt["elapsed"], tuple(ckpt.get("epoch_loss", (0.0, 0)))
 
 
 def wrap_model(trainer, partial_fc, world, local_rank, device, compile_model):
@@ -611,9 +612,9 @@ def train(args):
         raise DataError(f"--partial-fc shards {len(classes)} classes over {world} processes: too few classes")
     backbone, head, trainer, opt, head_index = build_model(args, len(classes), partial_fc, rank, world, device)
     ctx, scaler = autocast_context(device, args.amp, args.amp_dtype)
-    step, elapsed = 0, 0.0
+    step, elapsed, epoch_loss = 0, 0.0, (0.0, 0)
     if os.path.exists(ckpt_path):
-        step, elapsed = resume(ckpt_path, args, classes, trainer, opt, scaler, partial_fc, head_index, device)
+        step, elapsed, epoch_loss = resume(ckpt_path, args, classes, trainer, opt, scaler, partial_fc, head_index, device)
         if step >= total:
             if master:
                 print(f"{args.out} already finished ({step} steps, {step // steps_per_epoch} epochs); nothing to do")
@@ -639,7 +640,8 @@ def train(args):
         batches, flip_gen = epoch_batches(data, n, batch, args.seed, epoch, skip, rank, world, device)
         steps_now = min(steps_per_epoch - skip, total - step)
         trainer.train()
-        t0, seen, loss_sum, done = time.time(), 0, 0.0, 0
+        t0, seen = time.time(), 0
+        loss_sum, done = epoch_loss if skip else (0.0, 0)  # a resumed epoch: its loss so far
         bar = tqdm(total=steps_now, desc=f"epoch {epoch + 1}/{epochs}", disable=not master, leave=False)
         for _, (x, y) in zip(range(steps_now), batches):
             torch.manual_seed(seed_for(args.seed, rank, step, 2))  # dropout, Partial FC sampling
@@ -678,7 +680,7 @@ def train(args):
                 state = gather_state(trainer, opt, head, head_index, partial_fc)
                 if master:
                     save_atomic(checkpoint(state, scaler, step, steps_per_epoch, elapsed + time.time() - t0,
-                                           args, classes, device), ckpt_path)
+                                           args, classes, device, (loss_sum, done)), ckpt_path)
         bar.close()
         if step >= stop_at and step < total:
             break

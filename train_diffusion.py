@@ -948,7 +948,6 @@ def resume(ckpt, ckpt_path, args, net, ema, opt, scaler):
         e.load_state_dict(sd)
     opt.load_state_dict(ckpt["optimizer"])
     load_scaler_state(scaler, ckpt["scaler"])
-    torch.set_rng_state(ckpt["rng"])
     return ckpt["nimg"]
 
 
@@ -974,6 +973,20 @@ def log_status(out, nimg, n_status, t_status, losses, lr):
     with open(os.path.join(out, "log.jsonl"), "a") as f:
         f.write(json.dumps(stat) + "\n")
     return now
+
+
+def truncate_log(out, nimg):
+    """OUT/log.jsonl up to a resumed checkpoint: the records a killed run wrote after it come again, once."""
+    path, keep = os.path.join(out, "log.jsonl"), []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    if json.loads(line)["kimg"] * 1e3 <= nimg + 0.5:
+                        keep.append(line)
+                except (ValueError, KeyError):  # a line cut short by the kill
+                    pass
+        write_atomic(path, "".join(keep))
 
 
 def log_denoising(out, rms, mean_rms, nimg, heldout):
@@ -1025,6 +1038,8 @@ def train(args):
     nimg = 0
     if ckpt is not None:
         nimg = resume(ckpt, ckpt_path, args, net, ema, opt, scaler)
+        if rank == 0:
+            truncate_log(args.out, nimg)
         log(f"resuming from {ckpt_path} at {nimg / 1e3:g} kimg")
         del ckpt
     log(f"{len(dataset)} images, {net.num_classes} classes, {args.resolution} px, sigma_data {sigma_data:.4f}, "
@@ -1063,6 +1078,7 @@ def train(args):
         for r in range(args.grad_accum):
             pos = nimg + (r * world + rank) * micro  # this micro-batch's place in the global stream
             gen = torch.Generator(device).manual_seed(seed_for(args.seed, pos))
+            torch.manual_seed(seed_for(args.seed, pos, 1))  # network dropout: a function of the position too
             try:
                 images, lab = next(loader)
             except DataError as e:  # from a loader process: the original message is the last line
@@ -1098,20 +1114,17 @@ def train(args):
         bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}")
         if rank == 0 and (crossed(args.status_every, before) or nimg >= total):
             t_status, n_status, losses = log_status(args.out, nimg, n_status, t_status, losses, lr), nimg, []
+        if rank == 0 and (crossed(args.snapshot_every, before) or nimg >= total):
+            save_snapshot()  # before the checkpoint that passes it: a kill in between redoes it on resume
         if rank == 0 and (crossed(args.checkpoint_every, before) or crossed(args.snapshot_every, before)
                           or nimg >= min(total, stop)):
             check_finite(net, nimg)
             save_atomic({"net": net.state_dict(), "ema": [e.state_dict() for e in ema.emas],
                          "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "nimg": nimg,
-                         "rng": torch.get_rng_state(), "config": net.config, "class_names": net.class_names,
+                         "config": net.config, "class_names": net.class_names,
                          "args": {k: getattr(args, k) for k in RECIPE}},
                         ckpt_path)
-        if rank == 0 and (crossed(args.snapshot_every, before) or nimg >= total):
-            save_snapshot()
     bar.close()
-    snap_path = os.path.join(args.out, f"network-snapshot-{kimg_tag(nimg, fine)}.pt")
-    if rank == 0 and nimg >= total and not os.path.exists(snap_path):  # re-run of a run that ended before its snapshot
-        save_snapshot()
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

@@ -619,6 +619,8 @@ def test_killed_mid_epoch_and_resumed_from_a_step_checkpoint_gives_bit_identical
     assert a["step"] == b["step"] == 9
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
+    logs = [[json.loads(line) for line in open(tmp_path / run / "log.jsonl")] for run in ("straight", "killed")]
+    assert [(e["step"], e["loss"]) for e in logs[0]] == [(e["step"], e["loss"]) for e in logs[1]]  # epoch 2 too
 
 
 def test_steps_stopping_mid_epoch_leave_the_epoch_open_for_more_steps(tmp_path):

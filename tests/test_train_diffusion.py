@@ -227,7 +227,7 @@ def test_bad_inputs_give_one_clear_error_line(runs, tiny_toy, tmp_path, capsys):
         assert re.search(message, str(e.value.code) + capsys.readouterr().err), args
     shutil.copytree(runs / "straight", tmp_path / "mismatch")
     with pytest.raises(SystemExit, match="another network or data"):
-        main(["--data", str(tiny_toy / "train"), "--out", str(tmp_path / "mismatch"), *map(str, TINY[:2]),
+        main(["--data", str(tiny_toy / "train"), "--out", str(tmp_path / "mismatch"), *map(str, TINY),
               "--channels", "16"])
 
 # ----------------------------------------------------------------------------- EDM2, exactly
@@ -477,3 +477,11 @@ def test_a_corrupt_image_met_by_a_loader_process_gives_one_error_line(tiny_toy, 
               "--duration", "0.048", "--snapshot-every", "0", "--workers", "1"])
     message = str(e.value.code)
     assert message.startswith(f"error: corrupt image {bad}") and len(message.splitlines()) == 1
+
+
+def test_a_resumed_run_rewrites_the_log_up_to_its_checkpoint(tmp_path):
+    """Records a killed run wrote after its last checkpoint (and a line cut short) go; the run writes them again."""
+    records = [{"kimg": k, "loss": 1.0} for k in (0.032, 0.064, 0.064, 0.096)]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"kimg": 0.1')
+    td.truncate_log(tmp_path, 64)
+    assert [json.loads(line)["kimg"] for line in open(tmp_path / "log.jsonl")] == [0.032, 0.064, 0.064]
