@@ -388,8 +388,8 @@ def main(argv=None):
     if os.path.exists(meta_path):
         with open(meta_path) as f:
             done = json.load(f).get("args", {})
-        # a set made before a flag existed counts as made with that flag's default
-        if {**defaults, **done} == vars(args):
+        # a set made before a flag existed counts as made with that flag's default (a moved set too)
+        if {**defaults, **done, "out": args.out} == vars(args):
             print(f"{args.out} is already complete with these arguments")
             return
     try:

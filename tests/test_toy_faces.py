@@ -96,3 +96,6 @@ def test_validation_and_all_pairs_sets_change_nothing_else_and_a_set_made_withou
     # the tiny set was made without the new flags: re-running it with their defaults does nothing
     r = run_script("toy_faces.py", "--out", tiny_toy, *common)
     assert r.returncode == 0 and "already complete" in r.stdout, r.stderr
+    os.symlink(tiny_toy, tmp_path / "moved")  # the same set under another path: nothing to do either
+    r = run_script("toy_faces.py", "--out", tmp_path / "moved", *common)
+    assert r.returncode == 0 and "already complete" in r.stdout, r.stderr
