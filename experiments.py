@@ -156,7 +156,8 @@ def measure_snapshots(run, data, baseline, name, group, per_class, steps, train_
         denoise = [e for e in log if "denoise_rms" in e and abs(e["kimg"] - kimg) < 1]
         speed = [e["images_per_s"] for e in log if "images_per_s" in e]
         write_json({"run": name + tag, "kimg": kimg, "snapshot": os.path.relpath(snap, ROOT), "steps": steps,
-                    "sample_flags": [str(f) for f in sample_flags],
+                    "sample_flags": [os.path.relpath(f, ROOT) if os.path.isabs(str(f)) else str(f)
+                                     for f in sample_flags],
                     "consistency": gen["consistency"], "real_consistency": real["consistency"],
                     "neighbour_ratio": gen["neighbour_ratio"], "real_neighbour_ratio": real["neighbour_ratio"],
                     "sample_images_per_s": round(gen["images"] / sample_seconds, 2),
