@@ -309,11 +309,12 @@ def remove_stale_tmp(folder, pattern="*.tmp"):
 
 
 @contextmanager
-def run_folder_guard(path, rank=0):
-    """A training run folder: checked before any work; rank 0 holds its lock for the run and removes
-    the temporary files a killed run left (the other ranks only check: they write nothing there)."""
+def run_folder_guard(path):
+    """A training run folder, checked before any work; rank 0 (torchrun's RANK) holds its lock for
+    the run and removes the temporary files a killed run left (the other ranks only check: they write
+    nothing there)."""
     check_output_dir(path)
-    if rank != 0:
+    if int(os.environ.get("RANK", "0")) != 0:
         yield
         return
     with output_lock(path):

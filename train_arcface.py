@@ -38,7 +38,9 @@ from common import (PROGRESS, ArgumentParser, DataError, InputError, autocast_co
                     check_same_recipe, cuda_settings, epoch_order, fail, jpeg_quality, load_images, non_negative_float,
                     non_negative_int, open_datasets, pack_rec, positive_float, positive_int, probability,
                     run_folder_guard, save_atomic, seed_for, setup_distributed, write_atomic)
-from common import RecordIODataset  # noqa: F401  (the discriminator's data reader, by its contract name)
+from common import RecordIODataset as _RecordIODataset
+
+RecordIODataset = _RecordIODataset  # the discriminator's data reader, bound here by its contract name
 
 # ----------------------------------------------------------------------------- model
 
@@ -796,7 +798,7 @@ def main(argv=None):
         if args.pack_rec:
             pack_cli(args)
         else:
-            with run_folder_guard(args.out, int(os.environ.get("RANK", "0"))):  # torchrun sets RANK
+            with run_folder_guard(args.out):
                 train(args)
     except DataError as e:  # errors re-raised from DataLoader workers carry their traceback: keep the message
         sys.exit("error: " + str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1])

@@ -1207,7 +1207,7 @@ def main(argv=None):
         return COMMANDS[argv[0]](argv[1:])
     args = parse_args(argv)
     try:
-        with run_folder_guard(args.out, int(os.environ.get("RANK", "0"))):  # torchrun sets RANK
+        with run_folder_guard(args.out):
             train(args)
     except InputError as e:
         fail(e)
