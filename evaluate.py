@@ -45,6 +45,7 @@ Usage: python evaluate.py --model RUN/model.pt [RUN2/model.pt ...] --bin FILE.bi
        python evaluate.py --consistency SAMPLES_DIR [...] --data REAL_DIR --model RUN/model.pt --out c.json
 """
 import argparse
+import csv
 import glob
 import io
 import os
@@ -376,11 +377,38 @@ def nearest_distance(images, reference, chunk=512):
 
 def _named_images(folder, class_names):
     """All images under folder/<identity>/ -> (uint8 images, index of the identity in class_names or -1,
-    index of its folder)."""
+    index of its folder, folder names)."""
     ds = open_datasets([folder])
     images, labels = load_images(ds, progress=PROGRESS)
     index = {c: i for i, c in enumerate(class_names)}
-    return images, np.array([index.get(c, -1) for c in ds.classes])[np.asarray(labels)], np.asarray(labels)
+    return (images, np.array([index.get(c, -1) for c in ds.classes])[np.asarray(labels)], np.asarray(labels),
+            ds.classes)
+
+
+def parent_cosines(folder, folder_classes, emb, folder_labels, real_classes, real_centres):
+    """Mixed identities, read from folder/manifest.csv (`identity`, `sources`: real classes joined by ";")
+    -> {mean cosine between the parents' class centres, mean cosine of each mix's centre to each of its
+    parents' centres, mixes}; None without a manifest or without mixes. Shows what "close" and "distant"
+    pairs are in the discriminator's embedding."""
+    path = os.path.join(folder, "manifest.csv")
+    if not os.path.isfile(path):
+        return None
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        sources = {r["identity"]: r["sources"].split(";") for r in csv.DictReader(f) if r.get("sources")}
+    real_index = {c: i for i, c in enumerate(real_classes)}
+    centres = centres_of(emb, folder_labels, len(folder_classes)).numpy()
+    between, to_parents = [], []
+    for i, name in enumerate(folder_classes):
+        parents = [real_index[p] for p in sources.get(name, ()) if p in real_index]
+        if len(parents) < 2:
+            continue
+        gram = real_centres[parents] @ real_centres[parents].T
+        between.append(gram[np.triu_indices(len(parents), 1)].mean())
+        to_parents.append((real_centres[parents] @ centres[i]).mean())
+    if not between:
+        return None
+    return {"parent_cosine": float(np.mean(between)), "mix_parent_cosine": float(np.mean(to_parents)),
+            "mixes": len(between)}
 
 
 def _own_centre_share(emb, labels, centres):
@@ -428,7 +456,7 @@ def run_consistency(args, model):
     real_intra, real_inter = identity_spread(real_emb, real_labels)
     rows = {}
     for d in args.consistency:
-        images, labels, folders = _named_images(d, real.classes)
+        images, labels, folders, folder_classes = _named_images(d, real.classes)
         emb = embed(model, images, args.batch_size, args.device, amp=args.amp)
         c = _own_centre_share(emb, labels, centres)
         intra, inter = identity_spread(emb, folders)
@@ -437,6 +465,11 @@ def run_consistency(args, model):
                    "neighbour_difference": nd, "neighbour_ratio": nd / real_nd,
                    "intra_cosine": intra, "inter_cosine": inter,
                    "nearest_real_distance": nearest_distance(images, real_images)}
+        parents = parent_cosines(d, folder_classes, emb, folders, real.classes, centres)
+        if parents:
+            rows[d].update(parents)
+            print(f"{d}: {parents['mixes']} mixes; parent-pair cosine {parents['parent_cosine']:.3f}, "
+                  f"mix to parent {parents['mix_parent_cosine']:.3f}")
     print(f"\nreal {args.data}: neighbour difference {real_nd:.2f} grey levels; identity spread: "
           f"intra {real_intra:.3f}, inter {real_inter:.3f}\n")
     print("| Samples | Consistency (%) | Neighbour diff | Ratio to real | Intra cosine | Inter cosine "

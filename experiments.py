@@ -8,22 +8,25 @@ Run outputs (data, checkpoints) go to runs/exp/ and are not committed; the JSON 
     python report.py table calibration    # the markdown tables the README shows
 """
 import argparse
+import csv
 import glob
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
 
 import numpy as np
 
-from common import write_json
+from common import write_atomic, write_json
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 BENCH = ("toy_lfw", "toy_cfp_fp", "toy_agedb", "toy_calfw", "toy_cplfw")
 RUNS = os.path.join(ROOT, "runs", "exp")
 RESULTS = os.path.join(ROOT, "results")
+MERGE = ["--merge-by-name"]  # Repro images join their real classes
 
 
 def sh(*cmd):
@@ -65,9 +68,10 @@ def measure_samples(samples, data, model):
 
 
 def discriminator_run(group, row, seed, data_dirs, bench_dir, extra=(), note="", result_name=None,
-                      need_model=False, bench=BENCH, allpairs=None, **fields):
+                      need_model=False, bench=BENCH, allpairs=None, val=None, **fields):
     """Train one discriminator on `data_dirs`, evaluate it on the five toy benchmarks (`bench`: their
-    names in bench_dir) and optionally the all-pairs set, record it. -> its model.pt. A recorded run is
+    names in bench_dir; `val`: the .bin files scored during training, default those) and optionally the
+    all-pairs set, record it. -> its model.pt. A recorded run is
     skipped; with need_model, one whose run folder is gone (a new checkout: runs/ is not committed) is
     retrained by the same seeded command and not re-recorded."""
     result_path = os.path.join(RESULTS, group, f"{result_name or row}-seed{seed}.json")
@@ -80,7 +84,7 @@ def discriminator_run(group, row, seed, data_dirs, bench_dir, extra=(), note="",
         if not need_model or os.path.exists(model):
             return model
     t0 = time.time()
-    sh("train_arcface.py", "--data", *data_dirs, "--out", run, "--seed", seed, "--val", *bins, *extra)
+    sh("train_arcface.py", "--data", *data_dirs, "--out", run, "--seed", seed, "--val", *(val or bins), *extra)
     train_seconds = time.time() - t0
     if recorded:
         return model
@@ -92,7 +96,7 @@ def discriminator_run(group, row, seed, data_dirs, bench_dir, extra=(), note="",
         fields["allpairs"] = scores[os.path.basename(os.path.normpath(allpairs))]
     with open(os.path.join(run, "log.jsonl")) as f:
         log = [json.loads(line) for line in f]
-    curve = [{"epoch": e["epoch"], "loss": e["loss"], **e["val"]} for e in log if "val" in e]
+    curve = [{"epoch": e["epoch"], "loss": e["loss"], **e["val"]} for e in log if "val" in e]  # on `val`
     write_json({"group": group, "row": row, "seed": seed, "note": note, "data": data_dirs, "extra": list(extra),
                 "steps": log[-1]["step"], "epochs": log[-1]["epoch"], "train_seconds": round(train_seconds, 1),
                 "train_loop_seconds": round(log[-1]["elapsed"], 1),
@@ -258,6 +262,71 @@ def regime_generator(args):
                       time.time() - t0, sample_flags=flags, every=args.measure_every, tag=tag)
 
 
+# ----------------------------------------------------------------------------- the regime's main table
+# The paper's protocol (24 epochs over each row's own set; 2x epochs of real only does not hurt here, see
+# regime-recipe) is primary; equal steps (=) is a control. Every synthetic set: 256 identities x 16
+# images from the committed 700-kimg generator; the main ScoreMix and Repro sets have a second draw
+# (sampler seed 2), used by the odd discriminator seeds, so seed-paired intervals include the set's own
+# variance.
+
+REGIME_SNAPSHOTS = os.path.join(RESULTS, "regime_generator", "snapshots")
+REGIME_SETS = {  # name -> (mode, pair selection (space, strategy, tuple size) or None)
+    "repro": ("repro", None),
+    "scoremix-dist-emb": ("scoremix", ("embedding", "dist", 2)),
+    "scoremix-close-emb": ("scoremix", ("embedding", "close", 2)),
+    "scoremix-random-emb": ("scoremix", ("embedding", "random", 2)),
+    "scoremix-dist-cond": ("scoremix", ("condition", "dist", 2)),
+    "condmix-dist-emb": ("condmix", ("embedding", "dist", 2)),
+    "average-dist-emb": ("average", ("embedding", "dist", 2)),  # pixel mean of the parents' images, no generator
+}
+TWO_DRAWS = ("repro", "scoremix-dist-emb")
+# (row, training sources, epochs, train_arcface.py flags); "=" in flags: the real row's number of steps
+REGIME_ROWS = [
+    ("real", ["real"], 24, []),
+    ("real-2x", ["real"], 48, []),
+    ("oracle", ["oracle"], 24, []),
+    ("real+scoremix-dist-emb", ["real", "scoremix-dist-emb"], 24, []),
+    ("real+repro", ["real", "repro"], 24, MERGE),
+    ("real+scoremix-close-emb", ["real", "scoremix-close-emb"], 24, []),
+    ("real+scoremix-random-emb", ["real", "scoremix-random-emb"], 24, []),
+    ("real+scoremix-dist-cond", ["real", "scoremix-dist-cond"], 24, []),
+    ("real+condmix-dist-emb", ["real", "condmix-dist-emb"], 24, []),
+    # attribution controls: existing-class samples labelled as new classes; the parents' pixel mean as new
+    # classes; equal steps, and real only at the (=) row's real exposure (12 epochs)
+    ("real+repro-as-new", ["real", "repro"], 24, []),
+    ("real+average-dist-emb", ["real", "average-dist-emb"], 24, []),
+    ("real+scoremix-dist-emb (=)", ["real", "scoremix-dist-emb"], 24, ["="]),
+    ("real-12ep", ["real"], 12, []),
+]
+
+
+def regime(args):
+    """The regime's main table and controls: every row x every seed (seed-major, so a stopped run leaves
+    whole seeds), results/regime/ROW-seedK.json with the test benchmarks and the all-pairs TARs."""
+    data, oracle = regime_data(args.identities, args.per_identity), regime_data(2 * args.identities, args.per_identity)
+    baseline = recipe_run("e24", 0, os.path.join(data, "train"), os.path.join(data, "val"), need_model=True)
+    sources = {"real": os.path.join(data, "train"), "oracle": os.path.join(oracle, "train")}
+    net = os.path.join(REGIME_SNAPSHOTS, f"network-snapshot-{args.kimg:06d}.pt")
+    guide = os.path.join(REGIME_SNAPSHOTS, f"network-snapshot-{args.guide_kimg:06d}.pt") if args.guidance != 1 else None
+    val = [os.path.join(data, "val", f"{b}.bin") for b in VAL]
+    rows = [r for r in REGIME_ROWS if not args.rows or r[0] in args.rows]
+    for seed in args.seeds:
+        for row, srcs, epochs, flags in rows:
+            dirs = []
+            for s in srcs:
+                name = s + ("-draw2" if s in TWO_DRAWS and seed % 2 else "")
+                dirs.append(sources.get(s) or sample_set(
+                    "regime", name, *REGIME_SETS[s], data, net, baseline, steps=args.steps, guide=guide,
+                    guidance=args.guidance, draw=2 if name.endswith("-draw2") else 1, flags=["--amp"]))
+            if "=" in flags:
+                with open(os.path.join(RESULTS, "regime", "real-seed0.json")) as f:
+                    flags = [f for f in flags if f != "="] + ["--steps", str(json.load(f)["steps"])]
+            discriminator_run("regime", row, seed, dirs, os.path.join(data, "bench"),
+                              extra=["--epochs", epochs, "--val-every", epochs, *flags], val=val,
+                              allpairs=os.path.join(data, "allpairs"), result_name=row_file(row), sources=srcs,
+                              draw=2 if seed % 2 and set(srcs) & set(TWO_DRAWS) else 1)
+
+
 # ----------------------------------------------------------------------------- replication
 # Issue "Replication": one generator for every row, the baseline recipe on each row's training set
 # (24 epochs over its own set, as the paper), the (=) rows again at the baseline's number of steps.
@@ -278,7 +347,6 @@ SYNTHETIC = {
 # rows in table order: (row, training sources, train_arcface.py flags, main row: all seeds, else the first)
 # sources: "real", "oracle" (2N real identities), "fresh" (the real set with twice the images per identity,
 # what a perfect Repro generator would add), or a synthetic set; "=" in flags: the baseline's steps
-MERGE = ["--merge-by-name"]  # Repro images join their real classes
 
 
 def with_twin(row, sources, flags=(), all_seeds=True):
@@ -310,22 +378,19 @@ def row_file(row):
     return row.replace(" (=)", "-eq")
 
 
-def sample_set(args, name, mode, selection, data, alpha=0.5, guidance=None, steps=None, identities=None,
-               per_identity=None, churn=0):
-    """Sample one synthetic set (resumable) and record its cost and image statistics."""
-    guidance = args.guidance if guidance is None else guidance
-    steps = steps or args.steps
+def sample_set(group, name, mode, selection, data, net, baseline, steps=32, alpha=0.5, guide=None, guidance=1.0,
+               identities=None, per_identity=None, churn=0, draw=1, flags=()):
+    """Sample one synthetic set (resumable) into runs/exp/GROUP/synthetic/NAME, record its cost and image
+    statistics (under the seed-0 baseline) in results/GROUP/synthetic/NAME.json. Pairs are selected by
+    the baseline (embedding space) or the generator (condition space); draw k samples with --seed k."""
     real = os.path.join(data, "train")
-    n_real = len(os.listdir(real))
-    identities = identities or n_real
+    identities = identities or len(os.listdir(real))
     per_identity = per_identity or images_per_identity(real)
-    info_path = os.path.join(RESULTS, "replication", "synthetic", f"{name}.json")
-    out = os.path.join(RUNS, "replication", "synthetic", name)
-    count = lambda: len(glob.glob(os.path.join(out, "*", "*.png")))
+    info_path = os.path.join(RESULTS, group, "synthetic", f"{name}.json")
+    out = os.path.join(RUNS, group, "synthetic", name)
+    count = lambda: len(glob.glob(os.path.join(out, "*", "*.png")))  # noqa: E731
     recorded = os.path.exists(info_path)
-    baseline = os.path.join(RUNS, "replication", "real-seed0", "model.pt")
-
-    measure = lambda: measure_samples(out, data, baseline)  # noqa: E731 (under the seed-0 baseline)
+    measure = lambda: measure_samples(out, data, baseline)  # noqa: E731
 
     if recorded and os.path.isdir(out) and count() >= identities * per_identity:
         with open(info_path) as f:
@@ -333,34 +398,67 @@ def sample_set(args, name, mode, selection, data, alpha=0.5, guidance=None, step
         if "nearest_real_distance" not in info["samples"]:  # a record from before the copy measurement
             write_json({**info, **measure()}, info_path)
         return out  # else a new checkout: sample again (seeded: the same images), keep the first record
-    gen = os.path.join(RUNS, "generator", args.name)
-    snap = sorted(glob.glob(os.path.join(gen, "network-snapshot-*.pt")))[-1]
-    flags = ["--net", snap, "--steps", steps, "--per-pair", per_identity, "--alpha", alpha, "--seed", 1]
-    if churn:
-        flags += ["--churn", churn]
-    if guidance != 1:
-        flags += guide_flags(gen, args.guide_kimg, guidance)
+    pairs = None
     if selection:
         space, strategy, size = selection
-        pairs = os.path.join(RUNS, "replication", "pairs", f"{space}-{strategy}-{size}-{identities}.csv")
+        pairs = os.path.join(RUNS, group, "pairs", f"{space}-{strategy}-{size}-{identities}.csv")
         if not os.path.exists(pairs):
             os.makedirs(os.path.dirname(pairs), exist_ok=True)
             sh("select_pairs.py", "--space", space, "--strategy", strategy, "--tuple-size", size,
-               "--num-pairs", identities, "--fr", baseline, "--data", real, "--generator", snap, "--out", pairs)
-        flags += ["--pairs", pairs]
+               "--num-pairs", identities, "--fr", baseline, "--data", real, "--generator", net, "--out", pairs)
     before, t0 = (count() if os.path.isdir(out) else 0), time.time()
-    sh("scoremix_sample.py", "--mode", mode, "--out", out, *flags)
+    if mode == "average":
+        pixel_average_set(pairs, real, out, per_identity)
+    else:
+        sh("scoremix_sample.py", "--mode", mode, "--out", out, "--net", net, "--steps", steps, "--per-pair",
+           per_identity, "--alpha", alpha, "--seed", draw, *(["--pairs", pairs] if pairs else []),
+           *(["--churn", churn] if churn else []), *(["--guide", guide, "--guidance", guidance] if guide else []),
+           *flags)
     seconds, made = time.time() - t0, count() - before
     if recorded:
         return out
-    write_json({"name": name, "mode": mode, "selection": selection, "alpha": alpha, "guidance": guidance,
-                "guide_kimg": args.guide_kimg if guidance != 1 else None, "steps": steps, "churn": churn,
-                "identities": identities,
-                "per_identity": per_identity, "snapshot": os.path.relpath(snap, ROOT),
+    write_json({"name": name, "mode": mode, "selection": selection, "alpha": alpha, "guidance": guidance if guide else 1,
+                "guide": os.path.relpath(guide, ROOT) if guide else None, "steps": steps, "churn": churn,
+                "draw": draw, "identities": identities, "per_identity": per_identity,
+                "snapshot": os.path.relpath(net, ROOT), "sampler_flags": list(map(str, flags)),
                 "images_sampled_this_run": made, "sampling_seconds_this_run": round(seconds, 1),
                 "cpu_seconds_per_1000": round(seconds * (os.cpu_count() or 1) / made * 1000, 1) if made else None,
                 **measure()}, info_path)
     return out
+
+
+def pixel_average_set(pairs, real, out, per_identity):
+    """An attribution control: new identity avg_<a>_<b>, its image n the pixel mean of image n of a and of
+    b (no generator). Each identity is written to .<name>.partial and renamed when complete."""
+    from PIL import Image
+    with open(pairs, newline="", encoding="utf-8-sig") as f:
+        tuples = [(r["class_a"], r["class_b"]) for r in csv.DictReader(f)]
+    os.makedirs(out, exist_ok=True)
+    for a, b in tuples:
+        folder = os.path.join(out, f"avg_{a}_{b}")
+        if os.path.isdir(folder):
+            continue
+        partial = os.path.join(out, f".avg_{a}_{b}.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        os.makedirs(partial)
+        files = [sorted(glob.glob(os.path.join(real, c, "*.png")))[:per_identity] for c in (a, b)]
+        for n, (fa, fb) in enumerate(zip(*files)):
+            xa, xb = (np.asarray(Image.open(p).convert("RGB"), dtype=np.float64) for p in (fa, fb))
+            Image.fromarray(np.round((xa + xb) / 2).astype(np.uint8)).save(os.path.join(partial, f"{n}.png"))
+        os.replace(partial, folder)
+    write_atomic(os.path.join(out, "manifest.csv"),
+                 "identity,mode,sources\n" + "".join(f"avg_{a}_{b},average,{a};{b}\n" for a, b in tuples))
+
+
+def replication_set(args, name, mode, selection, data, guidance=None, **over):
+    """A replication set: the last snapshot of its generator run, autoguided by --guide-kimg when w != 1."""
+    gen = os.path.join(RUNS, "generator", args.name)
+    guidance = args.guidance if guidance is None else guidance
+    return sample_set("replication", name, mode, selection, data,
+                      sorted(glob.glob(os.path.join(gen, "network-snapshot-*.pt")))[-1],
+                      os.path.join(RUNS, "replication", "real-seed0", "model.pt"), steps=over.pop("steps", args.steps),
+                      guide=(guide_flags(gen, args.guide_kimg, guidance) or [None, None])[1] if guidance != 1 else None,
+                      guidance=guidance, **over)
 
 
 def replication(args):
@@ -382,7 +480,7 @@ def replication(args):
                 dirs.append(sources[s])
             else:
                 spec = SYNTHETIC.get(s) or SENSITIVITY[s]
-                dirs.append(sample_set(args, s, *spec[:2], data, **(spec[2] if len(spec) > 2 else {})))
+                dirs.append(replication_set(args, s, *spec[:2], data, **(spec[2] if len(spec) > 2 else {})))
         if "=" in flags:
             with open(os.path.join(RESULTS, "replication", "real-seed0.json")) as f:
                 flags = [f for f in flags if f != "="] + ["--steps", str(json.load(f)["steps"])]
@@ -493,6 +591,18 @@ def main():
     p.add_argument("--guide-kimg", type=float, help="autoguidance: the snapshot of the same run at this kimg guides")
     p.add_argument("--guidance", type=float, default=1.3, help="guidance weight w with --guide-kimg")
     p.set_defaults(func=regime_generator)
+    p = sub.add_parser("regime", help="the paper's regime: main table and attribution controls, resumable")
+    p.add_argument("--identities", type=int, default=256, help="N: training identities")
+    p.add_argument("--per-identity", type=int, default=16, help="training images per identity")
+    p.add_argument("--kimg", type=int, default=700, help="the generator: results/regime_generator/snapshots/network-snapshot-KIMG.pt")
+    p.add_argument("--guide-kimg", type=int, default=200, help="autoguidance by the snapshot at this kimg (w != 1)")
+    p.add_argument("--guidance", type=float, default=1.0,
+                   help="guidance weight w (1: unguided, half the sampling cost on CPU)")
+    p.add_argument("--steps", type=int, default=32, help="Heun steps")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="discriminator seeds")
+    p.add_argument("--rows", nargs="+", choices=[r[0] for r in REGIME_ROWS], metavar="ROW",
+                   help="run only these rows (names as in the table)")
+    p.set_defaults(func=regime)
     p = sub.add_parser("generator", help="train the CPU generator once; consistency and cleanliness per snapshot")
     generator_flags(p, 32, "cpu-100k (runs/exp/generator/NAME)", 100, 25, 8)
     p.set_defaults(func=generator)

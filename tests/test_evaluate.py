@@ -295,8 +295,22 @@ def test_consistency_counts_own_class_nearest_centres(tmp_path, monkeypatch):
     save_png(noisy(pattern(5), 300), str(tmp_path / "samples" / "mix-0-1" / "0.png"))  # not a real identity: ignored
     real = evaluate.open_datasets([str(tmp_path / "real")])
     centres = class_centres(StandIn(), real)
-    images, labels, _ = evaluate._named_images(str(tmp_path / "samples"), real.classes)
+    images, labels, _, _ = evaluate._named_images(str(tmp_path / "samples"), real.classes)
     assert evaluate._own_centre_share(embed(StandIn(), images), labels, centres) == pytest.approx(3 / 4)
+
+
+def test_parent_cosines_match_hand_computed_centres(tmp_path):
+    real_centres = np.array([[1, 0, 0], [0, 1, 0], [0.6, 0.8, 0]])  # cos(a, b) 0, cos(a, c) 0.6, cos(b, c) 0.8
+    s = 1 / np.sqrt(2)
+    emb = np.array([[s, s, 0], [s, s, 0], [0, 0, 1], [0.6, 0.8, 0]])  # mix_ab: 2 images; lone; mix_ac
+    (tmp_path / "manifest.csv").write_text("\ufeffidentity,sources\nmix_ab,a;b\nlone,zz\nmix_ac,a;c\n")
+    got = evaluate.parent_cosines(str(tmp_path), ["lone", "mix_ab", "mix_ac"], emb, [1, 1, 0, 2],
+                                  ["a", "b", "c"], real_centres)
+    assert got["mixes"] == 2
+    assert got["parent_cosine"] == pytest.approx((0 + 0.6) / 2)
+    # mix_ab's centre (s, s, 0) is at cos s from a and from b; mix_ac's (0.6, 0.8, 0) at 0.6 from a, 1 from c
+    assert got["mix_parent_cosine"] == pytest.approx((s + s) / 4 + (0.6 + 1) / 4)
+    assert evaluate.parent_cosines(str(tmp_path / "none"), ["a"], emb[:1], [0], ["a"], real_centres) is None
 
 
 def test_identity_spread_matches_hand_computed_cosines():

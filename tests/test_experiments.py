@@ -2,6 +2,8 @@
 import argparse
 import json
 
+import numpy as np
+
 import experiments
 import report
 from experiments import BENCH
@@ -98,3 +100,54 @@ def test_regime_recipe_table_flags_recipes_whose_2x_run_moves_by_more_than_a_std
              if line.startswith("| e")}
     assert lines["e24"][3:7] == ["81.00 +- 1.00", "81.50 +- 1.00", "+0.50 [+0.50, +0.50] (3)", "yes"]
     assert lines["e12"][6] == "no" and lines["e12"][7].startswith("+1.50 [")  # 3.0 apart, std 0.5
+
+
+def test_pixel_average_set_is_the_mean_of_the_parents_images(tmp_path):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    real = {}
+    for c in ("a", "b", "c"):
+        real[c] = rng.integers(0, 256, (3, 4, 4, 3), dtype=np.uint8)
+        (tmp_path / "real" / c).mkdir(parents=True)
+        for n, x in enumerate(real[c]):
+            Image.fromarray(x).save(tmp_path / "real" / c / f"{n}.png")
+    (tmp_path / "pairs.csv").write_text("class_a,class_b,distance,rank\na,c,1.5,1\nb,a,1.2,2\n")
+    out = tmp_path / "avg"
+    experiments.pixel_average_set(str(tmp_path / "pairs.csv"), str(tmp_path / "real"), str(out), 2)
+    assert sorted(p.name for p in out.iterdir()) == ["avg_a_c", "avg_b_a", "manifest.csv"]
+    for n in range(2):
+        got = np.asarray(Image.open(out / "avg_a_c" / f"{n}.png"))
+        assert np.array_equal(got, np.round((real["a"][n] / 1.0 + real["c"][n]) / 2).astype(np.uint8))
+    assert not (out / "avg_a_c" / "2.png").exists()
+    assert (out / "manifest.csv").read_text().splitlines()[1:] == ["avg_a_c,average,a;c", "avg_b_a,average,b;a"]
+
+
+def test_regime_gives_odd_seeds_the_second_draw_and_the_equal_steps_row_the_real_steps(tmp_path, monkeypatch):
+    calls, sets = [], []
+    monkeypatch.setattr(experiments, "RESULTS", str(tmp_path))
+    monkeypatch.setattr(experiments, "regime_data", lambda n, p: f"data{n}")
+    monkeypatch.setattr(experiments, "recipe_run", lambda *a, **k: "baseline.pt")
+    monkeypatch.setattr(experiments, "sample_set", lambda group, name, mode, sel, data, net, base, **k:
+                        sets.append((name, mode, k["draw"], net, base)) or f"synthetic/{name}")
+
+    def run(group, row, seed, dirs, bench, extra, **k):
+        calls.append((row, seed, dirs, extra, k["draw"]))
+        if row == "real":
+            (tmp_path / "regime").mkdir(exist_ok=True)
+            (tmp_path / "regime" / f"real-seed{seed}.json").write_text(json.dumps({"steps": 768}))
+    monkeypatch.setattr(experiments, "discriminator_run", run)
+    args = argparse.Namespace(identities=256, per_identity=16, kimg=700, guide_kimg=200, guidance=1.0, steps=32,
+                              seeds=[0, 1], rows=["real", "real+repro", "real+scoremix-dist-emb (=)", "real-2x",
+                                                  "real+average-dist-emb"])
+    experiments.regime(args)
+    got = {(row, seed): (dirs, extra, draw) for row, seed, dirs, extra, draw in calls}
+    assert got["real+repro", 0] == (["data256/train", "synthetic/repro"],
+                                    ["--epochs", 24, "--val-every", 24, "--merge-by-name"], 1)
+    assert got["real+repro", 1][0] == ["data256/train", "synthetic/repro-draw2"] and got["real+repro", 1][2] == 2
+    assert got["real+scoremix-dist-emb (=)", 1][1][-2:] == ["--steps", "768"]
+    assert got["real-2x", 0][1][:2] == ["--epochs", 48]
+    assert got["real+average-dist-emb", 1][0][1] == "synthetic/average-dist-emb"  # one draw: deterministic
+    order = ["real", "real-2x", "real+repro", "real+average-dist-emb", "real+scoremix-dist-emb (=)"]
+    assert [c[:2] for c in calls] == [(r, 0) for r in order] + [(r, 1) for r in order]  # seed-major, table order
+    assert ("repro-draw2", "repro", 2) in [s[:3] for s in sets]
+    assert all(s[3].endswith("network-snapshot-000700.pt") and s[4] == "baseline.pt" for s in sets)
