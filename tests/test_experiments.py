@@ -151,3 +151,30 @@ def test_regime_gives_odd_seeds_the_second_draw_and_the_equal_steps_row_the_real
     assert [c[:2] for c in calls] == [(r, 0) for r in order] + [(r, 1) for r in order]  # seed-major, table order
     assert ("repro-draw2", "repro", 2) in [s[:3] for s in sets]
     assert all(s[3].endswith("network-snapshot-000700.pt") and s[4] == "baseline.pt" for s in sets)
+
+
+def test_regime_table_shares_and_claims_are_seed_paired(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(report, "RESULTS", str(tmp_path))
+    (tmp_path / "regime" / "synthetic").mkdir(parents=True)
+    values = {"real": (80.0, 81.0, 82.0), "oracle": (82.0, 84.0, 84.0), "real+scoremix-dist-emb": (81.0, 82.0, 83.5)}
+    for row, avgs in values.items():
+        for seed, avg in enumerate(avgs):
+            (tmp_path / "regime" / f"{row}-seed{seed}.json").write_text(json.dumps(
+                {"row": row, "seed": seed, "epochs": 24, "steps": 768, "avg": avg,
+                 "allpairs": {"tar_at_far_1e-3": avg - 10, "tar_at_far_1e-4": avg - 20 - seed,
+                              "tar_at_far_1e-5": avg - 40}}))
+    sam = {"consistency": None, "intra_cosine": 0.8, "inter_cosine": 0.1, "nearest_real_distance": 30.0,
+           "parent_cosine": -0.2, "mix_parent_cosine": 0.4}
+    (tmp_path / "regime" / "synthetic" / "scoremix-dist-emb.json").write_text(json.dumps(
+        {"name": "scoremix-dist-emb", "mode": "scoremix", "selection": ["embedding", "dist", 2], "draw": 1,
+         "guidance": 1, "identities": 256, "per_identity": 16, "cpu_seconds_per_1000": 470.0, "samples": sam,
+         "real_heldout": {"consistency": 92.6, "nearest_real_distance": 35.0},
+         "real_train": {"intra_cosine": 0.85, "inter_cosine": 0.01}}))
+    report.table(argparse.Namespace(group="regime"))
+    out = capsys.readouterr().out
+    mix = next(line for line in out.splitlines() if line.startswith("| real+scoremix-dist-emb |"))
+    # gains 1, 1, 1.5 (mean 1.1667); oracle gaps 2, 3, 2 (mean 2.3333): share 0.50
+    assert "+1.17 [" in mix and "+0.50 (+1.17 / +2.33, 3)" in mix
+    claim = next(line for line in out.splitlines() if line.startswith("| ScoreMix (distant, embedding) > real"))
+    assert "+1.17 [+0.45, +1.88] (3)" in claim  # t(2) 4.303 x sample std 0.2887 / sqrt 3
+    assert "| -0.200 (0.010) | 0.400 |" in out
