@@ -24,6 +24,7 @@ import json
 import math
 import os
 import pickle
+import platform
 import shutil
 import struct
 import sys
@@ -804,6 +805,18 @@ def write_json(obj, path):
     """JSON through write_atomic, its folder made if missing."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     write_atomic(path, json.dumps(obj, indent=2))
+
+
+def machine(device=None):
+    """What a seeded run's bits depend on besides its flags (benchmarks/determinism.py): the CPU model, the
+    vector kernels PyTorch picked for it, the thread count, the library versions and the GPU."""
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               None) if os.path.exists("/proc/cpuinfo") else None
+    info = {"cpu": cpu or platform.processor(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "numpy": np.__version__}
+    if device is not None and torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
 
 
 def amp_dtype(device, dtype="auto"):

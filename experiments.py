@@ -97,6 +97,8 @@ def discriminator_run(group, row, seed, data_dirs, bench_dir, extra=(), note="",
     with open(os.path.join(run, "log.jsonl")) as f:
         log = [json.loads(line) for line in f]
     curve = [{"epoch": e["epoch"], "loss": e["loss"], **e["val"]} for e in log if "val" in e]  # on `val`
+    with open(os.path.join(run, "config.json")) as f:
+        fields.setdefault("machine", json.load(f).get("machine"))  # what the run's bits depend on
     write_json({"group": group, "row": row, "seed": seed, "note": note, "data": data_dirs, "extra": list(extra),
                 "steps": log[-1]["step"], "epochs": log[-1]["epoch"], "train_seconds": round(train_seconds, 1),
                 "train_loop_seconds": round(log[-1]["elapsed"], 1),

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (PROGRESS, ArgumentParser, DataError, InputError, autocast_context, check_compile,
-                    check_same_recipe, cuda_settings, epoch_order, fail, jpeg_quality, load_images, non_negative_float,
+                    check_same_recipe, cuda_settings, epoch_order, fail, jpeg_quality, load_images, machine, non_negative_float,
                     non_negative_int, open_datasets, pack_rec, positive_float, positive_int, probability,
                     run_folder_guard, save_atomic, seed_for, setup_distributed, write_atomic)
 from common import RecordIODataset as _RecordIODataset
@@ -632,7 +632,8 @@ def train(args):
         ds.size, data = args.input_size, (ds, args.workers or min(8, max(1, (os.cpu_count() or 1) // world)))
     if master:  # after the data is read: a set that cannot be read leaves no run folder behind
         os.makedirs(args.out, exist_ok=True)
-        write_atomic(os.path.join(args.out, "config.json"), json.dumps(vars(args), indent=2) + "\n")
+        write_atomic(os.path.join(args.out, "config.json"),
+                     json.dumps({**vars(args), "machine": machine(device)}, indent=2) + "\n")
     model = wrap_model(trainer, partial_fc, world, local_rank, device, args.compile)
 
     start_epoch = step // steps_per_epoch  # whole epochs: a run stopped mid-epoch continues it

@@ -58,7 +58,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from common import (ArgumentParser, DataError, InputError, autocast_context, check_compile, check_same_recipe,
-                    epoch_order, fail, finite_float, load_images, non_negative_float, non_negative_int,
+                    epoch_order, fail, finite_float, load_images, machine, non_negative_float, non_negative_int,
                     open_datasets, positive_float, positive_int, probability, run_folder_guard, save_atomic,
                     seed_for, setup_distributed, write_atomic)
 
@@ -1046,7 +1046,8 @@ def train(args):
         f"{sum(p.numel() for p in net.parameters()):,} parameters, {world} process(es) x {args.grad_accum} x {micro}")
     if rank == 0:
         write_atomic(os.path.join(args.out, "config.json"),
-                     json.dumps({**vars(args), "net": net.config, "world_size": world}, indent=1))
+                     json.dumps({**vars(args), "net": net.config, "world_size": world, "machine": machine(device)},
+                                indent=1))
     model = nn.parallel.DistributedDataParallel(net) if world > 1 else net
     forward = torch.compile(model, backend=args.compile_backend) if args.compile else model
     workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)

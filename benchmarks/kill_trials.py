@@ -41,7 +41,7 @@ def run(cmd):
 
 def digest(out):
     """What a run produced, compared across runs: a hash of every result file (temporary, lock and timing
-    data aside; log.jsonl records without their timing fields)."""
+    data aside; JSON records without their timing fields)."""
     result = {}
     for path in sorted(glob.glob(os.path.join(out, "**", "*"), recursive=True)):
         name = os.path.relpath(path, out)
@@ -50,6 +50,11 @@ def digest(out):
         if name.endswith(".jsonl"):
             records = [json.loads(line) for line in open(path)]
             data = json.dumps([{k: v for k, v in r.items() if k not in IGNORED} for r in records]).encode()
+        elif name.endswith(".json"):
+            record = json.load(open(path))
+            if isinstance(record, dict):
+                record = {k: v for k, v in record.items() if k not in IGNORED}
+            data = json.dumps(record).encode()
         elif name.endswith(".pt"):
             import torch  # tensors by value: the pickle's bytes also hold storage names
             ckpt = torch.load(path, map_location="cpu", weights_only=True)

@@ -559,7 +559,9 @@ def test_cli_smoke_run_with_validation(tiny_toy, tmp_path):
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [e["step"] for e in log] == [4, 6] and all(math.isfinite(e["loss"]) for e in log)
     assert set(log[-1]["val"]) == {"toy_lfw", "toy_cfp_fp"} and 0 <= log[-1]["val_mean"] <= 100
-    assert os.path.exists(out / "val-epoch002.json") and json.load(open(out / "config.json"))["steps"] == 6
+    config = json.load(open(out / "config.json"))
+    assert os.path.exists(out / "val-epoch002.json") and config["steps"] == 6
+    assert config["machine"]["threads"] == int(ENV["OMP_NUM_THREADS"]) and config["machine"]["cpu"]  # bits depend on
     net = load_backbone(out / "model.pt")
     assert net.input_size == 32 and not net.training and len(net.class_names) == 6
     assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 16)

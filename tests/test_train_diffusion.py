@@ -183,6 +183,7 @@ def test_cli_run_writes_a_loadable_snapshot_and_samples(runs, tiny_toy):
     assert net.class_names == sorted(os.listdir(tiny_toy / "train"))
     config = json.loads((run / "config.json").read_text())
     assert net.sigma_data == pytest.approx(config["net"]["sigma_data"]) and 0.2 < net.sigma_data < 0.8
+    assert config["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()  # what its bits depend on
     with Image.open(sorted(run.glob("samples-*.png"))[-1]) as im:
         assert im.size == (8 * 16, 6 * 16)
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
