@@ -48,7 +48,8 @@ def hsic_unbiased(K, L):
     K, L = K.copy(), L.copy()
     np.fill_diagonal(K, 0)
     np.fill_diagonal(L, 0)
-    value = (np.sum(K * L.T) + K.sum() * L.sum() / ((n - 1) * (n - 2)) - 2 * np.sum(K @ L) / (n - 2))
+    value = (
+        np.sum(K * L.T) + K.sum() * L.sum() / ((n - 1) * (n - 2)) - 2 * np.sum(K @ L) / (n - 2))
     return value / (n * (n - 3))
 
 
@@ -67,7 +68,8 @@ def unbiased_cka(X, Y):
 
 
 def knn_mask(K, k):
-    """M[i, j] = 1 where j is among the k rows with the largest inner product with row i (self excluded)."""
+    """M[i, j] = 1 where j is among the k rows with the largest inner product with row i (self
+    excluded)."""
     K = K.copy()
     np.fill_diagonal(K, -np.inf)
     idx = np.argsort(-K, axis=1, kind="stable")[:, :k]
@@ -108,7 +110,8 @@ def permutation_null(X, Y, k, permutations, seed=0):
     """The same metrics with the rows of Y shuffled (class pairing destroyed): mean and std."""
     rng = np.random.default_rng(seed)
     runs = [alignment(X, as_float64(Y)[rng.permutation(len(Y))], k) for _ in range(permutations)]
-    return {m: {"mean": float(np.mean([r[m] for r in runs])), "std": float(np.std([r[m] for r in runs]))}
+    return {m: {"mean": float(np.mean([r[m] for r in runs])),
+                "std": float(np.std([r[m] for r in runs]))}
             for m in runs[0]}
 
 
@@ -118,17 +121,24 @@ def snapshot_kimg(path):
 
 
 def parse_args(argv=None):
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description=__doc__,
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--generator", nargs="*", default=[], metavar="SNAPSHOT.pt",
                         help="generator snapshots (their learned class-condition vectors)")
-    parser.add_argument("--fr", nargs="+", required=True, metavar="MODEL.pt", help="discriminators (model.pt)")
-    parser.add_argument("--data", required=True, help="the labelled training images the class centres come from")
+    parser.add_argument("--fr", nargs="+", required=True, metavar="MODEL.pt",
+                        help="discriminators (model.pt)")
+    parser.add_argument("--data", required=True,
+                        help="the labelled training images the class centres come from")
     parser.add_argument("--out", required=True, help="JSON output")
-    parser.add_argument("--k", type=positive_int, default=10, help="neighbours for CKNNA and mutual kNN")
-    parser.add_argument("--permutations", type=positive_int, default=20, help="row shuffles for the null")
+    parser.add_argument("--k", type=positive_int, default=10,
+                        help="neighbours for CKNNA and mutual kNN")
+    parser.add_argument("--permutations", type=positive_int, default=20,
+                        help="row shuffles for the null")
     parser.add_argument("--batch-size", type=positive_int, default=256, help="embedding batch size")
-    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the permutation null")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    parser.add_argument("--seed", type=non_negative_int, default=0,
+                        help="seed of the permutation null")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda")
     args = parser.parse_args(argv)
     for path in args.generator + args.fr + [args.data]:
         if not os.path.exists(path):
@@ -153,7 +163,8 @@ def discriminator_centres(args, dataset):
         model = model.to(args.device)
         check_finite(f"the discriminator {path}", model.state_dict())
         label = os.path.basename(os.path.dirname(os.path.abspath(path))) or path
-        centres[label] = class_centres(model, dataset, batch_size=args.batch_size, device=args.device)
+        centres[label] = class_centres(model, dataset, batch_size=args.batch_size,
+                                       device=args.device)
         check_finite(f"the class centres under {path}", centres[label])
     return centres
 
@@ -173,16 +184,19 @@ def generator_vectors(path, names):
 
 
 def compare(args):
-    """Every comparison of the module docstring -> the printed table and --out (finite values only)."""
+    """Every comparison of the module docstring -> the printed table and --out (finite values
+    only)."""
     dataset = open_datasets([args.data])
     names = list(dataset.classes)
     if len(names) < 4:  # the unbiased HSIC divides by n - 3
-        raise InputError(f"--data {args.data} has {len(names)} classes; the metrics need at least 4")
+        raise InputError(
+            f"--data {args.data} has {len(names)} classes; the metrics need at least 4")
     if args.k >= len(names):  # a row has only n - 1 neighbours; a larger k would count itself
         print(f"note: --k {args.k} with {len(names)} classes; using k = {len(names) - 1}")
         args.k = len(names) - 1
     centres = discriminator_centres(args, dataset)
-    rows, result = [], {"k": args.k, "permutations": args.permutations, "classes": len(names), "pairs": []}
+    rows, result = [], {"k": args.k, "permutations": args.permutations, "classes": len(names),
+                        "pairs": []}
 
     def add(kind, a, b, X, Y, kimg=None):
         entry = {"kind": kind, "a": a, "b": b, "kimg": kimg, **alignment(X, Y, args.k),
@@ -193,22 +207,27 @@ def compare(args):
     for path in args.generator:
         cond = generator_vectors(path, names)
         for label, C in centres.items():
-            add("condition vs embedding", os.path.basename(path), label, cond, C, snapshot_kimg(path))
+            add("condition vs embedding", os.path.basename(path), label, cond, C,
+                snapshot_kimg(path))
     labels = list(centres)
     for i in range(len(labels)):
         for j in range(i + 1, len(labels)):
-            add("embedding vs embedding", labels[i], labels[j], centres[labels[i]], centres[labels[j]])
+            add("embedding vs embedding", labels[i], labels[j], centres[labels[i]],
+                centres[labels[j]])
     for r in rows:
         check_finite(f"the {r['kind']} metrics of {r['a']} and {r['b']}",
                      [r[m] for m in ("cka", "unbiased_cka", "cknna", "mutual_knn")])
 
-    print(f"| comparison | a | b | kimg | CKA | unbiased CKA | CKNNA (k={args.k}) | mutual kNN | null CKA | null CKNNA |")
+    print(f"| comparison | a | b | kimg | CKA | unbiased CKA | CKNNA (k={args.k}) | mutual kNN | "
+          "null CKA | null CKNNA |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         n = r["null"]
-        print(f"| {r['kind']} | {r['a']} | {r['b']} | {'' if r['kimg'] is None else r['kimg']} | {r['cka']:.3f} | "
+        print(f"| {r['kind']} | {r['a']} | {r['b']} | {'' if r['kimg'] is None else r['kimg']} | "
+              f"{r['cka']:.3f} | "
               f"{r['unbiased_cka']:.3f} | {r['cknna']:.3f} | {r['mutual_knn']:.3f} | "
-              f"{n['cka']['mean']:.3f} +- {n['cka']['std']:.3f} | {n['cknna']['mean']:.3f} +- {n['cknna']['std']:.3f} |")
+              f"{n['cka']['mean']:.3f} +- {n['cka']['std']:.3f} | {n['cknna']['mean']:.3f} +- "
+              f"{n['cknna']['std']:.3f} |")
     write_atomic(args.out, json.dumps(result, indent=2))
 
 

@@ -1,4 +1,5 @@
-"""Plumbing the stage scripts share: flag types, output checks, one writer per output, atomic writes.
+"""Plumbing the stage scripts share: flag types, output checks, one writer per output, atomic
+writes.
 
 Every stage refuses bad input at the door with one `error:` line and never keeps a bad result:
 - numeric flags are checked by argparse (`positive_int`, `non_negative_float`, `probability`, ...);
@@ -53,7 +54,8 @@ def _number(kind, text):
     try:
         value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"not {'an integer' if kind is int else 'a number'}: {text!r}")
     if kind is float and not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
     return value
@@ -122,13 +124,15 @@ def load_checkpoint(loader, path, what):
 def check_finite(name, tensors):
     """InputError naming `name` and the first entry with NaN or infinity.
 
-    `tensors`: a tensor / numpy array, a list of them, or a dict (a state_dict: the key is named)."""
+    `tensors`: a tensor / numpy array, a list of them, or a dict (a state_dict: the key is
+    named)."""
     items = tensors.items() if isinstance(tensors, dict) else enumerate(
         tensors if isinstance(tensors, (list, tuple)) else [tensors])
     for key, value in items:
         if value is None or isinstance(value, (str, bytes)):
             continue
-        if hasattr(value, "is_floating_point"):  # torch: counted where it lives (no copy to the CPU)
+        # torch: counted where it lives (no copy to the CPU)
+        if hasattr(value, "is_floating_point"):
             floating = value.is_floating_point() or value.is_complex()
             bad = int((~value.isfinite()).sum()) if floating else 0
         else:
@@ -140,12 +144,15 @@ def check_finite(name, tensors):
 
 
 def check_same_recipe(saved, args, keys, path):
-    """Resuming: InputError unless each flag in `keys` equals the one `path` was trained with (`saved`:
-    its flags; a flag it does not record is not compared). The run's length is the one allowed change."""
+    """Resuming: InputError unless each flag in `keys` equals the one `path` was trained with
+    (`saved`: its flags; a flag it does not record is not compared). The run's length is the one
+    allowed change."""
     for k in keys:
         if k in saved and saved[k] != getattr(args, k):
-            raise InputError(f"{path} was trained with --{k.replace('_', '-')} {saved[k]}, not {getattr(args, k)}; "
-                             "resume with the same flags (a longer run is allowed) or use another --out")
+            raise InputError(f"{path} was trained with --{k.replace('_', '-')} {saved[k]}, not "
+                             f"{getattr(args, k)}; "
+                             "resume with the same flags (a longer run is allowed) or use another "
+                             "--out")
 
 
 def _nearest_existing(path):
@@ -183,7 +190,8 @@ def check_output_dir(path, need_bytes=0, flag="--out"):
 
 
 def check_output_file(path, need_bytes=0, flag="--out"):
-    """Before any work: `path` can be written as a file (not a folder, its folder writable, room left)."""
+    """Before any work: `path` can be written as a file (not a folder, its folder writable, room
+    left)."""
     if os.path.isdir(path):
         raise InputError(f"{flag} {path} is a folder, not a file")
     if os.path.exists(path) and not os.access(path, os.W_OK):
@@ -192,7 +200,7 @@ def check_output_file(path, need_bytes=0, flag="--out"):
     _check_writable(base, f"{flag} {path}")
     _check_space(base, need_bytes)
 
-# ----------------------------------------------------------------------------- one writer per output
+# ---------------------------------------------------------------------------- one writer per output
 
 
 def _pid_alive(pid):
@@ -255,14 +263,16 @@ def lock_path(out, is_dir=True):
 
 @contextmanager
 def output_lock(out, is_dir=True, flag="--out"):
-    """Hold the one-writer lock of `out` for the body; InputError at once if a live process holds it.
+    """Hold the one-writer lock of `out` for the body; InputError at once if a live process holds
+    it.
 
     A lock file left by a killed process is taken over (its flock died with it)."""
     path = lock_path(out, is_dir)
     created = _make_folders(os.path.dirname(path))
     fd = _try_lock(path)
     if fd is None:
-        raise InputError(f"{flag} {out} is in use by another process (pid {_read_pid(path) or '?'}); "
+        raise InputError(f"{flag} {out} is in use by another process (pid "
+                         f"{_read_pid(path) or '?'}); "
                          "wait for it to finish or use another output")
     try:
         yield path
@@ -312,8 +322,8 @@ def remove_stale_tmp(folder, pattern="*.tmp"):
 @contextmanager
 def run_folder_guard(path):
     """A training run folder, checked before any work; rank 0 (torchrun's RANK) holds its lock for
-    the run and removes the temporary files a killed run left (the other ranks only check: they write
-    nothing there)."""
+    the run and removes the temporary files a killed run left (the other ranks only check: they
+    write nothing there)."""
     check_output_dir(path)
     if int(os.environ.get("RANK", "0")) != 0:
         yield
@@ -399,7 +409,8 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 
 
 def decode_image(data, name):
-    """Encoded bytes (or a path) -> uint8 tensor [3,H,W] RGB; DataError naming the file if corrupt."""
+    """Encoded bytes (or a path) -> uint8 tensor [3,H,W] RGB; DataError naming the file if
+    corrupt."""
     try:
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
             arr = np.asarray(im.convert("RGB"))
@@ -462,17 +473,20 @@ class RecordIODataset(torch.utils.data.Dataset):
             raise DataError(f"corrupt index {idx_path}: expected lines 'key<TAB>offset'") from None
         size = os.path.getsize(rec_path)
         if any(o + 8 > size for o in self.offsets.values()):
-            raise DataError(f"truncated or corrupt {rec_path}: the index points past its end ({size} bytes)")
+            raise DataError(
+                f"truncated or corrupt {rec_path}: the index points past its end ({size} bytes)")
         self.keys, labels = sorted(self.offsets), {}
         flag, head, image = self.read_header(0) if 0 in self.offsets else (0, None, None)
-        if flag > 0 and not image:  # insightface: record 0 holds (first identity record, end), no image
+        # insightface: record 0 holds (first identity record, end), no image
+        if flag > 0 and not image:
             first, end = int(head[0]), int(head[1])
             self.keys = [k for k in self.keys if 0 < k < first]
             for k in range(first, end):  # identity records hold their image-key range (a, b)
                 a, b = (int(v) for v in self.read_header(k)[1][:2]) if k in self.offsets else (0, 0)
                 if a in self.offsets:
                     labels.update(dict.fromkeys(range(a, b), int(self.read_header(a)[1][0])))
-        if any(k not in labels for k in self.keys):  # no ranges (or flag-0 layout): read every header
+        # no ranges (or flag-0 layout): read every header
+        if any(k not in labels for k in self.keys):
             labels = {k: int(self.read_header(k)[1][0]) for k in self.keys}
         names = sorted(set(labels[k] for k in self.keys))
         self.classes = [str(n) for n in names]
@@ -515,7 +529,8 @@ class RecordIODataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         key = self.keys[i]
-        return decode_image(self.read_header(key)[2], f"{self.rec_path} record {key}"), self.targets[i]
+        return decode_image(self.read_header(key)[2],
+                            f"{self.rec_path} record {key}"), self.targets[i]
 
     def encoded(self, i):
         """(the record's encoded image, label) without decoding."""
@@ -549,7 +564,8 @@ def record_chunks(payload):
     for j, (a, b) in enumerate(zip(starts, ends)):
         cflag = 0 if not cuts else 1 if j == 0 else 3 if j == len(cuts) else 2
         out += [magic, struct.pack("<I", cflag << 29 | (b - a)), payload[a:b]]
-    out.append(b"\0" * (-len(payload) % 4))  # middle chunks end on aligned offsets: only the last pads
+    # middle chunks end on aligned offsets: only the last pads
+    out.append(b"\0" * (-len(payload) % 4))
     return b"".join(out)
 
 
@@ -602,17 +618,18 @@ def stored_image(data, fmt, quality, size):
 
 
 def pack_rec(dataset, out_dir, fmt="jpeg", quality=95, size=None, progress=True):
-    """A dataset from open_datasets (its classes as merged) -> out_dir/train.rec, train.idx, property
-    in insightface's layout: record 0 = header (flag 2, labels (first identity record, end)); image
-    records 1..N grouped by class, label = class index; identity records N+1..N+C, labels (a, b) =
-    the key range of the class's images. Returns (images, classes)."""
+    """A dataset from open_datasets (its classes as merged) -> out_dir/train.rec, train.idx,
+    property in insightface's layout: record 0 = header (flag 2, labels (first identity record,
+    end)); image records 1..N grouped by class, label = class index; identity records N+1..N+C,
+    labels (a, b) = the key range of the class's images. Returns (images, classes)."""
     order = sorted(range(len(dataset)), key=lambda i: (dataset.targets[i], i))
     n, c = len(order), len(dataset.classes)
     ranges, shape = [[0, 0] for _ in range(c)], None
     os.makedirs(out_dir, exist_ok=True)
     with RecordWriter(os.path.join(out_dir, "train.rec")) as w:
         w.write(0, record_header(0, labels=(n + 1, n + 1 + c)))
-        for key, i in enumerate(tqdm(order, desc="packing", disable=not progress, leave=False), start=1):
+        for key, i in enumerate(tqdm(order, desc="packing", disable=not progress, leave=False),
+                                start=1):
             data, label = dataset.encoded(i)
             try:
                 data = stored_image(data, fmt, quality, size)
@@ -656,7 +673,8 @@ def read_pairs(path):
             if not fields:
                 continue
             if len(fields) != 3 or fields[2].lower() not in ("1", "0", "true", "false"):
-                raise DataError(f"{path} line {num}: expected 'image1 image2 same(1/0)', got {line.strip()!r}")
+                raise DataError(
+                    f"{path} line {num}: expected 'image1 image2 same(1/0)', got {line.strip()!r}")
             paths += [os.path.join(root, p) for p in fields[:2]]
             issame.append(fields[2].lower() in ("1", "true"))
     return paths, issame
@@ -673,17 +691,19 @@ def pack_bin(pairs_path, out_path):
             images.append(f.read())
         sizes.add(tuple(decode_image(images[-1], p).shape))
     if len(sizes) > 1:
-        raise DataError(f"the images of {pairs_path} differ in size {sorted(sizes)}: a .bin holds one size")
+        raise DataError(
+            f"the images of {pairs_path} differ in size {sorted(sizes)}: a .bin holds one size")
     write_bin(out_path, images, issame)
     return len(issame)
 
 
 def resize_uint8(image, size):
-    """uint8 [...,3,H,W] -> uint8 [...,3,size,size] (antialiased bilinear), unchanged if already there."""
+    """uint8 [...,3,H,W] -> uint8 [...,3,size,size] (antialiased bilinear), unchanged if already
+    there."""
     if image.shape[-2:] == (size, size):
         return image
-    x = F.interpolate(image.reshape(-1, *image.shape[-3:]).float(), size=(size, size), mode="bilinear",
-                      antialias=True, align_corners=False)
+    x = F.interpolate(image.reshape(-1, *image.shape[-3:]).float(), size=(size, size),
+                      mode="bilinear", antialias=True, align_corners=False)
     return x.round().clamp(0, 255).to(torch.uint8).reshape(*image.shape[:-2], size, size)
 
 
@@ -734,7 +754,8 @@ class MergedDataset(torch.utils.data.Dataset):
 def open_dataset(source):
     if source.endswith(".rec"):
         return RecordIODataset(source)
-    if os.path.isfile(os.path.join(source, "train.rec")):  # insightface's folders: train.rec, train.idx, *.bin
+    # insightface's folders: train.rec, train.idx, *.bin
+    if os.path.isfile(os.path.join(source, "train.rec")):
         return RecordIODataset(os.path.join(source, "train.rec"))
     if os.path.isdir(source):
         return ImageFolderDataset(source)
@@ -742,13 +763,15 @@ def open_dataset(source):
 
 
 def open_datasets(sources, merge_by_name=False, size=None):
-    """Image folders and/or .rec files -> one dataset with .classes and .targets (images resized to `size`)."""
+    """Image folders and/or .rec files -> one dataset with .classes and .targets (images resized to
+    `size`)."""
     sources = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
     return MergedDataset([open_dataset(str(s)) for s in sources], merge_by_name, size)
 
 
 def load_images(dataset, size=None, progress=True):
-    """Decode a whole dataset once -> (uint8 [N,3,H,W], int64 labels [N]), resized to `size` if given."""
+    """Decode a whole dataset once -> (uint8 [N,3,H,W], int64 labels [N]), resized to `size` if
+    given."""
     n = len(dataset)
     images, labels = None, torch.empty(n, dtype=torch.int64)
     for i in tqdm(range(n), desc="decoding images", disable=not progress, leave=False):
@@ -766,7 +789,7 @@ def load_images(dataset, size=None, progress=True):
     return images, labels
 
 
-# ----------------------------------------------------------------------------- seeding, processes, precision
+# -------------------------------------------------------------------- seeding, processes, precision
 
 
 def seed_for(*values):
@@ -808,11 +831,13 @@ def write_json(obj, path):
 
 
 def machine(device=None):
-    """What a seeded run's bits depend on besides its flags (benchmarks/determinism.py): the CPU model, the
-    vector kernels PyTorch picked for it, the thread count, the library versions and the GPU."""
+    """What a seeded run's bits depend on besides its flags (benchmarks/determinism.py): the CPU
+    model, the vector kernels PyTorch picked for it, the thread count, the library versions and the
+    GPU."""
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                None) if os.path.exists("/proc/cpuinfo") else None
-    info = {"cpu": cpu or platform.processor(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    info = {"cpu": cpu or platform.processor(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "numpy": np.__version__}
     if device is not None and torch.device(device).type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

@@ -1,25 +1,26 @@
 """Evaluate face-recognition backbones: 1:1 verification, IJB-B/C TAR@FAR, rank-1 identification.
 
-Verification (.bin, docs/formulas.md section 4): each LFW-style file is a pickle of (2N encoded images,
-N booleans), pair i = images (2i, 2i+1). An image's embedding is f(x) + f(flip x), L2-normalised;
-a pair's distance is the squared L2 distance (in [0, 4]). 10-fold accuracy: thresholds
-np.arange(0, 4, 0.01), 10 contiguous unshuffled folds; each fold is scored at the threshold that is
-best on the other nine (predict "same" when dist < thr, first maximum wins); we report mean +-
-population std over the folds, and the pooled TAR at FAR 1e-3 / 1e-4 ("pooled_tar_at_far_*": one ROC
-over all pairs' cosine scores; insightface's VAL@FAR sets a threshold per fold instead).
+Verification (.bin, docs/formulas.md section 4): each LFW-style file is a pickle of (2N encoded
+images, N booleans), pair i = images (2i, 2i+1). An image's embedding is f(x) + f(flip x),
+L2-normalised; a pair's distance is the squared L2 distance (in [0, 4]). 10-fold accuracy:
+thresholds np.arange(0, 4, 0.01), 10 contiguous unshuffled folds; each fold is scored at the
+threshold that is best on the other nine (predict "same" when dist < thr, first maximum wins); we
+report mean +- population std over the folds, and the pooled TAR at FAR 1e-3 / 1e-4
+("pooled_tar_at_far_*": one ROC over all pairs' cosine scores; insightface's VAL@FAR sets a
+threshold per fold instead).
 
 IJB-B / IJB-C 1:1 (--ijb DIR): DIR/meta/<name>_face_tid_mid.txt (image template media),
-DIR/meta/<name>_template_pair_label.txt (t1 t2 label), DIR/meta/<name>_name_5pts_score.txt
-(image x1 y1 ... x5 y5 score), images in DIR/loose_crop/. Faces are aligned by a 5-point similarity
-transform (Umeyama) to the 112x112 ArcFace template; an image's feature is (f(x) + f(flip x)) * score;
-a template's is the mean over each media's images, summed over media, L2-normalised; cosine scores;
+DIR/meta/<name>_template_pair_label.txt (t1 t2 label), DIR/meta/<name>_name_5pts_score.txt (image x1
+y1 ... x5 y5 score), images in DIR/loose_crop/. Faces are aligned by a 5-point similarity transform
+(Umeyama) to the 112x112 ArcFace template; an image's feature is (f(x) + f(flip x)) * score; a
+template's is the mean over each media's images, summed over media, L2-normalised; cosine scores;
 TAR at the ROC point whose FAR is closest to 1e-6 ... 1e-1 (ties to the larger TAR; the ROC keeps
 every distinct score as a threshold).
 
-All-pairs 1:1 (--allpairs DIR, IJB-style at image level): every pair of the images in DIR/<identity>/
-is scored (cosine of f(x) + f(flip x)); same identity = genuine, otherwise impostor. TAR@FAR 1e-3,
-1e-4, 1e-5 at the threshold t = the (k+1)-th largest impostor score, k = floor(FAR * impostor pairs),
-computed exactly in bounded memory (only the largest impostor scores are kept).
+All-pairs 1:1 (--allpairs DIR, IJB-style at image level): every pair of the images in
+DIR/<identity>/ is scored (cosine of f(x) + f(flip x)); same identity = genuine, otherwise impostor.
+TAR@FAR 1e-3, 1e-4, 1e-5 at the threshold t = the (k+1)-th largest impostor score, k = floor(FAR *
+impostor pairs), computed exactly in bounded memory (only the largest impostor scores are kept).
 
 Rank-1 identification (--identification DIR, TinyFace-style):
     DIR/gallery/<identity>/*.png   labelled gallery images
@@ -27,19 +28,20 @@ Rank-1 identification (--identification DIR, TinyFace-style):
     DIR/distractor/*.png           optional: unlabelled images that join the gallery
 A probe is a hit when its most similar gallery image (cosine) has the probe's identity.
 
-Generator checks (--consistency): class centres (mean of L2-normalised embeddings, re-normalised)
-of the real identity folders REAL_DIR/<identity>/; identity consistency = share of the images under
+Generator checks (--consistency): class centres (mean of L2-normalised embeddings, re-normalised) of
+the real identity folders REAL_DIR/<identity>/; identity consistency = share of the images under
 SAMPLES_DIR/<identity>/ (identities also in REAL_DIR) whose nearest centre is their own class;
 cleanliness = mean absolute difference between neighbouring pixels (grey levels), samples over real;
-identity spread = mean cosine of each image to its own folder's centre (intra) and mean cosine between
-distinct folders' centres (inter), for real and generated identities alike (mixed
-identities that are loose or alike teach the discriminator little); nearest real distance = mean RMS
-pixel distance of each image to its nearest REAL_DIR image (fresh real renders give the figure of a
+identity spread = mean cosine of each image to its own folder's centre (intra) and mean cosine
+between distinct folders' centres (inter), for real and generated identities alike (mixed identities
+that are loose or alike teach the discriminator little); nearest real distance = mean RMS pixel
+distance of each image to its nearest REAL_DIR image (fresh real renders give the figure of a
 generator that does not copy its training set; a smaller one means copies).
 
 Under torchrun only rank 0 works (evaluation is single-process).
 
-Usage: python evaluate.py --model RUN/model.pt [RUN2/model.pt ...] --bin FILE.bin ... --out results.json
+Usage: python evaluate.py --model RUN/model.pt [RUN2/model.pt ...] --bin FILE.bin ... --out
+results.json
        python evaluate.py --model RUN/model.pt --ijb IJB_C --identification tinyface --out results.json
        python evaluate.py --model RUN/model.pt --allpairs data/toy/allpairs --bin data/toy/bench/*.bin
        python evaluate.py --consistency SAMPLES_DIR [...] --data REAL_DIR --model RUN/model.pt --out c.json
@@ -56,9 +58,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (PROGRESS, ArgumentParser, DataError, InputError, check_finite, decode_image, fail,
-                    load_images, open_datasets, output_file_guard, pack_bin, positive_int, resize_uint8,
-                    write_json)
+from common import (PROGRESS, ArgumentParser, DataError, InputError, check_finite, decode_image,
+                    fail, load_images, open_datasets, output_file_guard, pack_bin, positive_int,
+                    resize_uint8, write_json)
 from train_arcface import centres_of, embed, load_backbone
 
 THRESHOLDS = np.arange(0, 4, 0.01)  # the reference's float values, e.g. 0.35000000000000003
@@ -73,7 +75,8 @@ ARCFACE_TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 7
 
 
 def fold_slices(n, n_folds):
-    """Contiguous unshuffled folds as sklearn's KFold(shuffle=False): the first n % k get one more."""
+    """Contiguous unshuffled folds as sklearn's KFold(shuffle=False): the first n % k get one
+    more."""
     sizes = np.full(n_folds, n // n_folds)
     sizes[: n % n_folds] += 1
     ends = np.cumsum(sizes)
@@ -81,10 +84,12 @@ def fold_slices(n, n_folds):
 
 
 def verification_accuracy(embeddings, issame, n_folds=10):
-    """Per-fold held-out accuracies of the 10-fold protocol on L2-normalised pair embeddings [2N, d].
+    """Per-fold held-out accuracies of the 10-fold protocol on L2-normalised pair embeddings [2N,
+    d].
 
     Vectorised over thresholds: per fold, the count of pairs with dist < thr comes from a
-    searchsorted on the fold's sorted distances, so it equals the reference's threshold loop exactly.
+    searchsorted on the fold's sorted distances, so it equals the reference's threshold loop
+    exactly.
     """
     emb = np.asarray(embeddings, dtype=np.float64)
     issame = np.asarray(issame, dtype=bool)
@@ -93,11 +98,13 @@ def verification_accuracy(embeddings, issame, n_folds=10):
     if issame.size < n_folds:
         raise ValueError(f"{issame.size} pairs cannot make {n_folds} folds")
     norms = np.sqrt(np.einsum("ij,ij->i", emb, emb))
-    if not np.allclose(norms[np.isfinite(norms)], 1.0, atol=1e-3):  # NaN rows (a diverged model) count as wrong
+    # NaN rows (a diverged model) count as wrong
+    if not np.allclose(norms[np.isfinite(norms)], 1.0, atol=1e-3):
         raise ValueError("embeddings must be L2-normalised rows")
     dist = np.sum(np.square(emb[0::2] - emb[1::2]), 1)
     folds = fold_slices(issame.size, n_folds)
-    # correct[f, t]: pairs of fold f classified correctly at threshold t (same & dist<t, or diff & not)
+    # correct[f, t]: pairs of fold f classified correctly at threshold t (same & dist<t, or diff &
+    # not)
     correct = np.empty((n_folds, THRESHOLDS.size), dtype=np.int64)
     for f, sl in enumerate(folds):
         d, s = dist[sl], issame[sl]
@@ -113,7 +120,8 @@ def verification_accuracy(embeddings, issame, n_folds=10):
 
 
 def roc_curve(scores, labels):
-    """(fpr, tpr) at every distinct score threshold, descending, starting at (0, 0) (all points kept)."""
+    """(fpr, tpr) at every distinct score threshold, descending, starting at (0, 0) (all points
+    kept)."""
     scores = np.asarray(scores, dtype=np.float64)
     labels = np.asarray(labels, dtype=bool)
     order = np.argsort(-scores, kind="mergesort")
@@ -149,7 +157,8 @@ def all_pairs_tar(emb, labels, fars, block=1024):
     impostor_pairs = n * (n - 1) // 2 - genuine_pairs
     if genuine_pairs == 0 or impostor_pairs == 0:
         raise ValueError("all-pairs evaluation needs identities with 2+ images and 2+ identities")
-    ks = [int(far * impostor_pairs + 1e-9) for far in fars]  # floor, robust to 1e-3 * 1000 = 0.999...
+    # floor, robust to 1e-3 * 1000 = 0.999...
+    ks = [int(far * impostor_pairs + 1e-9) for far in fars]
     keep = min(max(ks) + 1, impostor_pairs)
     top, genuine = torch.empty(0), []
     columns = torch.arange(n)
@@ -177,10 +186,11 @@ class RefusedGlobal(pickle.UnpicklingError):
 
 class _BinUnpickler(pickle.Unpickler):
     """Admits only numpy array/scalar reconstruction and py2 bytes; a .bin holds nothing else."""
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("numpy.core.numeric", "_frombuffer"),
+               ("numpy._core.numeric", "_frombuffer"), ("numpy", "ndarray"), ("numpy", "dtype"),
+               ("_codecs", "encode")}
 
     def __init__(self, file, path):
         super().__init__(file, encoding="bytes")  # py2 str -> bytes
@@ -199,7 +209,8 @@ class _BinUnpickler(pickle.Unpickler):
 
 
 def load_bin(path):
-    """LFW-style .bin -> (images uint8 [2N,H,W,3] RGB, issame bool [N]); raises ValueError if invalid."""
+    """LFW-style .bin -> (images uint8 [2N,H,W,3] RGB, issame bool [N]); raises ValueError if
+    invalid."""
     with open(path, "rb") as f:  # a missing file raises FileNotFoundError as usual
         data = f.read()
     try:
@@ -209,14 +220,16 @@ def load_bin(path):
     except Exception as e:  # truncated or foreign files fail in many ways; report them as one
         raise ValueError(f"{path}: not a readable .bin pickle ({type(e).__name__}: {e})") from None
     if not (isinstance(obj, (tuple, list)) and len(obj) == 2):
-        raise ValueError(f"{path}: expected a pickled (bins, issame_list), got {type(obj).__name__}")
+        raise ValueError(
+            f"{path}: expected a pickled (bins, issame_list), got {type(obj).__name__}")
     bins, issame = obj
     issame = np.asarray(issame, dtype=bool).reshape(-1)
     if len(bins) != 2 * issame.size or issame.size == 0:
         raise ValueError(f"{path}: {len(bins)} images for {issame.size} pairs (need 2 per pair)")
     images = []
     for i, b in enumerate(tqdm(bins, desc=os.path.basename(path), leave=False, disable=None)):
-        b = b.tobytes() if isinstance(b, np.ndarray) else b  # some .bin files hold arrays of the bytes
+        # some .bin files hold arrays of the bytes
+        b = b.tobytes() if isinstance(b, np.ndarray) else b
         if not isinstance(b, (bytes, bytearray)):
             raise ValueError(f"{path}: image {i} is a {type(b).__name__}, not encoded bytes")
         images.append(decode_image(bytes(b), f"{path} image {i}").permute(1, 2, 0).numpy())
@@ -226,13 +239,15 @@ def load_bin(path):
 
 
 def read_image_files(paths, size=None):
-    """Image files -> uint8 [N,3,H,W] RGB (resized to size x size if given, antialiased bilinear)."""
+    """Image files -> uint8 [N,3,H,W] RGB (resized to size x size if given, antialiased
+    bilinear)."""
     images = [decode_image(p, p) for p in paths]
     return torch.stack([resize_uint8(im, size) if size else im for im in images])
 
 
 def umeyama(src, dst):
-    """Least-squares similarity transform (Umeyama 1991) mapping points src [n,2] to dst: 2x3 matrix."""
+    """Least-squares similarity transform (Umeyama 1991) mapping points src [n,2] to dst: 2x3
+    matrix."""
     mu_s, mu_d = src.mean(0), dst.mean(0)
     s, d = src - mu_s, dst - mu_d
     U, S, Vt = np.linalg.svd(d.T @ s / len(src))
@@ -269,7 +284,8 @@ def warp_affine(image, M, size):
 def align_face(image, landmarks, size=112):
     """Align an RGB uint8 face to the ArcFace 112x112 template from its 5 landmarks [5, 2]."""
     template = ARCFACE_TEMPLATE * (size / 112.0)
-    return warp_affine(image, umeyama(np.asarray(landmarks, np.float64).reshape(5, 2), template), size)
+    return warp_affine(image, umeyama(np.asarray(landmarks, np.float64).reshape(5, 2), template),
+                       size)
 
 
 def template_features(feats, templates, medias):
@@ -287,12 +303,14 @@ def template_features(feats, templates, medias):
 
 
 def read_ijb_meta(root, name=None):
-    """IJB metadata -> (name, images, template ids, media ids, landmarks [n,10], face scores, pairs [m,3])."""
+    """IJB metadata -> (name, images, template ids, media ids, landmarks [n,10], face scores, pairs
+    [m,3])."""
     meta = os.path.join(root, "meta")
     if name is None:
         found = sorted(glob.glob(os.path.join(meta, "*_face_tid_mid.txt")))
         if len(found) != 1:
-            raise ValueError(f"{meta}: found {len(found)} *_face_tid_mid.txt files; pass --ijb-name")
+            raise ValueError(
+                f"{meta}: found {len(found)} *_face_tid_mid.txt files; pass --ijb-name")
         name = os.path.basename(found[0])[: -len("_face_tid_mid.txt")]
     files = []
     for kind in ("face_tid_mid", "template_pair_label", "name_5pts_score"):
@@ -313,17 +331,19 @@ def read_ijb_meta(root, name=None):
 
 
 def ijb_tar(models, root, name=None, batch_size=256, device=None, amp=False):
-    """IJB-B/C 1:1 verification -> (benchmark name, one {"tar_at_far_1e-6": fraction, ...} per model).
-    Each image is read and aligned once, then embedded by every model."""
+    """IJB-B/C 1:1 verification -> (benchmark name, one {"tar_at_far_1e-6": fraction, ...} per
+    model). Each image is read and aligned once, then embedded by every model."""
     name, images, templates, medias, landmarks, scores, pairs = read_ijb_meta(root, name)
     feats = [[] for _ in models]
     for i in tqdm(range(0, len(images), batch_size), desc=f"{name} images", disable=None):
         crops = []
         for j in range(i, min(i + batch_size, len(images))):
             path = os.path.join(root, "loose_crop", images[j])
-            crops.append(align_face(decode_image(path, path).permute(1, 2, 0).numpy(), landmarks[j]))
+            crops.append(
+                align_face(decode_image(path, path).permute(1, 2, 0).numpy(), landmarks[j]))
         crops = np.stack(crops)
-        for k, model in enumerate(models):  # (f(x) + f(flip x)) unnormalised, weighted by the face score
+        # (f(x) + f(flip x)) unnormalised, weighted by the face score
+        for k, model in enumerate(models):
             raw = embed(model, crops, batch_size, device, amp=amp, normalize=False)
             feats[k].append(raw * scores[i:i + len(crops), None])
     results = []
@@ -333,12 +353,14 @@ def ijb_tar(models, root, name=None, batch_size=256, device=None, amp=False):
         sims = np.concatenate([np.einsum("ij,ij->i", tf[a[s:s + 65536]], tf[b[s:s + 65536]])
                                for s in range(0, len(pairs), 65536)])
         tars = tar_at_far(sims, pairs[:, 2] == 1, IJB_FARS)
-        results.append({f"tar_at_far_{far:.0e}".replace("e-0", "e-"): t for far, t in zip(IJB_FARS, tars)})
+        results.append(
+            {f"tar_at_far_{far:.0e}".replace("e-0", "e-"): t for far, t in zip(IJB_FARS, tars)})
     return name, results
 
 
 def rank1_identification(model, root, batch_size=256, device=None, amp=False):
-    """Share of probes whose most similar gallery image (gallery + distractors) has their identity."""
+    """Share of probes whose most similar gallery image (gallery + distractors) has their
+    identity."""
     size = getattr(model, "input_size", None)
     gallery, probe = open_datasets([os.path.join(root, "gallery")]), open_datasets([os.path.join(root, "probe")])
     g_images, g_labels = load_images(gallery, size, PROGRESS)
@@ -348,7 +370,8 @@ def rank1_identification(model, root, batch_size=256, device=None, amp=False):
     distractors = [p for p in distractors if p.lower().endswith((".png", ".jpg", ".jpeg"))]
     g = embed(model, g_images, batch_size, device, amp=amp)
     if distractors:
-        g = np.concatenate([g, embed(model, read_image_files(distractors, size), batch_size, device, amp=amp)])
+        g = np.concatenate(
+            [g, embed(model, read_image_files(distractors, size), batch_size, device, amp=amp)])
         g_names = np.concatenate([g_names, np.full(len(distractors), None)])
     p = embed(model, p_images, batch_size, device, amp=amp)
     top1 = np.concatenate([np.argmax(p[s:s + 4096] @ g.T, 1) for s in range(0, len(p), 4096)])
@@ -369,20 +392,21 @@ def neighbour_difference(images):
 def nearest_distance(images, reference, chunk=512):
     """Mean over images of the RMS pixel distance (grey levels, RGB) to the nearest reference image:
     samples nearer their training set than fresh real renders are copies (memorisation)."""
-    flat = lambda x: torch.as_tensor(x).reshape(len(x), -1).double()  # noqa: E731 (float64: exact zeros)
+    # noqa: E731 (float64: exact zeros)
+    flat = lambda x: torch.as_tensor(x).reshape(len(x), -1).double()
     ref = flat(reference)
     nearest = [torch.cdist(flat(images[i:i + chunk]), ref).min(1).values for i in range(0, len(images), chunk)]
     return float(torch.cat(nearest).mean() / ref.shape[1] ** 0.5)
 
 
 def _named_images(folder, class_names):
-    """All images under folder/<identity>/ -> (uint8 images, index of the identity in class_names or -1,
-    index of its folder, folder names)."""
+    """All images under folder/<identity>/ -> (uint8 images, index of the identity in class_names or
+    -1, index of its folder, folder names)."""
     ds = open_datasets([folder])
     images, labels = load_images(ds, progress=PROGRESS)
     index = {c: i for i, c in enumerate(class_names)}
-    return (images, np.array([index.get(c, -1) for c in ds.classes])[np.asarray(labels)], np.asarray(labels),
-            ds.classes)
+    return (images, np.array([index.get(c, -1) for c in ds.classes])[np.asarray(labels)],
+            np.asarray(labels), ds.classes)
 
 
 def parent_cosines(folder, folder_classes, emb, folder_labels, real_classes, real_centres):
@@ -407,12 +431,13 @@ def parent_cosines(folder, folder_classes, emb, folder_labels, real_classes, rea
         to_parents.append((real_centres[parents] @ centres[i]).mean())
     if not between:
         return None
-    return {"parent_cosine": float(np.mean(between)), "mix_parent_cosine": float(np.mean(to_parents)),
-            "mixes": len(between)}
+    return {"parent_cosine": float(np.mean(between)),
+            "mix_parent_cosine": float(np.mean(to_parents)), "mixes": len(between)}
 
 
 def _own_centre_share(emb, labels, centres):
-    """Share of the embeddings with a class (label >= 0) whose nearest centre is that class; NaN if none."""
+    """Share of the embeddings with a class (label >= 0) whose nearest centre is that class; NaN if
+    none."""
     keep = labels >= 0
     if not keep.any():
         return float("nan")
@@ -420,8 +445,8 @@ def _own_centre_share(emb, labels, centres):
 
 
 def identity_spread(emb, labels):
-    """L2-normalised embeddings [N, d] grouped by labels [N] -> (mean cosine of each to its own group's
-    centre, mean cosine between distinct groups' centres)."""
+    """L2-normalised embeddings [N, d] grouped by labels [N] -> (mean cosine of each to its own
+    group's centre, mean cosine between distinct groups' centres)."""
     labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
     emb = torch.as_tensor(emb, dtype=torch.float64)
     centres = centres_of(emb, labels)
@@ -450,7 +475,8 @@ def run_consistency(args, model):
     """Identity consistency and neighbour-difference ratio of each --consistency folder."""
     real = open_datasets([args.data])
     real_images, real_labels = load_images(real, progress=PROGRESS)
-    real_emb = embed(model, real_images, args.batch_size, args.device, amp=args.amp)  # once: centres and spread
+    # once: centres and spread
+    real_emb = embed(model, real_images, args.batch_size, args.device, amp=args.amp)
     centres = centres_of(real_emb, real_labels, len(real.classes)).numpy()
     real_nd = neighbour_difference(real_images)
     real_intra, real_inter = identity_spread(real_emb, real_labels)
@@ -468,16 +494,19 @@ def run_consistency(args, model):
         parents = parent_cosines(d, folder_classes, emb, folders, real.classes, centres)
         if parents:
             rows[d].update(parents)
-            print(f"{d}: {parents['mixes']} mixes; parent-pair cosine {parents['parent_cosine']:.3f}, "
+            print(f"{d}: {parents['mixes']} mixes; parent-pair cosine "
+                  f"{parents['parent_cosine']:.3f}, "
                   f"mix to parent {parents['mix_parent_cosine']:.3f}")
     print(f"\nreal {args.data}: neighbour difference {real_nd:.2f} grey levels; identity spread: "
           f"intra {real_intra:.3f}, inter {real_inter:.3f}\n")
-    print("| Samples | Consistency (%) | Neighbour diff | Ratio to real | Intra cosine | Inter cosine "
+    print("| Samples | Consistency (%) | Neighbour diff | Ratio to real | Intra cosine | Inter "
+          "cosine "
           "| Nearest real (RMS) |\n|---|---|---|---|---|---|---|")
     for d, r in rows.items():
         c = "n/a" if r["consistency"] is None else f"{r['consistency']:.1f}"
         print(f"| {d} | {c} | {r['neighbour_difference']:.2f} | {r['neighbour_ratio']:.2f} | "
-              f"{r['intra_cosine']:.3f} | {r['inter_cosine']:.3f} | {r['nearest_real_distance']:.1f} |")
+              f"{r['intra_cosine']:.3f} | {r['inter_cosine']:.3f} | "
+              f"{r['nearest_real_distance']:.1f} |")
     return {"model": args.model[0], "data": args.data, "real_neighbour_difference": real_nd,
             "real_intra_cosine": real_intra, "real_inter_cosine": real_inter, "samples": rows}
 
@@ -510,18 +539,22 @@ def run_benchmarks(args, models, names):
             emb = embed(model, images, args.batch_size, args.device, amp=args.amp)
             acc = verification_accuracy(emb, issame)
             # TAR at the ROC point of all pairs pooled (no folds): not insightface's VAL@FAR, which
-            # picks a threshold per fold. Named for what it is; the old tar_at_far_* keys stay for readers.
+            # picks a threshold per fold. Named for what it is; the old tar_at_far_* keys stay for
+            # readers.
             tars = tar_at_far(np.sum(emb[0::2] * emb[1::2], 1), issame, BIN_FARS)
             results[name][bench] = {"accuracy": 100 * acc.mean(), "std": 100 * acc.std(),
                                     "pooled_tar_at_far_1e-3": 100 * tars[0],
                                     "pooled_tar_at_far_1e-4": 100 * tars[1],
-                                    "tar_at_far_1e-3": 100 * tars[0], "tar_at_far_1e-4": 100 * tars[1]}
+                                    "tar_at_far_1e-3": 100 * tars[0],
+                                    "tar_at_far_1e-4": 100 * tars[1]}
         del images
     if args.bin:
         for name in names:
-            results[name]["avg"] = {"accuracy": float(np.mean([results[name][b]["accuracy"] for b in stems]))}
+            results[name]["avg"] = {
+                "accuracy": float(np.mean([results[name][b]["accuracy"] for b in stems]))}
     if args.ijb:
-        bench, tars = ijb_tar(models, args.ijb, args.ijb_name, args.batch_size, args.device, args.amp)
+        bench, tars = ijb_tar(models, args.ijb, args.ijb_name, args.batch_size, args.device,
+                              args.amp)
         for name, t in zip(names, tars):
             results[name][bench] = {k: 100 * v for k, v in t.items()}
     if args.allpairs:
@@ -535,13 +568,15 @@ def run_benchmarks(args, models, names):
                                     for far, t in zip(ALLPAIRS_FARS, tars)}
         counts = {"bench": bench, "identities": len(ds.classes), "images": len(images),
                   "genuine_pairs": genuine_pairs, "impostor_pairs": impostor_pairs}
-        print(f"{bench}: {counts['identities']} identities, {len(images)} images, {genuine_pairs:,} genuine "
+        print(f"{bench}: {counts['identities']} identities, {len(images)} images, "
+              f"{genuine_pairs:,} genuine "
               f"and {impostor_pairs:,} impostor pairs")
         del images
     if args.identification:
         bench = os.path.basename(os.path.normpath(args.identification))
         for name, model in zip(names, models):
-            rank1 = rank1_identification(model, args.identification, args.batch_size, args.device, args.amp)
+            rank1 = rank1_identification(model, args.identification, args.batch_size, args.device,
+                                         args.amp)
             results[name][bench] = {"rank1": 100 * rank1}
     print_table(results, names)
     out = {"models": {n: {b: {k: None if np.isnan(v) else float(v) for k, v in r.items()} for b, r in res.items()}
@@ -559,25 +594,36 @@ def main(argv=None):
       help="backbone checkpoints: RUN/model.pt, or insightface backbone files (IResNet state dicts)")
     a("--network", choices=["r18", "r34", "r50", "r100", "r200"],
       help="insightface backbone files: the depth, overriding what the keys say")
-    a("--input-size", type=positive_int, help="insightface backbone files: the input size, overriding what the "
+    a("--input-size", type=positive_int,
+      help="insightface backbone files: the input size, overriding what the "
                                      "fc layer's shape says (reference 112)")
-    a("--names", nargs="+", metavar="NAME", help="row names, one per model; None: the run folder names")
+    a("--names", nargs="+", metavar="NAME",
+      help="row names, one per model; None: the run folder names")
     a("--bin", nargs="*", default=[], metavar="FILE.bin", help="LFW-style verification .bin files")
     a("--ijb", metavar="DIR", help="IJB-B/C root folder holding meta/ and loose_crop/")
-    a("--ijb-name", metavar="NAME", help="IJB metadata prefix (ijbb, ijbc); None: the one found in DIR/meta")
-    a("--allpairs", metavar="DIR", help="IJB-style 1:1 over every pair of the images in DIR/<identity>/ "
-                                        "(TAR@FAR 1e-3, 1e-4, 1e-5; 8 images x 1000 identities: 32M pairs)")
-    a("--identification", metavar="DIR", help="rank-1 identification folder: gallery/<id>/, probe/<id>/, "
+    a("--ijb-name", metavar="NAME",
+      help="IJB metadata prefix (ijbb, ijbc); None: the one found in DIR/meta")
+    a("--allpairs", metavar="DIR",
+      help="IJB-style 1:1 over every pair of the images in DIR/<identity>/ "
+                                        "(TAR@FAR 1e-3, 1e-4, 1e-5; 8 images x 1000 identities: "
+                                        "32M pairs)")
+    a("--identification", metavar="DIR",
+      help="rank-1 identification folder: gallery/<id>/, probe/<id>/, "
                                               "optional distractor/")
-    a("--consistency", nargs="+", metavar="SAMPLES_DIR", help="sample folders <identity>/*.png to check "
+    a("--consistency", nargs="+", metavar="SAMPLES_DIR",
+      help="sample folders <identity>/*.png to check "
                                                               "against the class centres of --data")
-    a("--data", metavar="REAL_DIR", help="real identity folders (the training images) for --consistency")
+    a("--data", metavar="REAL_DIR",
+      help="real identity folders (the training images) for --consistency")
     a("--out", metavar="FILE.json", help="write the results as JSON here")
     a("--batch-size", type=positive_int, default=256, help="images per forward pass")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    a("--amp", action="store_true", help="autocast: bf16 where native (GPU or CPU), else fp16 on CUDA")
-    a("--pack-bin", metavar="PAIRS.txt", help="instead of evaluating: write the pairs list (lines 'image1 image2 "
-                                             "same', paths relative to the list) as an insightface .bin to --out")
+    a("--amp", action="store_true",
+      help="autocast: bf16 where native (GPU or CPU), else fp16 on CUDA")
+    a("--pack-bin", metavar="PAIRS.txt",
+      help="instead of evaluating: write the pairs list (lines 'image1 image2 "
+                                             "same', paths relative to the list) as an insightface "
+                                             ".bin to --out")
     args = parser.parse_args(argv)
     if int(os.environ.get("RANK", "0")) != 0:
         return
@@ -607,7 +653,8 @@ def main(argv=None):
         if not args.data or len(args.model) != 1:
             parser.error("--consistency needs --data REAL_DIR and exactly one --model")
     elif not (args.bin or args.ijb or args.allpairs or args.identification):
-        parser.error("nothing to evaluate: give --bin, --ijb, --allpairs, --identification or --consistency")
+        parser.error(
+            "nothing to evaluate: give --bin, --ijb, --allpairs, --identification or --consistency")
     try:
         with output_file_guard(args.out) if args.out else nullcontext():
             depth = int(args.network[1:]) if args.network else None
@@ -621,7 +668,8 @@ def main(argv=None):
             if args.out:
                 write_json(out, args.out)
                 print(f"\nwrote {args.out}")
-    except (InputError, DataError, ValueError, OSError, pickle.UnpicklingError, KeyError, RuntimeError) as e:
+    except (InputError, DataError, ValueError, OSError, pickle.UnpicklingError, KeyError,
+            RuntimeError) as e:
         fail(e)
 
 

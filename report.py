@@ -35,11 +35,13 @@ def mean_std(values):
     return f"{np.mean(values):.1f} +- {np.std(values):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
 
 
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)  # t quantile 0.975, df 1..10
+# t quantile 0.975, df 1..10
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
 
 
 def paired_interval(runs, reference, value=lambda r: r["avg"]):
-    """Seed-paired differences of value(run) (runs minus reference, same seeds): 'mean [95% t-interval] (n)'."""
+    """Seed-paired differences of value(run) (runs minus reference, same seeds): 'mean [95%
+    t-interval] (n)'."""
     ref = {r["seed"]: value(r) for r in reference}
     d = np.array([value(r) - ref[r["seed"]] for r in runs if r["seed"] in ref])
     if len(d) < 2:
@@ -54,17 +56,22 @@ def sample_std(values):
 
 
 def regime_recipe_table(rows):
-    """Per recipe: validation Avg at 1x and 2x epochs, their seed-paired difference, the oracle's gain."""
-    print("Validation benchmarks only (val_*: identities of their own); +- is the sample std over seeds; "
+    """Per recipe: validation Avg at 1x and 2x epochs, their seed-paired difference, the oracle's
+    gain."""
+    print("Validation benchmarks only (val_*: identities of their own); +- is the sample std over "
+          "seeds; "
           "[ ] a 95% t-interval of seed-paired differences.\n")
-    print("| recipe | epochs | seeds | val Avg 1x | val Avg 2x | 2x - 1x | 2x within one std of 1x | oracle - 1x |")
+    print("| recipe | epochs | seeds | val Avg 1x | val Avg 2x | 2x - 1x | 2x within one std of 1x "
+          "| oracle - 1x |")
     print("|---" * 8 + "|")
     for name in (r for r in RECIPES if r in rows):
         one, two, oracle = rows[name], rows.get(f"{name}-2x", []), rows.get(f"{name}-oracle", [])
         sd = np.std([r["avg"] for r in one], ddof=1) if len(one) > 1 else float("nan")
         gap = np.mean([r["avg"] for r in two]) - np.mean([r["avg"] for r in one]) if two else float("nan")
-        print(f"| {name} | {one[0]['epochs']} | {len(one)} | {sample_std([r['avg'] for r in one])} | "
-              f"{sample_std([r['avg'] for r in two]) if two else ''} | {paired_interval(two, one)} | "
+        print(f"| {name} | {one[0]['epochs']} | {len(one)} | {sample_std([r['avg'] for r in one])} "
+              "| "
+              f"{sample_std([r['avg'] for r in two]) if two else ''} | {paired_interval(two, one)} "
+              "| "
               f"{'' if np.isnan(gap * sd) else ('yes' if abs(gap) <= sd else 'no')} | "
               f"{paired_interval(oracle, one)} |")
 
@@ -86,7 +93,8 @@ REGIME_COMPARISONS = [  # (claim, row, reference row)
     ("ScoreMix (distant, embedding) > real", "real+scoremix-dist-emb", "real"),
     ("distant > close pairs", "real+scoremix-dist-emb", "real+scoremix-close-emb"),
     ("distant > random pairs", "real+scoremix-dist-emb", "real+scoremix-random-emb"),
-    ("embedding space > condition space (distant)", "real+scoremix-dist-emb", "real+scoremix-dist-cond"),
+    ("embedding space > condition space (distant)", "real+scoremix-dist-emb",
+     "real+scoremix-dist-cond"),
     ("ScoreMix > Repro", "real+scoremix-dist-emb", "real+repro"),
     ("ScoreMix > condition mixing", "real+scoremix-dist-emb", "real+condmix-dist-emb"),
     ("ScoreMix > pixel average of the parents", "real+scoremix-dist-emb", "real+average-dist-emb"),
@@ -99,11 +107,14 @@ REGIME_COMPARISONS = [  # (claim, row, reference row)
 
 
 def regime_table(rows):
-    """The regime's main table (test benchmarks and all-pairs TARs), the claims' seed-paired intervals and
-    the synthetic sets' statistics."""
-    print("Test benchmarks (toy_*, Toy Avg-H) and the all-pairs 1:1 set; the paper's protocol (24 epochs over each "
-          "row's own set) unless the row says otherwise. +- is the sample std over seeds; [ ] a 95% t-interval of "
-          "seed-paired differences (n seeds); oracle share = (row - real) / (oracle - real), each a mean of "
+    """The regime's main table (test benchmarks and all-pairs TARs), the claims' seed-paired
+    intervals and the synthetic sets' statistics."""
+    print("Test benchmarks (toy_*, Toy Avg-H) and the all-pairs 1:1 set; the paper's protocol (24 "
+          "epochs over each "
+          "row's own set) unless the row says otherwise. +- is the sample std over seeds; [ ] a "
+          "95% t-interval of "
+          "seed-paired differences (n seeds); oracle share = (row - real) / (oracle - real), each "
+          "a mean of "
           "seed-paired differences under the same protocol over the same seeds.\n")
     fars = ("1e-3", "1e-4", "1e-5")
     print("| row | seeds | epochs | steps | Toy Avg-H | vs real | oracle share | "
@@ -123,9 +134,12 @@ def regime_table(rows):
                 share = f"{gain / gap:+.2f} ({gain:+.2f} / {gap:+.2f}, {len(seeds)})"
         tars = " | ".join(sample_std([allpairs(f)(r) for r in runs]) for f in fars)
         print(f"| {row} | {len(runs)} | {runs[0]['epochs']} | {runs[0]['steps']} | "
-              f"{sample_std([r['avg'] for r in runs])} | {paired_interval(runs, real) if row != 'real' else ''} | "
-              f"{share} | {tars} | {paired_interval(runs, real, allpairs('1e-4')) if row != 'real' else ''} |")
-    print("\n| claim | row - reference | Toy Avg-H | all-pairs TAR@FAR=1e-4 | all-pairs TAR@FAR=1e-5 |")
+              f"{sample_std([r['avg'] for r in runs])} | "
+              f"{paired_interval(runs, real) if row != 'real' else ''} | "
+              f"{share} | {tars} | "
+              f"{paired_interval(runs, real, allpairs('1e-4')) if row != 'real' else ''} |")
+    print("\n| claim | row - reference | Toy Avg-H | all-pairs TAR@FAR=1e-4 | all-pairs "
+          "TAR@FAR=1e-5 |")
     print("|---" * 5 + "|")
     for claim, a, b in REGIME_COMPARISONS:
         if a in rows and b in rows:
@@ -134,40 +148,52 @@ def regime_table(rows):
                   f"{paired_interval(rows[a], rows[b], allpairs('1e-5'))} |")
     synth = load_synthetic("regime")
     if synth:
-        print("\nSynthetic sets under the seed-0 baseline (real in parentheses): consistency = share whose nearest "
-              "class centre is its own (Repro only); parent-pair cosine = mean cosine between a mix's two parents' "
-              "class centres (random real pairs: the real inter-centre cosine); mix to parent = mean cosine of a "
+        print("\nSynthetic sets under the seed-0 baseline (real in parentheses): consistency = "
+              "share whose nearest "
+              "class centre is its own (Repro only); parent-pair cosine = mean cosine between a "
+              "mix's two parents' "
+              "class centres (random real pairs: the real inter-centre cosine); mix to parent = "
+              "mean cosine of a "
               "mix's centre to each parent's centre.\n")
-        print("| set | mode | pairs | draw | w | identities x images | consistency % | intra / inter cosine | "
-              "parent-pair cosine (real inter) | mix to parent cosine | nearest real RMS | CPU-s / 1000 images |")
+        print("| set | mode | pairs | draw | w | identities x images | consistency % | intra / "
+              "inter cosine | "
+              "parent-pair cosine (real inter) | mix to parent cosine | nearest real RMS | CPU-s / "
+              "1000 images |")
         print("|---" * 12 + "|")
         for name, s in sorted(synth.items()):
             sam, real_train = s["samples"], s["real_train"]
             cons = "" if sam["consistency"] is None else f"{sam['consistency']:.1f} ({s['real_heldout']['consistency']:.1f})"
             parents = f"{sam['parent_cosine']:.3f} ({real_train['inter_cosine']:.3f})" if "parent_cosine" in sam else ""
             to_parent = f"{sam['mix_parent_cosine']:.3f}" if "mix_parent_cosine" in sam else ""
-            print(f"| {name} | {s['mode']} | {'-'.join(map(str, s['selection'])) if s['selection'] else ''} | "
-                  f"{s['draw']} | {s['guidance']:g} | {s['identities']} x {s['per_identity']} | {cons} | "
-                  f"{sam['intra_cosine']:.2f} / {sam['inter_cosine']:.2f} ({real_train['intra_cosine']:.2f} / "
+            print(f"| {name} | {s['mode']} | "
+                  f"{'-'.join(map(str, s['selection'])) if s['selection'] else ''} | "
+                  f"{s['draw']} | {s['guidance']:g} | {s['identities']} x {s['per_identity']} | "
+                  f"{cons} | "
+                  f"{sam['intra_cosine']:.2f} / {sam['inter_cosine']:.2f} "
+                  f"({real_train['intra_cosine']:.2f} / "
                   f"{real_train['inter_cosine']:.2f}) | {parents} | {to_parent} | "
-                  f"{sam['nearest_real_distance']:.1f} ({s['real_heldout']['nearest_real_distance']:.1f}) | "
+                  f"{sam['nearest_real_distance']:.1f} "
+                  f"({s['real_heldout']['nearest_real_distance']:.1f}) | "
                   f"{s['cpu_seconds_per_1000'] or ''} |")
 
 
 def replication_table(rows):
-    """Main table: mean +- std over seeds; the share of the oracle's Toy Avg-H gain; synthetic cost."""
+    """Main table: mean +- std over seeds; the share of the oracle's Toy Avg-H gain; synthetic
+    cost."""
     synth = load_synthetic("replication")
     main = [r[0] for r in REPLICATION_ROWS if r[0] in rows]
     avg = {row: np.mean([r["avg"] for r in runs]) for row, runs in rows.items()}
     base, top = avg.get("real"), avg.get("oracle")
     sensitivity = sorted(set(rows) - set(main))
-    for title, group in (("", main), ("Sensitivity: the dist-embedding row's sampler settings (one seed each), "
+    for title, group in (("", main),
+                         ("Sensitivity: the dist-embedding row's sampler settings (one seed each), "
                                       "and Repro with guidance and / or churn", sensitivity)):
         if not group:
             continue
         if title:
             print(f"\n{title}\n")
-        print("| row | seeds | steps | " + " | ".join(BENCH) + " | Toy Avg-H | vs real, same seeds | TAR@FAR=1e-3 cplfw "
+        print("| row | seeds | steps | " + " | ".join(BENCH) + " | Toy Avg-H | vs real, same seeds "
+                                                               "| TAR@FAR=1e-3 cplfw "
               "| oracle gain share | synthetic CPU-s / 1000 images |")
         print("|---" * (len(BENCH) + 8) + "|")
         for row in group:
@@ -178,11 +204,15 @@ def replication_table(rows):
             cost = " + ".join(f"{synth[s]['cpu_seconds_per_1000']:.0f}" for s in syn
                               if synth[s]["cpu_seconds_per_1000"])
             print(f"| {row} | {len(runs)} | {runs[0]['steps']} | " + " | ".join(cells) +
-                  f" | {mean_std([r['avg'] for r in runs])} | {paired_difference(runs, rows.get('real', []))} | "
-                  f"{mean_std([r['tar_at_far_1e-3']['toy_cplfw'] for r in runs])} | {share} | {cost} |")
+                  f" | {mean_std([r['avg'] for r in runs])} | "
+                  f"{paired_difference(runs, rows.get('real', []))} | "
+                  f"{mean_std([r['tar_at_far_1e-3']['toy_cplfw'] for r in runs])} | {share} | "
+                  f"{cost} |")
     if synth:
-        print("\n| synthetic set | mode | pairs | alpha | w | steps | churn | identities x images | consistency % | "
-              "neighbour ratio (real held-out) | intra / inter cosine (real) | nearest real RMS (real held-out) | "
+        print("\n| synthetic set | mode | pairs | alpha | w | steps | churn | identities x images "
+              "| consistency % | "
+              "neighbour ratio (real held-out) | intra / inter cosine (real) | nearest real RMS "
+              "(real held-out) | "
               "CPU-s / 1000 images |")
         print("|---" * 13 + "|")
         for name, s in sorted(synth.items()):
@@ -192,22 +222,26 @@ def replication_table(rows):
                      f"{s['real_train']['inter_cosine']:.2f})" if "real_train" in s else ""
             near = f"{sam['nearest_real_distance']:.1f} ({s['real_heldout']['nearest_real_distance']:.1f})" \
                 if "nearest_real_distance" in sam else ""
-            print(f"| {name} | {s['mode']} | {sel} | {s['alpha']:g} | {s['guidance']:g} | {s['steps']} | "
+            print(f"| {name} | {s['mode']} | {sel} | {s['alpha']:g} | {s['guidance']:g} | "
+                  f"{s['steps']} | "
                   f"{s.get('churn', 0):g} | {s['identities']} x {s['per_identity']} | "
                   f"{'' if cons is None else f'{cons:.1f}'} | "
-                  f"{sam['neighbour_ratio']:.2f} ({s['real_heldout']['neighbour_ratio']:.2f}) | {spread} | "
+                  f"{sam['neighbour_ratio']:.2f} ({s['real_heldout']['neighbour_ratio']:.2f}) | "
+                  f"{spread} | "
                   f"{near} | {s['cpu_seconds_per_1000'] or ''} |")
     cka_path = os.path.join(RESULTS, "replication", "cka.json")
     if os.path.exists(cka_path):
         with open(cka_path) as f:
             cka = json.load(f)
-        print("\n| space A | space B | CKA (null) | unbiased CKA (null) | CKNNA (null) | mutual kNN (null) |")
+        print("\n| space A | space B | CKA (null) | unbiased CKA (null) | CKNNA (null) | mutual "
+              "kNN (null) |")
         print("|---" * 6 + "|")
         for p in cka["pairs"]:
             cells = [f"{p[m]:.3f} ({p['null'][m]['mean']:.3f} +- {p['null'][m]['std']:.3f})"
                      for m in ("cka", "unbiased_cka", "cknna", "mutual_knn")]
             print(f"| {p['a']} | {p['b']} | " + " | ".join(cells) + " |")
-        print(f"\n{cka['classes']} classes, k = {cka['k']}, null: {cka['permutations']} row permutations")
+        print(f"\n{cka['classes']} classes, k = {cka['k']}, null: {cka['permutations']} row "
+              "permutations")
 
 
 def paired_difference(runs, real):
@@ -217,23 +251,28 @@ def paired_difference(runs, real):
     d = [r["avg"] - real[r["seed"]] for r in runs if r["seed"] in real]
     if not d:
         return ""
-    return f"{np.mean(d):+.2f}" + (f" +- {np.std(d, ddof=1) / np.sqrt(len(d)):.2f}" if len(d) > 1 else "")
+    return f"{np.mean(d):+.2f}" + (
+        f" +- {np.std(d, ddof=1) / np.sqrt(len(d)):.2f}" if len(d) > 1 else "")
 
 
 def generator_table(rows):
     runs = sorted((r for rs in rows.values() for r in rs), key=lambda r: (r["run"], r["kimg"]))
     sigmas = ("0.002", "0.05", "0.2", "1", "5", "80")
-    print("| run | kimg | consistency % (real held-out) | neighbour ratio (real held-out) | Repro images/s | "
+    print("| run | kimg | consistency % (real held-out) | neighbour ratio (real held-out) | Repro "
+          "images/s | "
           + " | ".join(f"RMS at {s}" for s in sigmas) + " |")
     print("|---" * (5 + len(sigmas)) + "|")
     for r in runs:
         d = r["denoise_rms"] or {}
-        print(f"| {r['run']} | {r['kimg']} | {r['consistency']:.1f} ({r['real_consistency']:.1f}) | "
-              f"{r['neighbour_ratio']:.2f} ({r['real_neighbour_ratio']:.2f}) | {r['sample_images_per_s']:.2f} | "
+        print(f"| {r['run']} | {r['kimg']} | {r['consistency']:.1f} ({r['real_consistency']:.1f}) "
+              "| "
+              f"{r['neighbour_ratio']:.2f} ({r['real_neighbour_ratio']:.2f}) | "
+              f"{r['sample_images_per_s']:.2f} | "
               + " | ".join(f"{d[s]:.4f}" if s in d else "" for s in sigmas) + " |")
     mean_rms = [r["mean_image_rms"] for r in runs if r.get("mean_image_rms") is not None]
     if mean_rms:
-        print(f"\ntrivial denoisers: RMS = sigma (D = noisy input); {mean_rms[-1]:.4f} (D = mean image)")
+        print(f"\ntrivial denoisers: RMS = sigma (D = noisy input); {mean_rms[-1]:.4f} (D = mean "
+              "image)")
 
 
 def table(args):
@@ -249,7 +288,8 @@ def table(args):
     if args.group == "regime":
         return regime_table(rows)
     real = load_results("replication").get("real", []) if args.group == "repro_check" else []
-    print("| row | seeds | epochs | steps | train s (loop) | " + " | ".join(BENCH) + " | Toy Avg-H |"
+    print("| row | seeds | epochs | steps | train s (loop) | " + " | ".join(BENCH) + " | Toy Avg-H "
+                                                                                     "|"
           + (" vs replication's real, same seeds |" if real else ""))
     print("|---" * (len(BENCH) + 6 + bool(real)) + "|")
     for row, runs in rows.items():
@@ -264,7 +304,8 @@ def table(args):
     for row, runs in rows.items():
         curves = [[np.mean([c[b] for b in BENCH]) for c in r["curve"]] for r in runs]
         length = min(map(len, curves))
-        print(f"| {row} | " + " | ".join(f"{np.mean([c[i] for c in curves]):.1f}" for i in range(length)) + " |")
+        print(
+            f"| {row} | " + " | ".join(f"{np.mean([c[i] for c in curves]):.1f}" for i in range(length)) + " |")
 
 
 def demo_report(args):
@@ -272,22 +313,27 @@ def demo_report(args):
     out = args.run
     with open(os.path.join(out, "eval.json")) as f:
         models = json.load(f)["models"]
-    lines = ["# ScoreMix demo report", "", "| Discriminator | " + " | ".join(BENCH) + " | Toy Avg-H |",
+    lines = ["# ScoreMix demo report", "",
+             "| Discriminator | " + " | ".join(BENCH) + " | Toy Avg-H |",
              "|---" * (len(BENCH) + 2) + "|"]
     for name, scores in models.items():
         cells = [f"{scores[b]['accuracy']:.1f} +- {scores[b]['std']:.1f}" for b in BENCH]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {np.mean([scores[b]['accuracy'] for b in BENCH]):.1f} |")
+        lines.append(
+            f"| {name} | " + " | ".join(cells) + f" | {np.mean([scores[b]['accuracy'] for b in BENCH]):.1f} |")
     avgs = [np.mean([s[b]["accuracy"] for b in BENCH]) for s in models.values()]
     if len(avgs) == 2:
         verdict = "beats" if avgs[1] > avgs[0] else "does not beat"
-        lines += ["", f"ScoreMix {verdict} the baseline in this run ({avgs[1] - avgs[0]:+.1f} points Toy Avg-H, one "
+        lines += ["", f"ScoreMix {verdict} the baseline in this run ({avgs[1] - avgs[0]:+.1f} "
+                      "points Toy Avg-H, one "
                       "seed each; the replication measures seed spread and the controls)."]
     if args.settings:
         lines += ["", f"Settings: {args.settings}."]
     with open(os.path.join(out, "consistency.json")) as f:
         cons = json.load(f)
-    lines += ["", "Generated images under the baseline discriminator (identity consistency: share of images whose "
-                  "nearest class centre is their own class; neighbour ratio: mean neighbouring-pixel difference "
+    lines += ["", "Generated images under the baseline discriminator (identity consistency: share "
+                  "of images whose "
+                  "nearest class centre is their own class; neighbour ratio: mean "
+                  "neighbouring-pixel difference "
                   "over that of the real training images):", "",
               "| Images | Consistency (%) | Neighbour ratio |", "|---|---|---|"]
     for d, r in cons["samples"].items():
@@ -296,12 +342,16 @@ def demo_report(args):
     with open(os.path.join(out, "cka.json")) as f:
         cka = json.load(f)["pairs"][0]
     lines += ["", f"Condition space vs baseline embedding space ({cka['a']}): CKA {cka['cka']:.3f} "
-                  f"(permutation null {cka['null']['cka']['mean']:.3f} +- {cka['null']['cka']['std']:.3f}), "
+                  f"(permutation null {cka['null']['cka']['mean']:.3f} +- "
+                  f"{cka['null']['cka']['std']:.3f}), "
                   f"CKNNA {cka['cknna']:.3f} (null {cka['null']['cknna']['mean']:.3f} +- "
                   f"{cka['null']['cknna']['std']:.3f}).", "",
-              "Figures: `data/preview.png` (toy faces), `data/bench_preview.png` (benchmark pairs), "
-              "`generator/samples-*.png` (class-conditional samples, rows = classes), `alpha_beta.png` "
-              "(alpha x beta sweep, paper Fig. 2), `alpha_beta-triplets.png` (Repro A | ScoreMix | Repro B, Fig. 3).",
+              "Figures: `data/preview.png` (toy faces), `data/bench_preview.png` (benchmark "
+              "pairs), "
+              "`generator/samples-*.png` (class-conditional samples, rows = classes), "
+              "`alpha_beta.png` "
+              "(alpha x beta sweep, paper Fig. 2), `alpha_beta-triplets.png` (Repro A | ScoreMix | "
+              "Repro B, Fig. 3).",
               "", "| Stage | Wall time (s) |", "|---|---|"]
     with open(os.path.join(out, "stage_times.tsv")) as f:
         times = [line.rstrip("\n").split("\t") for line in f if line.strip()]
@@ -321,7 +371,8 @@ def main():
     p.set_defaults(func=table)
     p = sub.add_parser("demo", help="write RUN/report.md from run_demo.sh's outputs")
     p.add_argument("run", help="the demo's output folder (runs/demo)")
-    p.add_argument("--settings", default="", help="one line describing the run's settings, printed under the table")
+    p.add_argument("--settings", default="",
+                   help="one line describing the run's settings, printed under the table")
     p.set_defaults(func=demo_report)
     args = parser.parse_args()
     args.func(args)

@@ -14,9 +14,10 @@ them exactly like the real LFW / CFP-FP / AgeDB-30 / CALFW / CPLFW files:
     toy_calfw   age gap, negatives are look-alikes of the first identity
     toy_cplfw   pose gap, negatives are look-alikes of the first identity
 
-Optional: validation benchmarks of the same five kinds in val/ (val_lfw.bin ...: their own identities
-and pairs, for choosing a recipe without looking at the test benchmarks) and an all-pairs 1:1 test set
-in allpairs/<identity>/ (evaluate.py --allpairs: TAR at FAR down to 1e-5 over every pair of images).
+Optional: validation benchmarks of the same five kinds in val/ (val_lfw.bin ...: their own
+identities and pairs, for choosing a recipe without looking at the test benchmarks) and an all-pairs
+1:1 test set in allpairs/<identity>/ (evaluate.py --allpairs: TAR at FAR down to 1e-5 over every
+pair of images).
 
 Determinism: every identity, image and benchmark pair has its own seed derived from
 (--seed, stream, index), so `--identities 2N` keeps the first N identities and their images
@@ -34,8 +35,9 @@ import numpy as np
 from PIL import Image, ImageFilter
 from tqdm import tqdm
 
-from common import (ArgumentParser, InputError, check_output_dir, fail, non_negative_float, non_negative_int,
-                    output_lock, positive_int, probability, remove_stale_tmp, write_atomic, write_bin)
+from common import (ArgumentParser, InputError, check_output_dir, fail, non_negative_float,
+                    non_negative_int, output_lock, positive_int, probability, remove_stale_tmp,
+                    write_atomic, write_bin)
 
 BENCHMARKS = ("toy_lfw", "toy_cfp_fp", "toy_agedb", "toy_calfw", "toy_cplfw")
 # seed streams: each kind of random draw has its own, so adding identities changes nothing else
@@ -45,8 +47,10 @@ STREAM_VAL_IDENTITY, STREAM_VAL_BENCH, STREAM_ALLPAIRS_IDENTITY, STREAM_ALLPAIRS
 SKIN_LIGHT, SKIN_DARK = np.array([0.96, 0.80, 0.68]), np.array([0.36, 0.22, 0.14])
 HAIR_COLOURS = np.array([[0.08, 0.06, 0.06], [0.30, 0.18, 0.10], [0.55, 0.36, 0.18],
                          [0.90, 0.78, 0.45], [0.70, 0.26, 0.10], [0.85, 0.85, 0.82]])
-IRIS_COLOURS = np.array([[0.30, 0.18, 0.08], [0.25, 0.50, 0.85], [0.30, 0.60, 0.30], [0.05, 0.05, 0.05]])
-FRAME_COLOURS = np.array([[0.05, 0.05, 0.05], [0.85, 0.65, 0.15], [0.75, 0.10, 0.10], [0.20, 0.30, 0.80]])
+IRIS_COLOURS = np.array(
+    [[0.30, 0.18, 0.08], [0.25, 0.50, 0.85], [0.30, 0.60, 0.30], [0.05, 0.05, 0.05]])
+FRAME_COLOURS = np.array(
+    [[0.05, 0.05, 0.05], [0.85, 0.65, 0.15], [0.75, 0.10, 0.10], [0.20, 0.30, 0.80]])
 GREY = np.array([0.80, 0.80, 0.80])
 
 # ----------------------------------------------------------------------------------------------
@@ -179,7 +183,8 @@ def render(p, n, resolution):
         paint(img, soft_ellipse(u, v, -0.5 * cx, 0.15 if style == 2 else -0.1, a, b, px), hair)
     for side in (-1, 1):  # ears
         ex, squash, vis = project(side * fw * 1.0)
-        paint(img, vis * soft_ellipse(u, v, ex, -0.02, p["ear"] * squash, p["ear"] * 1.5, px), skin * 0.92)
+        paint(img, vis * soft_ellipse(u, v, ex, -0.02, p["ear"] * squash, p["ear"] * 1.5, px),
+              skin * 0.92)
     # face: an ellipse whose lower half narrows towards the chin
     taper = 1 - 0.35 * p["chin"] * np.clip(v / fh, 0, 1) ** 2
     face = soft_ellipse((u - cx) / taper + cx, v, cx, 0, fw, fh, px)
@@ -190,7 +195,8 @@ def render(p, n, resolution):
     # beard (below the nose), before the mouth so lips stay visible
     if p["beard"]:
         my = p["mouth_y"]
-        region = {1: soft_ellipse(u, v, cx, my + 0.05, fw * 0.95, fh * 0.55, px) * np.clip((v - my + 0.16) / 0.05, 0, 1),
+        region = {1: soft_ellipse(u, v, cx, my + 0.05, fw * 0.95, fh * 0.55,
+                                  px) * np.clip((v - my + 0.16) / 0.05, 0, 1),
                   2: soft_ellipse(u, v, cx, my + 0.2, p["mouth_w"] * 0.9, 0.22, px),
                   3: soft_ellipse(u, v, cx, my - 0.07, p["mouth_w"] * 1.1, 0.05, px)}[p["beard"]]
         paint(img, region * face, hair * 0.9)
@@ -201,57 +207,70 @@ def render(p, n, resolution):
             line = line + 0.14 * np.exp(-((u - cx) / (0.6 * fw)) ** 2)
         if style == 4:  # side parting
             line = line + 0.12 * np.tanh((u - cx) * 6)
-        top = soft_ellipse(u, v, cx * 0.7, -0.05, fw * 1.1, fh * 1.08, px) * np.clip((line - v) / px, 0, 1)
+        top = soft_ellipse(u, v, cx * 0.7, -0.05, fw * 1.1, fh * 1.08,
+                           px) * np.clip((line - v) / px, 0, 1)
         paint(img, top, hair)
     else:  # bald: a short buzz just tints the scalp
-        paint(img, 0.35 * soft_ellipse(u, v, cx, -0.05, fw * 1.02, fh * 1.02, px) * (v < -fh * 0.55), hair)
+        paint(img, 0.35 * soft_ellipse(u, v, cx, -0.05, fw * 1.02, fh * 1.02,
+                                       px) * (v < -fh * 0.55), hair)
     # forehead wrinkles grow with age
     if age > 0.4:
         for k in range(3):
             wy = p["eye_y"] - 0.28 - 0.07 * k
-            paint(img, (age - 0.4) * 0.8 * soft_box(u, v, cx - fw * 0.45, wy, cx + fw * 0.45, wy + 0.012, px) * face,
+            paint(img, (age - 0.4) * 0.8 * soft_box(u, v, cx - fw * 0.45, wy, cx + fw * 0.45,
+                                                    wy + 0.012, px) * face,
                   skin * 0.6)
     # eyes, brows, glasses: paired features placed on the sphere
     ey = p["eye_y"]
     for side in (-1, 1):
         ex, squash, vis = project(side * p["eye_gap"])
         r = p["eye_size"]
-        paint(img, vis * soft_ellipse(u, v, ex, ey, r * 1.35 * squash, r * 1.1 * p["eye_aspect"], px,
-                                      angle=side * p["eye_tilt"]), [0.95, 0.95, 0.95])
-        paint(img, vis * soft_ellipse(u, v, ex + 0.1 * r * sy, ey, r * 0.7 * squash, r * 0.7, px), IRIS_COLOURS[p["iris"]])
-        paint(img, vis * soft_ellipse(u, v, ex + 0.1 * r * sy, ey, r * 0.3 * squash, r * 0.3, px), [0.02, 0.02, 0.02])
+        paint(img, vis * soft_ellipse(u, v, ex, ey, r * 1.35 * squash, r * 1.1 * p["eye_aspect"],
+                                      px, angle=side * p["eye_tilt"]), [0.95, 0.95, 0.95])
+        paint(img, vis * soft_ellipse(u, v, ex + 0.1 * r * sy, ey, r * 0.7 * squash, r * 0.7, px),
+              IRIS_COLOURS[p["iris"]])
+        paint(img, vis * soft_ellipse(u, v, ex + 0.1 * r * sy, ey, r * 0.3 * squash, r * 0.3, px),
+              [0.02, 0.02, 0.02])
         by = ey - r * 1.3 - 0.06 - n["brow_raise"]
-        paint(img, vis * soft_ellipse(u, v, ex, by, r * p["brow_len"] * squash, p["brow_w"], px, angle=side * p["brow_tilt"]),
+        paint(img, vis * soft_ellipse(u, v, ex, by, r * p["brow_len"] * squash, p["brow_w"], px,
+                                      angle=side * p["brow_tilt"]),
               hair * 0.8)
         if p["glasses"]:
             g = r * 2.0
-            shape = (soft_ring(u, v, ex, ey, g * squash, g * 0.85, 0.035, px) if p["glasses"] == 1 else
-                     np.clip(soft_box(u, v, ex - g * squash, ey - g * 0.8, ex + g * squash, ey + g * 0.8, px)
+            shape = (soft_ring(u, v, ex, ey, g * squash, g * 0.85, 0.035,
+                               px) if p["glasses"] == 1 else
+                     np.clip(soft_box(u, v, ex - g * squash, ey - g * 0.8, ex + g * squash,
+                                      ey + g * 0.8, px)
                              - soft_box(u, v, ex - g * squash + 0.035, ey - g * 0.8 + 0.035,
                                         ex + g * squash - 0.035, ey + g * 0.8 - 0.035, px), 0, 1))
             paint(img, vis * shape, FRAME_COLOURS[p["frame"]])
     if p["glasses"]:
         ex0, ex1 = project(-p["eye_gap"])[0], project(p["eye_gap"])[0]
-        paint(img, soft_box(u, v, ex0, ey - 0.015, ex1, ey + 0.015, px) * face, FRAME_COLOURS[p["frame"]])
+        paint(img, soft_box(u, v, ex0, ey - 0.015, ex1, ey + 0.015, px) * face,
+              FRAME_COLOURS[p["frame"]])
     # nose: it sticks out, so it moves further than the surface under yaw
     nx, _, _ = project(0.0, depth=1.25)
     nl, nw = p["nose_len"], p["nose_w"]
-    paint(img, 0.55 * soft_ellipse(u, v, nx, ey + 0.1 + nl * 0.5, nw * 0.45, nl * 0.55, px), skin * 0.7)
+    paint(img, 0.55 * soft_ellipse(u, v, nx, ey + 0.1 + nl * 0.5, nw * 0.45, nl * 0.55, px),
+          skin * 0.7)
     paint(img, 0.8 * soft_ellipse(u, v, nx, ey + 0.1 + nl, nw, nw * 0.45, px), skin * 0.62)
     # mouth: a smile bends it, an open mouth shows a dark gap
     mx, squash, _ = project(0.0)
     my, mw = p["mouth_y"], p["mouth_w"] * squash
     bend = -0.6 * n["smile"] * ((u - mx) / max(mw, 1e-3)) ** 2 * 0.08
     lip_colour = skin * np.array([0.85, 0.45, 0.45]) + np.array([0.1, 0.0, 0.0])
-    paint(img, soft_ellipse(u, v - bend, mx, my, mw, p["lip"] + 0.03 * n["mouth_open"], px), lip_colour)
+    paint(img, soft_ellipse(u, v - bend, mx, my, mw, p["lip"] + 0.03 * n["mouth_open"], px),
+          lip_colour)
     if n["mouth_open"] > 0.1:
-        paint(img, soft_ellipse(u, v - bend, mx, my, mw * 0.8, 0.03 * n["mouth_open"], px), [0.15, 0.05, 0.05])
+        paint(img, soft_ellipse(u, v - bend, mx, my, mw * 0.8, 0.03 * n["mouth_open"], px),
+              [0.15, 0.05, 0.05])
     if p["mole"]:
         mx_, _, vis = project(p["mole_x"] * fw)
         paint(img, vis * soft_ellipse(u, v, mx_, p["mole_y"], 0.035, 0.035, px) * face, skin * 0.35)
     if n["occlusion"]:  # a hand or an object over part of the face
         b = np.sort(n["occ_box"].reshape(2, 2), axis=0)
-        paint(img, soft_box(gu, gv, b[0, 0], max(b[0, 1], 0.2), b[0, 0] + 0.5, 1.2, pixel), n["occ_colour"])
+        paint(img, soft_box(gu, gv, b[0, 0], max(b[0, 1], 0.2), b[0, 0] + 0.5, 1.2, pixel),
+              n["occ_colour"])
     # lighting: a directional gradient and a global brightness
     shade = 1 + n["light"] * (np.cos(n["light_dir"]) * gu + np.sin(n["light_dir"]) * gv)
     img = img * shade[..., None] * n["brightness"]
@@ -277,7 +296,8 @@ def draw(p, rng, resolution, strength=1.0, **fixed):
 # ----------------------------------------------------------------------------------------------
 # Benchmarks: LFW-style pairs, pickled as (list of PNG bytes, list of bool)
 
-def bench_pair(name, i, same, test_ids, seed, resolution, jitter, keep, age_gap, strength=1.0, stream=STREAM_BENCH):
+def bench_pair(name, i, same, test_ids, seed, resolution, jitter, keep, age_gap, strength=1.0,
+               stream=STREAM_BENCH):
     """The two images of pair i of benchmark `name` (its own seed: benchmarks never change)."""
     rng = rng_for(seed, stream, BENCHMARKS.index(name) * 10_000_000 + i)
     p = test_ids[rng.integers(len(test_ids))]
@@ -294,10 +314,12 @@ def bench_pair(name, i, same, test_ids, seed, resolution, jitter, keep, age_gap,
     if name == "toy_cfp_fp":  # frontal vs profile
         kw1, kw2 = {"yaw": rng.normal(0, 0.08)}, {"yaw": sign * rng.uniform(0.7, 1.0)}
     elif name == "toy_cplfw":  # pose gap in positives; negatives at random poses
-        kw1, kw2 = ({"yaw": rng.normal(0, 0.1)}, {"yaw": sign * rng.uniform(0.6, 1.0)}) if same else ({}, {})
+        kw1, kw2 = ({"yaw": rng.normal(0, 0.1)},
+                    {"yaw": sign * rng.uniform(0.6, 1.0)}) if same else ({}, {})
     elif name == "toy_agedb":  # a large age gap in every pair
         kw1, kw2 = {"age": -age_gap / 2}, {"age": age_gap / 2}
-    elif name == "toy_calfw":  # half the age gap in positives: its look-alike negatives are hard already
+    # half the age gap in positives: its look-alike negatives are hard already
+    elif name == "toy_calfw":
         kw1, kw2 = ({"age": -age_gap / 4}, {"age": age_gap / 4}) if same else ({}, {})
     else:
         kw1, kw2 = {}, {}
@@ -317,7 +339,8 @@ def contact_sheet(rows, zoom=2):
     for r, row in enumerate(rows):
         for c, img in enumerate(row):
             sheet[r * (h + 1):r * (h + 1) + h, c * (w + 1):c * (w + 1) + w] = img
-    return Image.fromarray(sheet).resize((sheet.shape[1] * zoom, sheet.shape[0] * zoom), Image.NEAREST)
+    return Image.fromarray(sheet).resize((sheet.shape[1] * zoom, sheet.shape[0] * zoom),
+                                         Image.NEAREST)
 
 
 def pair_labels(pairs):
@@ -328,8 +351,8 @@ def pair_labels(pairs):
 
 
 def write_benchmarks(folder, prefix, ids, issame, stream, args):
-    """The five .bin benchmarks (named prefix + the kind without 'toy_') over identities `ids`; returns
-    4 positive and 4 negative pairs of each for the preview."""
+    """The five .bin benchmarks (named prefix + the kind without 'toy_') over identities `ids`;
+    returns 4 positive and 4 negative pairs of each for the preview."""
     os.makedirs(folder, exist_ok=True)
     rows = []
     for name in BENCHMARKS:
@@ -341,34 +364,47 @@ def write_benchmarks(folder, prefix, ids, issame, stream, args):
             bins += [png_bytes(a), png_bytes(b)]
         pos = [i for i, s in enumerate(issame) if s][:4]
         neg = [i for i, s in enumerate(issame) if not s][:4]
-        rows.append([np.asarray(Image.open(io.BytesIO(bins[2 * i + j]))) for i in pos + neg for j in (0, 1)])
+        rows.append(
+            [np.asarray(Image.open(io.BytesIO(bins[2 * i + j]))) for i in pos + neg for j in (0, 1)])
         write_bin(os.path.join(folder, f"{out_name}.bin"), bins, issame)
     return rows
 
 
 def parse_args(argv=None):
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description=__doc__,
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--identities", type=positive_int, default=32, help="training identities")
-    parser.add_argument("--per-identity", type=positive_int, default=32, help="training images per identity")
-    parser.add_argument("--test-identities", type=positive_int, default=400, help="benchmark identities (disjoint from training)")
-    parser.add_argument("--resolution", type=positive_int, default=32, help="image size in pixels (up to 112)")
-    parser.add_argument("--pairs", type=positive_int, default=1000, help="pairs per benchmark (half positive)")
-    parser.add_argument("--heldout", type=non_negative_int, default=8, help="fresh renders per training identity in heldout/")
-    parser.add_argument("--nuisance", type=non_negative_float, default=1.0, help="strength of the nuisance factors")
-    parser.add_argument("--lookalike-jitter", type=probability, default=0.5,
-                        help="look-alike negatives: continuous parameters move by up to this share of their range")
+    parser.add_argument("--per-identity", type=positive_int, default=32,
+                        help="training images per identity")
+    parser.add_argument("--test-identities", type=positive_int, default=400,
+                        help="benchmark identities (disjoint from training)")
+    parser.add_argument("--resolution", type=positive_int, default=32,
+                        help="image size in pixels (up to 112)")
+    parser.add_argument("--pairs", type=positive_int, default=1000,
+                        help="pairs per benchmark (half positive)")
+    parser.add_argument("--heldout", type=non_negative_int, default=8,
+                        help="fresh renders per training identity in heldout/")
+    parser.add_argument("--nuisance", type=non_negative_float, default=1.0,
+                        help="strength of the nuisance factors")
+    parser.add_argument(
+        "--lookalike-jitter", type=probability, default=0.5,
+        help="look-alike negatives: continuous parameters move by up to this share of their range")
     parser.add_argument("--lookalike-keep", type=probability, default=0.3,
                         help="look-alike negatives: probability of keeping each discrete attribute")
-    parser.add_argument("--age-gap", type=probability, default=0.4, help="age difference inside toy_agedb pairs (half of it in "
+    parser.add_argument("--age-gap", type=probability, default=0.4,
+                        help="age difference inside toy_agedb pairs (half of it in "
                         "toy_calfw positives) (ages run 0..1; training images drift by about 0.15)")
     parser.add_argument("--val-identities", type=non_negative_int, default=0,
-                        help="identities of the validation benchmarks in val/ (their own identity and pair streams; "
+                        help="identities of the validation benchmarks in val/ (their own identity "
+                             "and pair streams; "
                              "for choosing recipes, never the test benchmarks); 0: none")
     parser.add_argument("--allpairs-identities", type=non_negative_int, default=0,
-                        help="identities of the all-pairs 1:1 test set in allpairs/<identity>/ (evaluate.py "
+                        help="identities of the all-pairs 1:1 test set in allpairs/<identity>/ "
+                             "(evaluate.py "
                              "--allpairs); 0: none")
-    parser.add_argument("--allpairs-per-identity", type=positive_int, default=8, help="images per all-pairs identity")
+    parser.add_argument("--allpairs-per-identity", type=positive_int, default=8,
+                        help="images per all-pairs identity")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="random seed")
     args = parser.parse_args(argv)
     if not 8 <= args.resolution <= 112:
@@ -376,7 +412,8 @@ def parse_args(argv=None):
     if args.test_identities < 2:
         parser.error("--test-identities must be >= 2")
     if args.val_identities == 1 or args.allpairs_identities == 1 or args.allpairs_per_identity < 2:
-        parser.error("--val-identities and --allpairs-identities must be 0 or >= 2, --allpairs-per-identity >= 2")
+        parser.error("--val-identities and --allpairs-identities must be 0 or >= 2, "
+                     "--allpairs-per-identity >= 2")
     args.defaults = {k: parser.get_default(k) for k in vars(args)}
     return args
 
@@ -402,13 +439,15 @@ def main(argv=None):
 
 
 def make(args, meta_path):
-    """Render the training identities, held-out renders, benchmarks, validation and all-pairs sets."""
+    """Render the training identities, held-out renders, benchmarks, validation and all-pairs
+    sets."""
     t0 = time.time()
     R = args.resolution
     identities = [random_identity(rng_for(args.seed, STREAM_IDENTITY, i)) for i in range(args.identities)]
     test_ids = [random_identity(rng_for(args.seed, STREAM_TEST_IDENTITY, j)) for j in range(args.test_identities)]
     preview = []
-    for split, stream, count in (("train", STREAM_TRAIN, args.per_identity), ("heldout", STREAM_HELDOUT, args.heldout)):
+    for split, stream, count in (("train", STREAM_TRAIN, args.per_identity),
+                                 ("heldout", STREAM_HELDOUT, args.heldout)):
         for i, p in enumerate(tqdm(identities, desc=f"{split:7s}", unit="id", disable=count == 0)):
             folder = os.path.join(args.out, split, f"id{i:05d}")
             os.makedirs(folder, exist_ok=True)
@@ -420,17 +459,21 @@ def make(args, meta_path):
             if split == "train" and i < 12:
                 preview.append(row[:12])
     issame = pair_labels(args.pairs)
-    bench_rows = write_benchmarks(os.path.join(args.out, "bench"), "", test_ids, issame, STREAM_BENCH, args)
-    if args.val_identities:  # model selection: its own identities and pairs, never the test benchmarks
+    bench_rows = write_benchmarks(os.path.join(args.out, "bench"), "", test_ids, issame,
+                                  STREAM_BENCH, args)
+    # model selection: its own identities and pairs, never the test benchmarks
+    if args.val_identities:
         val_ids = [random_identity(rng_for(args.seed, STREAM_VAL_IDENTITY, j)) for j in range(args.val_identities)]
-        write_benchmarks(os.path.join(args.out, "val"), "val_", val_ids, issame, STREAM_VAL_BENCH, args)
+        write_benchmarks(os.path.join(args.out, "val"), "val_", val_ids, issame, STREAM_VAL_BENCH,
+                         args)
     if args.allpairs_identities:  # IJB-style all-pairs test set: DIR/allpairs/<identity>/*.png
         for j in tqdm(range(args.allpairs_identities), desc="allpairs", unit="id"):
             p = random_identity(rng_for(args.seed, STREAM_ALLPAIRS_IDENTITY, j))
             folder = os.path.join(args.out, "allpairs", f"id{j:05d}")
             os.makedirs(folder, exist_ok=True)
             for k in range(args.allpairs_per_identity):
-                img = draw(p, rng_for(args.seed, STREAM_ALLPAIRS_IMAGE, j * 100_000 + k), R, args.nuisance)
+                img = draw(p, rng_for(args.seed, STREAM_ALLPAIRS_IMAGE, j * 100_000 + k), R,
+                           args.nuisance)
                 write_atomic(os.path.join(folder, f"{k:04d}.png"), png_bytes(img))
     for name, rows in (("preview.png", preview), ("bench_preview.png", bench_rows)):
         sheet = contact_sheet(rows)

@@ -1,7 +1,8 @@
 """Train the generator: a class-conditional EDM denoiser (handwritten UNet) with EMA, snapshots and
 the Heun sampler that the later stages reuse (ScoreMix, Rahimi & Marcel, arXiv 2506.10226).
 
-A raw UNet F becomes the denoiser D by the EDM preconditioning (Karras et al. 2022, docs/formulas.md 1):
+A raw UNet F becomes the denoiser D by the EDM preconditioning (Karras et al. 2022, docs/formulas.md
+1):
     D(x; s, y) = c_skip(s) x + c_out(s) F(c_in(s) x, ln(s)/4, y),  c_skip = sd^2/(s^2+sd^2), ...
 trained on ln s ~ N(P_mean, P_std^2) with loss (s^2+sd^2)/(s*sd)^2 * (D(y+s*n; s, label) - y)^2
 (+ EDM2's learned uncertainty u(s): loss/exp(u) + u), averaged over images. The EDM2 presets sum it
@@ -22,7 +23,8 @@ Two networks:
   is a 4x cheaper version trained 1/3 as long, the light autoguidance guide of the `cpu` generator
   (as `edm2-xs` is for `edm2-s`).
 State is counted in images; re-running a command resumes from RUN/checkpoint.pt and gives the same
-weights as an uninterrupted run. Training images are decoded per item as they stream (bounded memory).
+weights as an uninterrupted run. Training images are decoded per item as they stream (bounded
+memory).
 
     python train_diffusion.py --data toy/train --heldout toy/heldout --out runs/gen
     torchrun --nproc_per_node=8 train_diffusion.py --preset edm2-s --data train.rec --out runs/gen --amp
@@ -34,7 +36,8 @@ weights as an uninterrupted run. Training images are decoded per item as they st
 and its constructor keyword arguments into a snapshot; `posthoc-ema` solves EDM2's post-hoc EMA
 (Alg. 3) for a relative std from the EMA profiles stored in a run's snapshots.
 
-Snapshot RUN/network-snapshot-<kimg:06d>[.<img:03d>].pt (load with `load_generator`, weights_only=True):
+Snapshot RUN/network-snapshot-<kimg:06d>[.<img:03d>].pt (load with `load_generator`,
+weights_only=True):
     {"config": Denoiser kwargs, "ema": EMA state_dict for the first --ema-std,
      "ema_std_<x>": the others, "ema_stds": [...], "class_names": [...], "kimg": float, "sigma_data": float}
 """
@@ -57,16 +60,18 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from common import (ArgumentParser, DataError, InputError, autocast_context, check_compile, check_same_recipe,
-                    epoch_order, fail, finite_float, load_images, machine, non_negative_float, non_negative_int,
-                    open_datasets, positive_float, positive_int, probability, run_folder_guard, save_atomic,
-                    seed_for, setup_distributed, write_atomic)
+from common import (ArgumentParser, DataError, InputError, autocast_context, check_compile,
+                    check_same_recipe, epoch_order, fail, finite_float, load_images, machine,
+                    non_negative_float, non_negative_int, open_datasets, positive_float,
+                    positive_int, probability, run_folder_guard, save_atomic, seed_for,
+                    setup_distributed, write_atomic)
 
 # ----------------------------------------------------------------------------- EDM2 layers
 
 
 def normalize(x, dim=None, eps=1e-4):
-    """EDM2: scale x so that its elements have unit RMS over `dim` (all but the first by default)."""
+    """EDM2: scale x so that its elements have unit RMS over `dim` (all but the first by
+    default)."""
     dim = list(range(1, x.ndim)) if dim is None else dim
     norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
     norm = torch.add(eps, norm, alpha=math.sqrt(norm.numel() / x.numel()))
@@ -88,9 +93,9 @@ def mp_cat(a, b, t=0.5):  # EDM2 eq. 103
 
 
 def resample(x, f=(1, 1), mode="keep"):
-    """EDM2 resampling with the separable filter f (normalised to sum 1 per axis): 'down' is a stride-2
-    depthwise convolution (f = [1, 1]: 2x2 average), 'up' a stride-2 transposed one with 4 f x f
-    ([1, 1]: nearest neighbour), 'keep' returns x."""
+    """EDM2 resampling with the separable filter f (normalised to sum 1 per axis): 'down' is a
+    stride-2 depthwise convolution (f = [1, 1]: 2x2 average), 'up' a stride-2 transposed one with 4
+    f x f ([1, 1]: nearest neighbour), 'keep' returns x."""
     if mode == "keep":
         return x
     f = torch.as_tensor(f, dtype=torch.float32)
@@ -114,11 +119,13 @@ class Fourier(nn.Module):
 
 
 class MPConv(nn.Module):
-    """EDM2 magnitude-preserving conv (kernel k) or linear (k = 0), eq. 47, with weight normalisation.
+    """EDM2 magnitude-preserving conv (kernel k) or linear (k = 0), eq. 47, with weight
+    normalisation.
 
-    EDM2's forced weight normalisation (eq. 66) rewrites the stored weight in every training forward;
-    here the trainer calls `normalize_weight_` before each step's forward passes instead, which stores
-    the same numbers and keeps the forward free of in-place writes (torch.compile, DDP)."""
+    EDM2's forced weight normalisation (eq. 66) rewrites the stored weight in every training
+    forward; here the trainer calls `normalize_weight_` before each step's forward passes instead,
+    which stores the same numbers and keeps the forward free of in-place writes (torch.compile,
+    DDP)."""
 
     def __init__(self, cin, cout, kernel):
         super().__init__()
@@ -136,8 +143,8 @@ class MPConv(nn.Module):
 
 
 class Block(nn.Module):
-    """EDM2 encoder ('enc') or decoder ('dec') block (Fig. 21): resampling, pixel norm (encoder),
-    a residual branch modulated by the embedding, mp_sum with t = res_balance, optional attention."""
+    """EDM2 encoder ('enc') or decoder ('dec') block (Fig. 21): resampling, pixel norm (encoder), a
+    residual branch modulated by the embedding, mp_sum with t = res_balance, optional attention."""
 
     def __init__(self, in_channels, out_channels, emb_channels, flavor="enc", resample_mode="keep",
                  resample_filter=(1, 1), attention=False, channels_per_head=64, dropout=0.0,
@@ -184,13 +191,14 @@ class Block(nn.Module):
 class UNet(nn.Module):
     """EDM2's UNet (Fig. 21). Encoder: at the top level a conv of the image plus a constant channel,
     at each lower level a 'down' Block, then num_blocks Blocks; every output is kept as a skip.
-    Decoder: at the lowest level two Blocks ('in0' with attention), at the others an 'up' Block, then
-    num_blocks + 1 Blocks, each fed mp_cat(x, skip). Attention where the level's resolution is in
-    attn_resolutions. Output: a conv with a learned gain (0 at init, so D starts as c_skip x)."""
+    Decoder: at the lowest level two Blocks ('in0' with attention), at the others an 'up' Block,
+    then num_blocks + 1 Blocks, each fed mp_cat(x, skip). Attention where the level's resolution is
+    in attn_resolutions. Output: a conv with a learned gain (0 at init, so D starts as c_skip x)."""
 
-    def __init__(self, img_resolution, img_channels, label_dim, model_channels=192, channel_mult=(1, 2, 3, 4),
-                 channel_mult_noise=None, channel_mult_emb=None, num_blocks=3, attn_resolutions=(16, 8),
-                 label_balance=0.5, concat_balance=0.5, **block_kwargs):
+    def __init__(self, img_resolution, img_channels, label_dim, model_channels=192,
+                 channel_mult=(1, 2, 3, 4), channel_mult_noise=None, channel_mult_emb=None,
+                 num_blocks=3, attn_resolutions=(16, 8), label_balance=0.5, concat_balance=0.5,
+                 **block_kwargs):
         super().__init__()
         widths = [model_channels * m for m in channel_mult]
         cnoise = model_channels * channel_mult_noise if channel_mult_noise is not None else widths[0]
@@ -199,16 +207,19 @@ class UNet(nn.Module):
         self.out_gain = nn.Parameter(torch.zeros([]))
         self.emb_fourier = Fourier(cnoise)
         self.emb_noise = MPConv(cnoise, cemb, 0)
-        self.emb_label = MPConv(label_dim, cemb, 0)  # one-hot labels through a magnitude-preserving linear map
+        # one-hot labels through a magnitude-preserving linear map
+        self.emb_label = MPConv(label_dim, cemb, 0)
         self.enc, cout = nn.ModuleDict(), img_channels + 1
         for level, width in enumerate(widths):
             res = img_resolution >> level
             if level == 0:
                 self.enc[f"{res}x{res}_conv"], cout = MPConv(cout, width, 3), width
             else:
-                self.enc[f"{res}x{res}_down"] = Block(cout, cout, cemb, resample_mode="down", **block_kwargs)
+                self.enc[f"{res}x{res}_down"] = Block(cout, cout, cemb, resample_mode="down",
+                                                      **block_kwargs)
             for i in range(num_blocks):
-                self.enc[f"{res}x{res}_block{i}"] = Block(cout, width, cemb, attention=res in attn_resolutions,
+                self.enc[f"{res}x{res}_block{i}"] = Block(cout, width, cemb,
+                                                          attention=res in attn_resolutions,
                                                           **block_kwargs)
                 cout = width
         skips = [block.out_channels for block in self.enc.values()]
@@ -216,20 +227,24 @@ class UNet(nn.Module):
         for level, width in reversed(list(enumerate(widths))):
             res = img_resolution >> level
             if level == len(widths) - 1:
-                self.dec[f"{res}x{res}_in0"] = Block(cout, cout, cemb, flavor="dec", attention=True, **block_kwargs)
+                self.dec[f"{res}x{res}_in0"] = Block(cout, cout, cemb, flavor="dec", attention=True,
+                                                     **block_kwargs)
                 self.dec[f"{res}x{res}_in1"] = Block(cout, cout, cemb, flavor="dec", **block_kwargs)
             else:
-                self.dec[f"{res}x{res}_up"] = Block(cout, cout, cemb, flavor="dec", resample_mode="up",
-                                                    **block_kwargs)
+                self.dec[f"{res}x{res}_up"] = Block(cout, cout, cemb, flavor="dec",
+                                                    resample_mode="up", **block_kwargs)
             for i in range(num_blocks + 1):
-                self.dec[f"{res}x{res}_block{i}"] = Block(cout + skips.pop(), width, cemb, flavor="dec",
-                                                          attention=res in attn_resolutions, **block_kwargs)
+                self.dec[f"{res}x{res}_block{i}"] = Block(cout + skips.pop(), width, cemb,
+                                                          flavor="dec",
+                                                          attention=res in attn_resolutions,
+                                                          **block_kwargs)
                 cout = width
         self.out_conv = MPConv(cout, img_channels, 3)
 
     def class_embedding(self, labels):
-        """int64 [B] -> one-hot; float class weights [B, L] (L = label_dim, or num_classes without the
-        null column) -> the same weights: condition mixing. Scaled by sqrt(label_dim) as in EDM2."""
+        """int64 [B] -> one-hot; float class weights [B, L] (L = label_dim, or num_classes without
+        the null column) -> the same weights: condition mixing. Scaled by sqrt(label_dim) as in
+        EDM2."""
         if labels.is_floating_point():
             onehot = F.pad(labels.float(), (0, self.label_dim - labels.shape[1]))
         else:
@@ -239,7 +254,8 @@ class UNet(nn.Module):
     def forward(self, x, c_noise, labels):
         emb = self.emb_noise(self.emb_fourier(c_noise))
         emb = mp_silu(mp_sum(emb, self.class_embedding(labels).to(emb.dtype), t=self.label_balance))
-        x, skips = torch.cat([x, torch.ones_like(x[:, :1])], dim=1), []  # the constant input channel
+        # the constant input channel
+        x, skips = torch.cat([x, torch.ones_like(x[:, :1])], dim=1), []
         for name, block in self.enc.items():
             x = block(x) if name.endswith("_conv") else block(x, emb)
             skips.append(x)
@@ -292,8 +308,8 @@ class CpuBlock(nn.Module):
 
 class CpuUNet(nn.Module):
     """The plain UNet of the CPU presets: levels at R, R/2, ... (widths channels * mult), num_blocks
-    blocks per level on both sides, average-pool / nearest resampling, a middle block, class embedding
-    added to the noise embedding, zero-initialised output layer."""
+    blocks per level on both sides, average-pool / nearest resampling, a middle block, class
+    embedding added to the noise embedding, zero-initialised output layer."""
 
     def __init__(self, img_resolution, img_channels, label_dim, channels, channel_mult, num_blocks,
                  num_mid_blocks, attn_resolutions, dropout):
@@ -310,29 +326,35 @@ class CpuUNet(nn.Module):
         for level, width in enumerate(widths):
             blocks = nn.ModuleList()
             for _ in range(num_blocks):
-                blocks.append(CpuBlock(cout, width, attention=(img_resolution >> level) in attn_resolutions, **kw))
+                blocks.append(CpuBlock(cout, width,
+                                       attention=(img_resolution >> level) in attn_resolutions,
+                                       **kw))
                 skips.append(cout := width)
             self.enc.append(blocks)
         low = img_resolution >> (len(widths) - 1)
-        self.mid = nn.ModuleList(CpuBlock(cout, cout, attention=i == 0 and low in attn_resolutions, **kw)
+        self.mid = nn.ModuleList(CpuBlock(cout, cout, attention=i == 0 and low in attn_resolutions,
+                                          **kw)
                                  for i in range(num_mid_blocks))
         self.dec = nn.ModuleList()
         for level, width in reversed(list(enumerate(widths))):
             blocks = nn.ModuleList()
             for _ in range(num_blocks):
                 blocks.append(CpuBlock(cout + skips.pop(), width,
-                                       attention=(img_resolution >> level) in attn_resolutions, **kw))
+                                       attention=(img_resolution >> level) in attn_resolutions,
+                                       **kw))
                 cout = width
             self.dec.append(blocks)
         self.out_norm = group_norm(cout)
         self.out_conv = nn.Conv2d(cout, img_channels, 3, padding=1)
-        nn.init.zeros_(self.out_conv.weight), nn.init.zeros_(self.out_conv.bias)  # D starts as c_skip x
+        # D starts as c_skip x
+        nn.init.zeros_(self.out_conv.weight), nn.init.zeros_(self.out_conv.bias)
 
     def class_embedding(self, labels):
         """int64 [B] -> [B, d]: the learned class-condition vectors. Float class weights [B, L] (L =
         label_dim, or num_classes without the null column) -> weights @ table: condition mixing."""
         if labels.is_floating_point():
-            return F.pad(labels.float(), (0, self.label_dim - labels.shape[1])) @ self.emb_label.weight
+            return F.pad(labels.float(),
+                         (0, self.label_dim - labels.shape[1])) @ self.emb_label.weight
         return self.emb_label(labels)
 
     def forward(self, x, c_noise, labels):
@@ -360,21 +382,22 @@ def edm_precond(sigma, sigma_data):
 
 
 # EDM2's UNet / Block / Precond keyword arguments beyond the Denoiser's own, with EDM2's defaults
-EDM2_DEFAULTS = dict(channels_per_head=64, channel_mult_noise=None, channel_mult_emb=None, label_balance=0.5,
-                     concat_balance=0.5, res_balance=0.3, attn_balance=0.3, clip_act=256, resample_filter=[1, 1],
-                     logvar_channels=128)
+EDM2_DEFAULTS = dict(channels_per_head=64, channel_mult_noise=None, channel_mult_emb=None,
+                     label_balance=0.5, concat_balance=0.5, res_balance=0.3, attn_balance=0.3,
+                     clip_act=256, resample_filter=[1, 1], logvar_channels=128)
 
 
 class Denoiser(nn.Module):
     """D(x; sigma, class_labels) = c_skip x + c_out F(c_in x, c_noise, y); output in x's dtype.
 
     F is EDM2's `UNet` with mp=True (then EDM2_DEFAULTS' names may be given too) or the `CpuUNet`.
-    With `null_class` the embedding has a row num_classes: the unconditional model of classifier-free
-    guidance (class_labels=None selects it). `uncertainty` adds EDM2's u(sigma) head (eq. 21)."""
+    With `null_class` the embedding has a row num_classes: the unconditional model of
+    classifier-free guidance (class_labels=None selects it). `uncertainty` adds EDM2's u(sigma) head
+    (eq. 21)."""
 
     def __init__(self, img_resolution, img_channels, num_classes, null_class=False, sigma_data=0.5,
-                 uncertainty=False, channels=32, channel_mult=(1, 2, 4), num_blocks=2, num_mid_blocks=1,
-                 attn_resolutions=(), mp=False, dropout=0.0, **edm2):
+                 uncertainty=False, channels=32, channel_mult=(1, 2, 4), num_blocks=2,
+                 num_mid_blocks=1, attn_resolutions=(), mp=False, dropout=0.0, **edm2):
         super().__init__()
         if set(edm2) - set(EDM2_DEFAULTS) or (edm2 and not mp):
             raise TypeError(f"unexpected arguments {sorted(edm2)} (EDM2's names need mp=True)")
@@ -383,18 +406,19 @@ class Denoiser(nn.Module):
         self.img_resolution, self.img_channels, self.num_classes = img_resolution, img_channels, num_classes
         self.sigma_data, self.null_class, self.class_names = float(sigma_data), null_class, None
         label_dim = num_classes + null_class
-        if mp:  # EDM2's Precond: UNet, then the uncertainty head (num_mid_blocks: EDM2 always has 2)
+        # EDM2's Precond: UNet, then the uncertainty head (num_mid_blocks: EDM2 always has 2)
+        if mp:
             e = {**EDM2_DEFAULTS, **edm2}
             logvar_channels = e.pop("logvar_channels")
             self.unet = UNet(img_resolution, img_channels, label_dim, model_channels=channels,
-                             channel_mult=channel_mult, num_blocks=num_blocks, attn_resolutions=attn_resolutions,
-                             dropout=dropout, **e)
+                             channel_mult=channel_mult, num_blocks=num_blocks,
+                             attn_resolutions=attn_resolutions, dropout=dropout, **e)
             if uncertainty:
                 self.logvar_fourier = Fourier(logvar_channels)
                 self.logvar_linear = MPConv(logvar_channels, 1, 0)
         else:
-            self.unet = CpuUNet(img_resolution, img_channels, label_dim, channels, channel_mult, num_blocks,
-                                num_mid_blocks, attn_resolutions, dropout)
+            self.unet = CpuUNet(img_resolution, img_channels, label_dim, channels, channel_mult,
+                                num_blocks, num_mid_blocks, attn_resolutions, dropout)
             self.logvar = nn.Sequential(Fourier(128), nn.Linear(128, 1)) if uncertainty else None
 
     def logvar_of(self, c_noise):
@@ -405,7 +429,8 @@ class Denoiser(nn.Module):
 
     @torch.no_grad()
     def normalize_weights_(self):
-        """EDM2's forced weight normalisation (eq. 66) of every MPConv; call before each training step."""
+        """EDM2's forced weight normalisation (eq. 66) of every MPConv; call before each training
+        step."""
         for m in self.modules():
             if isinstance(m, MPConv):
                 m.normalize_weight_()
@@ -415,12 +440,15 @@ class Denoiser(nn.Module):
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(b)
         if class_labels is None:
             if not self.null_class:
-                raise ValueError("this generator has no null class (train with --label-dropout > 0)")
+                raise ValueError(
+                    "this generator has no null class (train with --label-dropout > 0)")
             class_labels = self.num_classes
-        if torch.is_tensor(class_labels) and class_labels.is_floating_point():  # soft labels [B, L]: class weights
+        # soft labels [B, L]: class weights
+        if torch.is_tensor(class_labels) and class_labels.is_floating_point():
             labels = class_labels.to(x.device, torch.float32).reshape(-1, class_labels.shape[-1]).expand(b, -1)
         else:
-            labels = torch.as_tensor(class_labels, dtype=torch.int64, device=x.device).reshape(-1).expand(b)
+            labels = torch.as_tensor(class_labels, dtype=torch.int64,
+                                     device=x.device).reshape(-1).expand(b)
         c_skip, c_out, c_in, c_noise = edm_precond(sigma.reshape(-1, 1, 1, 1), self.sigma_data)
         x32 = x.to(torch.float32)
         D = c_skip * x32 + c_out * self.unet(c_in * x32, c_noise.flatten(), labels).to(torch.float32)
@@ -438,7 +466,8 @@ def condition_vectors(net):
 
 
 def load_generator(path, device="cpu", ema_std=None):
-    """A network-snapshot .pt -> the EMA denoiser in eval mode (`ema_std` picks another stored EMA)."""
+    """A network-snapshot .pt -> the EMA denoiser in eval mode (`ema_std` picks another stored
+    EMA)."""
     snap = torch.load(path, map_location="cpu", weights_only=True)
     if not (isinstance(snap, dict) and {"config", "ema", "class_names", "kimg"} <= snap.keys()):
         raise ValueError(f"{path} is not a network snapshot of train_diffusion.py")
@@ -447,25 +476,28 @@ def load_generator(path, device="cpu", ema_std=None):
     try:
         net.load_state_dict(snap[key])
     except RuntimeError:
-        raise ValueError(f"{path} was written for another network layout (an older train_diffusion.py?)") from None
+        raise ValueError(f"{path} was written for another network layout (an older "
+                         "train_diffusion.py?)") from None
     net.class_names = list(snap["class_names"])
     return net.to(device).eval().requires_grad_(False)
 
 # ----------------------------------------------------------------------------- EDM2 weights
 
 
-EDM2_PRECOND_KWARGS = {"img_resolution", "img_channels", "label_dim", "use_fp16", "sigma_data", "logvar_channels",
-                       "model_channels", "channel_mult", "num_blocks", "attn_resolutions", "dropout"}
+EDM2_PRECOND_KWARGS = {"img_resolution", "img_channels", "label_dim", "use_fp16", "sigma_data",
+                       "logvar_channels", "model_channels", "channel_mult", "num_blocks",
+                       "attn_resolutions", "dropout"}
 
 
 def from_edm2(state_dict, **edm2_kwargs):
     """EDM2 `Precond` weights -> the same denoiser D as a `Denoiser` (eval mode, fp32).
 
     `state_dict`: EDM2's Precond.state_dict() (any float dtype; EDM2's snapshots hold fp16);
-    `edm2_kwargs`: Precond's / UNet's / Block's keyword arguments under EDM2's names (img_resolution,
-    img_channels, label_dim, model_channels, channel_mult, num_blocks, attn_resolutions, dropout,
-    sigma_data, logvar_channels, channels_per_head, ...), EDM2's defaults for the rest. `use_fp16` is
-    accepted and ignored (run the net under autocast instead). Class names: "0" ... "label_dim-1"."""
+    `edm2_kwargs`: Precond's / UNet's / Block's keyword arguments under EDM2's names
+    (img_resolution, img_channels, label_dim, model_channels, channel_mult, num_blocks,
+    attn_resolutions, dropout, sigma_data, logvar_channels, channels_per_head, ...), EDM2's defaults
+    for the rest. `use_fp16` is accepted and ignored (run the net under autocast instead). Class
+    names: "0" ... "label_dim-1"."""
     kw = dict(model_channels=192, channel_mult=[1, 2, 3, 4], num_blocks=3, attn_resolutions=[16, 8],
               dropout=0.0, sigma_data=0.5)
     unknown = set(edm2_kwargs) - EDM2_PRECOND_KWARGS - set(EDM2_DEFAULTS)
@@ -479,31 +511,35 @@ def from_edm2(state_dict, **edm2_kwargs):
     if kw["label_dim"] < 1:
         raise ValueError("an unconditional EDM2 model (label_dim 0) has no classes to mix")
     extra = {k: kw.pop(k) for k in list(kw) if k in EDM2_DEFAULTS}
-    net = Denoiser(kw["img_resolution"], kw["img_channels"], kw["label_dim"], sigma_data=kw["sigma_data"],
-                   uncertainty=True, channels=kw["model_channels"], channel_mult=list(kw["channel_mult"]),
-                   num_blocks=kw["num_blocks"], num_mid_blocks=2, attn_resolutions=list(kw["attn_resolutions"]),
-                   mp=True, dropout=kw["dropout"], **extra)
+    net = Denoiser(kw["img_resolution"], kw["img_channels"], kw["label_dim"],
+                   sigma_data=kw["sigma_data"], uncertainty=True, channels=kw["model_channels"],
+                   channel_mult=list(kw["channel_mult"]), num_blocks=kw["num_blocks"],
+                   num_mid_blocks=2, attn_resolutions=list(kw["attn_resolutions"]), mp=True,
+                   dropout=kw["dropout"], **extra)
     state = {k.removeprefix("module."): v for k, v in state_dict.items()}
     try:
         net.load_state_dict(state)
     except RuntimeError as e:
-        raise ValueError(f"the state dict does not fit these EDM2 arguments: {str(e).splitlines()[0]}") from None
+        raise ValueError("the state dict does not fit these EDM2 arguments: "
+                         f"{str(e).splitlines()[0]}") from None
     if not all(torch.isfinite(p).all() for p in net.parameters()):
         raise ValueError("the state dict has non-finite weights")
     net.class_names = [str(i) for i in range(net.num_classes)]
     return net.eval().requires_grad_(False)
 
-# ----------------------------------------------------------------------------- EMA, post-hoc EMA, lr, loss
+# ---------------------------------------------------------------------- EMA, post-hoc EMA, lr, loss
 
 
 def std_to_gamma(std):
-    """EDM2 power-function EMA (eq. 126, Alg. 2): the exponent gamma whose profile has relative std `std`."""
+    """EDM2 power-function EMA (eq. 126, Alg. 2): the exponent gamma whose profile has relative std
+    `std`."""
     t = float(std) ** -2  # solve (g+1) / ((g+2)^2 (g+3)) = std^2 for the largest real g
     return float(np.roots([1, 7, 16 - t, 12 - t]).real.max())
 
 
 def power_function_beta(std, nimg, batch):
-    """EMA decay after reaching `nimg` images with a step of `batch`: (1 - batch/nimg)^(gamma+1) (eq. 127)."""
+    """EMA decay after reaching `nimg` images with a step of `batch`: (1 - batch/nimg)^(gamma+1)
+    (eq. 127)."""
     return (1 - batch / nimg) ** (std_to_gamma(std) + 1)
 
 
@@ -524,8 +560,9 @@ class PowerEMA:
 
 
 def profile_inner_product(t_a, std_a, t_b, std_b):
-    """<p_a, p_b> of two power-function EMA profiles p(t) = (g+1)/T (t/T)^g on [0, T] (EDM2 eq. 151):
-    with T_a <= T_b it is (g_a+1)(g_b+1) / ((g_a+g_b+1) T_b) * (T_a/T_b)^g_b, symmetric otherwise."""
+    """<p_a, p_b> of two power-function EMA profiles p(t) = (g+1)/T (t/T)^g on [0, T] (EDM2 eq.
+    151): with T_a <= T_b it is (g_a+1)(g_b+1) / ((g_a+g_b+1) T_b) * (T_a/T_b)^g_b, symmetric
+    otherwise."""
     g_a, g_b = np.vectorize(std_to_gamma)(std_a), np.vectorize(std_to_gamma)(std_b)
     t_a, t_b = np.float64(t_a), np.float64(t_b)
     ratio = np.where(t_a <= t_b, (t_a / t_b) ** g_b, (t_b / t_a) ** g_a)
@@ -534,7 +571,8 @@ def profile_inner_product(t_a, std_a, t_b, std_b):
 
 def posthoc_coefficients(in_nimg, in_std, out_nimg, out_std):
     """EDM2 Alg. 3: weights [inputs, outputs] whose sums of the stored profiles (ending at in_nimg,
-    relative stds in_std) are the least-squares fits of the requested profiles, normalised to sum 1."""
+    relative stds in_std) are the least-squares fits of the requested profiles, normalised to sum
+    1."""
     col = lambda v: np.float64(v).reshape(-1, 1)  # noqa: E731
     row = lambda v: np.float64(v).reshape(1, -1)  # noqa: E731
     in_nimg, in_std = np.broadcast_arrays(np.float64(in_nimg), np.float64(in_std))
@@ -551,22 +589,29 @@ def snapshot_profiles(paths):
     for path in paths:
         snap = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         if not (isinstance(snap, dict) and "ema_stds" in snap):
-            raise ValueError(f"{path} holds no EMA profiles (a post-hoc output or an older snapshot?)")
+            raise ValueError(
+                f"{path} holds no EMA profiles (a post-hoc output or an older snapshot?)")
         nimg = round(snap["kimg"] * 1e3)
-        out += [(path, nimg, std, "ema" if i == 0 else f"ema_std_{std:g}") for i, std in enumerate(snap["ema_stds"])]
+        out += [(path, nimg, std,
+                 "ema" if i == 0 else f"ema_std_{std:g}") for i, std in enumerate(snap["ema_stds"])]
     return out
 
 
 def reconstruct_ema(paths, std, out_kimg=None):
-    """EDM2 post-hoc EMA: the snapshot (a dict) whose EMA has relative std `std` at `out_kimg` (default:
-    the latest snapshot's), a weighted sum of the profiles stored in the snapshots up to then."""
+    """EDM2 post-hoc EMA: the snapshot (a dict) whose EMA has relative std `std` at `out_kimg`
+    (default: the latest snapshot's), a weighted sum of the profiles stored in the snapshots up to
+    then."""
     profiles = snapshot_profiles(paths)
     out_nimg = max(p[1] for p in profiles) if out_kimg is None else round(out_kimg * 1e3)
     if not any(p[1] == out_nimg for p in profiles):
-        raise ValueError(f"no snapshot at {out_nimg / 1e3:g} kimg (the reconstruction time must be a snapshot's)")
-    unique = {(p[1], p[2]): p for p in reversed(profiles)}  # a profile given twice: once (else A is singular)
-    profiles = sorted((p for p in unique.values() if 0 < p[1] <= out_nimg), key=lambda p: (p[1], p[2]))
-    coefs = posthoc_coefficients([p[1] for p in profiles], [p[2] for p in profiles], out_nimg, std)[:, 0]
+        raise ValueError(f"no snapshot at {out_nimg / 1e3:g} kimg (the reconstruction time must be "
+                         "a snapshot's)")
+    # a profile given twice: once (else A is singular)
+    unique = {(p[1], p[2]): p for p in reversed(profiles)}
+    profiles = sorted((p for p in unique.values() if 0 < p[1] <= out_nimg),
+                      key=lambda p: (p[1], p[2]))
+    coefs = posthoc_coefficients([p[1] for p in profiles], [p[2] for p in profiles], out_nimg,
+                                 std)[:, 0]
     total, snap, last = None, None, None
     for (path, nimg, _, key), c in zip(profiles, coefs):
         if path != last:
@@ -577,14 +622,17 @@ def reconstruct_ema(paths, std, out_kimg=None):
                 params = {name for name, _ in Denoiser(**config).named_parameters()}
             total = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in snap[key].items()}
         elif snap["config"] != config or snap["class_names"] != names:
-            raise ValueError(f"{path} was made with another network or classes than the other snapshots")
+            raise ValueError(
+                f"{path} was made with another network or classes than the other snapshots")
         for k, v in snap[key].items():
             if k in params:
                 total[k] += c * v.float()
             else:
                 total[k] = v.clone()  # buffers: the last one
-    return {"config": config, "ema": total, "class_names": names, "kimg": out_nimg / 1e3, "sigma_data": sigma_data,
-            "posthoc_ema": {"std": float(std), "inputs": [[os.path.basename(p[0]), p[1], p[2]] for p in profiles],
+    return {"config": config, "ema": total, "class_names": names, "kimg": out_nimg / 1e3,
+            "sigma_data": sigma_data,
+            "posthoc_ema": {"std": float(std),
+                            "inputs": [[os.path.basename(p[0]), p[1], p[2]] for p in profiles],
                             "coefficients": coefs.tolist()}}
 
 
@@ -592,9 +640,9 @@ def learning_rate(args, nimg):
     """lr of the step that starts after `nimg` images.
 
     isqrt (EDM2's schedule, anchored in batches): lr / sqrt(max(nimg / (ref_batches * batch), 1)),
-    times min(nimg / rampup, 1); so any --batch-size / --grad-accum gives EDM2's lr at the same image
-    count for the same global batch. linear (cpu): warm-up to lr, constant for half the run, then to 0,
-    evaluated at the step's end."""
+    times min(nimg / rampup, 1); so any --batch-size / --grad-accum gives EDM2's lr at the same
+    image count for the same global batch. linear (cpu): warm-up to lr, constant for half the run,
+    then to 0, evaluated at the step's end."""
     if args.lr_schedule == "isqrt":
         lr = args.lr
         if args.ref_batches > 0:
@@ -606,9 +654,10 @@ def learning_rate(args, nimg):
 
 
 def edm_loss(net, y, labels, P_mean, P_std, sigma_data, generator, pixel_sum=False):
-    """EDM loss averaged over images and over pixels, or summed over pixels (EDM2: `pixel_sum`), with
-    EDM2's uncertainty weighting when the net has the head (eq. 21)."""
-    sigma = (torch.randn([y.shape[0], 1, 1, 1], generator=generator, device=y.device) * P_std + P_mean).exp()
+    """EDM loss averaged over images and over pixels, or summed over pixels (EDM2: `pixel_sum`),
+    with EDM2's uncertainty weighting when the net has the head (eq. 21)."""
+    sigma = (torch.randn([y.shape[0], 1, 1, 1], generator=generator,
+                         device=y.device) * P_std + P_mean).exp()
     weight = (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
     noise = torch.randn(y.shape, generator=generator, device=y.device) * sigma
     D, logvar = net(y + noise, sigma.flatten(), labels, return_logvar=True)
@@ -643,9 +692,10 @@ def heun_sample(denoise, latents, sigmas, S_churn=0, S_min=0, S_max=float("inf")
                 generators=None, randn_like=None):
     """EDM Heun sampler (docs/formulas.md 1): x_0 = latents * sigmas[0]; Euler on the last step.
 
-    `denoise(x, sigma)` -> D(x; sigma), sigma a 0-d tensor of x's dtype; x keeps its dtype. Churn noise
-    comes from `randn_like(x)` or `generators.randn_like(x)` (a StackedRandomGenerator)."""
-    randn_like = randn_like or (generators.randn_like if generators is not None else torch.randn_like)
+    `denoise(x, sigma)` -> D(x; sigma), sigma a 0-d tensor of x's dtype; x keeps its dtype. Churn
+    noise comes from `randn_like(x)` or `generators.randn_like(x)` (a StackedRandomGenerator)."""
+    randn_like = randn_like or (
+        generators.randn_like if generators is not None else torch.randn_like)
     sigmas = torch.as_tensor(sigmas).to(latents.device, latents.dtype)
     n = len(sigmas) - 1
     x = latents * sigmas[0]
@@ -664,8 +714,8 @@ def heun_sample(denoise, latents, sigmas, S_churn=0, S_min=0, S_max=float("inf")
     return x
 
 
-def generate_images(denoise, class_labels, seeds, num_steps=32, batch_size=64, shape=None, device=None,
-                    **sampler_kwargs):
+def generate_images(denoise, class_labels, seeds, num_steps=32, batch_size=64, shape=None,
+                    device=None, **sampler_kwargs):
     """Per-seed samples -> uint8 [N, C, H, W] on the CPU.
 
     `denoise` is a net (called as net(x, sigma, labels)) or, with class_labels=None, any
@@ -680,7 +730,8 @@ def generate_images(denoise, class_labels, seeds, num_steps=32, batch_size=64, s
         fn = denoise
         if class_labels is not None:
             labels = torch.as_tensor(class_labels, device=device).reshape(-1).expand(len(seeds))[lo:lo + batch_size]
-            fn = lambda x, sigma: denoise(x, sigma, labels)  # noqa: E731 (used at once, in this iteration)
+            # noqa: E731 (used at once, in this iteration)
+            fn = lambda x, sigma: denoise(x, sigma, labels)
         x = heun_sample(fn, rnd.randn([len(rnd.generators), *shape], device=device), sigmas,
                         generators=rnd, **sampler_kwargs)
         out.append((x * 127.5 + 128).clip(0, 255).to(torch.uint8).cpu())
@@ -691,28 +742,33 @@ def generate_images(denoise, class_labels, seeds, num_steps=32, batch_size=64, s
 
 
 def edm2_preset(channels, lr, dropout, duration_mimg):
-    """EDM2's img64 configuration at width `channels` (batch 2048, isqrt decay after 35k batches, 10 Mimg
-    warm-up, ln sigma ~ N(-0.8, 1.6^2), EMA profiles 0.05 and 0.10, sigma_data 0.5, no flips)."""
-    return dict(resolution=64, channels=channels, channel_mult=[1, 2, 3, 4], num_blocks=3, num_mid_blocks=2,
-                attn=[16, 8], mp=True, uncertainty=True, dropout=dropout, batch_size=2048, lr=lr,
-                lr_schedule="isqrt", rampup_kimg=10000, ref_batches=35000, duration=duration_mimg * 1048.576,
-                p_mean=-0.8, p_std=1.6, ema_std=[0.05, 0.10], sigma_data="0.5", xflip=0,
-                snapshot_every=8388.608, checkpoint_every=8388.608, status_every=131.072)
+    """EDM2's img64 configuration at width `channels` (batch 2048, isqrt decay after 35k batches,
+    10 Mimg warm-up, ln sigma ~ N(-0.8, 1.6^2), EMA profiles 0.05 and 0.10, sigma_data 0.5, no
+    flips)."""
+    return dict(resolution=64, channels=channels, channel_mult=[1, 2, 3, 4], num_blocks=3,
+                num_mid_blocks=2, attn=[16, 8], mp=True, uncertainty=True, dropout=dropout,
+                batch_size=2048, lr=lr, lr_schedule="isqrt", rampup_kimg=10000, ref_batches=35000,
+                duration=duration_mimg * 1048.576, p_mean=-0.8, p_std=1.6, ema_std=[0.05, 0.10],
+                sigma_data="0.5", xflip=0, snapshot_every=8388.608, checkpoint_every=8388.608,
+                status_every=131.072)
 
 
-CPU_PRESET = dict(resolution=32, channels=32, channel_mult=[1, 2, 4], num_blocks=2, num_mid_blocks=1, attn=[],
-                  mp=False, uncertainty=False, dropout=0.0, batch_size=64, lr=2e-3, lr_schedule="linear",
-                  rampup_kimg=6.4, ref_batches=0, duration=150, p_mean=-1.2, p_std=1.2, ema_std=[0.05],
-                  sigma_data="auto", xflip=1, snapshot_every=50, checkpoint_every=10, status_every=1.0)
+CPU_PRESET = dict(resolution=32, channels=32, channel_mult=[1, 2, 4], num_blocks=2,
+                  num_mid_blocks=1, attn=[], mp=False, uncertainty=False, dropout=0.0,
+                  batch_size=64, lr=2e-3, lr_schedule="linear", rampup_kimg=6.4, ref_batches=0,
+                  duration=150, p_mean=-1.2, p_std=1.2, ema_std=[0.05], sigma_data="auto", xflip=1,
+                  snapshot_every=50, checkpoint_every=10, status_every=1.0)
 PRESETS = {
     "cpu": CPU_PRESET,
-    "cpu-guide": {**CPU_PRESET, "channels": 16, "duration": 50},  # ~1/4 of the cpu net's cost per call
+    "cpu-guide": {**CPU_PRESET, "channels": 16,
+                  "duration": 50},  # ~1/4 of the cpu net's cost per call
     "edm2-xs": edm2_preset(128, 0.0120, 0.0, 1024),  # the light autoguidance guide of edm2-s
     "edm2-s": edm2_preset(192, 0.0100, 0.0, 1024),
     "edm2-m": edm2_preset(256, 0.0090, 0.1, 2048),
 }
 DENOISE_SIGMAS = (0.002, 0.01, 0.05, 0.2, 0.5, 1, 5, 20, 80)
-STATS_IMAGES = 10000  # images decoded for sigma_data 'auto' and the mean image (all of a smaller set)
+# images decoded for sigma_data 'auto' and the mean image (all of a smaller set)
+STATS_IMAGES = 10000
 HELD_IMAGES = 128  # training images of the denoising-error table when there is no --heldout
 
 
@@ -720,15 +776,18 @@ epoch_permutation = functools.lru_cache(maxsize=4)(epoch_order)
 
 
 def stream_indices(start, count, n, seed):
-    """Items at global positions start..start+count-1 of an endless stream of seeded epoch permutations
-    (the same stream whatever the number of ranks: each micro-batch takes its own slice)."""
+    """Items at global positions start..start+count-1 of an endless stream of seeded epoch
+    permutations (the same stream whatever the number of ranks: each micro-batch takes its own
+    slice)."""
     pos = torch.arange(start, start + count)
-    return torch.cat([epoch_permutation(n, 1, seed, int(e))[pos[pos // n == e] % n] for e in torch.unique(pos // n)])
+    return torch.cat(
+        [epoch_permutation(n, 1, seed, int(e))[pos[pos // n == e] % n] for e in torch.unique(pos // n)])
 
 
 class StreamSampler(torch.utils.data.Sampler):
-    """This rank's micro-batches from image `start` on: micro-batch r of the step that starts at nimg
-    holds stream positions nimg + (r * world + rank) * micro ... + micro - 1 (resume = same batches)."""
+    """This rank's micro-batches from image `start` on: micro-batch r of the step that starts at
+    nimg holds stream positions nimg + (r * world + rank) * micro ... + micro - 1 (resume = same
+    batches)."""
 
     def __init__(self, n, start, micro, batch_size, grad_accum, rank, world, seed):
         self.n, self.start, self.micro, self.batch_size = n, start, micro, batch_size
@@ -746,7 +805,8 @@ def to_float(images_u8):
 
 
 def decode(dataset, indices, chunk=None):
-    """uint8 images + labels of dataset[indices], decoded per item, in chunks of `chunk` (an iterator)."""
+    """uint8 images + labels of dataset[indices], decoded per item, in chunks of `chunk` (an
+    iterator)."""
     indices = [int(i) for i in indices]
     chunk = chunk or max(1, len(indices))
     for lo in range(0, len(indices), chunk):
@@ -763,7 +823,8 @@ def statistics_sample(n, cap=None):
 
 
 def pixel_statistics(chunks):
-    """uint8 image chunks -> (std of all pixels in [-1, 1], mean image [C,H,W]) in one float64 pass."""
+    """uint8 image chunks -> (std of all pixels in [-1, 1], mean image [C,H,W]) in one float64
+    pass."""
     s1 = s2 = 0
     count = 0
     for images in chunks:
@@ -780,10 +841,12 @@ def stats_chunk(image_shape):
 
 @torch.no_grad()
 def denoising_errors(net, images, labels, mean_image, device, seed=0):
-    """RMS error of D on real images per sigma, next to D = noisy input (error sigma) and D = mean image."""
+    """RMS error of D on real images per sigma, next to D = noisy input (error sigma) and D = mean
+    image."""
     y = to_float(images).to(device)
     n = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(device)
-    rms = {s: float(torch.cat([((net(y[i:i + 128] + s * n[i:i + 128], s, labels[i:i + 128].to(device))
+    rms = {s: float(torch.cat([((net(y[i:i + 128] + s * n[i:i + 128], s,
+                                     labels[i:i + 128].to(device))
                                  - y[i:i + 128]) ** 2).flatten() for i in range(0, len(y), 128)]).mean().sqrt())
            for s in DENOISE_SIGMAS}
     return rms, float(((y - mean_image.to(device)) ** 2).mean().sqrt())
@@ -791,12 +854,14 @@ def denoising_errors(net, images, labels, mean_image, device, seed=0):
 
 def save_grid(net, path, device, num_steps=32):
     """Rows = up to 16 classes (evenly spaced), 8 fixed seeds per row, EMA net, Heun sampler."""
-    rows = np.unique(np.linspace(0, net.num_classes - 1, min(16, net.num_classes)).round().astype(int))
+    rows = np.unique(
+        np.linspace(0, net.num_classes - 1, min(16, net.num_classes)).round().astype(int))
     labels = torch.as_tensor(np.repeat(rows, 8))
     x = generate_images(net, labels, list(range(len(labels))), num_steps=num_steps, device=device)
     c, h, w = x.shape[1:]
     grid = x.reshape(len(rows), 8, c, h, w).permute(0, 3, 1, 4, 2).reshape(len(rows) * h, 8 * w, c)
-    write_atomic(path, lambda tmp: Image.fromarray(grid.squeeze(-1).numpy()).save(tmp, format="PNG"))
+    write_atomic(path,
+                 lambda tmp: Image.fromarray(grid.squeeze(-1).numpy()).save(tmp, format="PNG"))
 
 
 
@@ -810,67 +875,98 @@ def attention_levels(args, preset, error):
         wanted = [lvl for lvl in range(len(preset["channel_mult"])) if preset["resolution"] >> lvl in preset["attn"]]
         args.attn = [levels[lvl] for lvl in wanted if lvl < len(levels)]
         if wanted and not args.attn:
-            error(f"--channel-mult leaves none of the preset's attention levels; give --attn (levels: {levels})")
+            error("--channel-mult leaves none of the preset's attention levels; give --attn "
+                  f"(levels: {levels})")
     bad = [r for r in args.attn if r not in levels]
     if bad:
-        error(f"--attn {bad} is not the resolution of a level at --resolution {args.resolution} (levels: {levels})")
+        error(f"--attn {bad} is not the resolution of a level at --resolution {args.resolution} "
+              f"(levels: {levels})")
 
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0],
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       epilog="Other commands: `train_diffusion.py import-edm2 --help` (EDM2 weights -> snapshot), "
+                       epilog="Other commands: `train_diffusion.py import-edm2 --help` (EDM2 "
+                              "weights -> snapshot), "
                               "`train_diffusion.py posthoc-ema --help` (post-hoc EMA).")
-    p.add_argument("--data", nargs="+", required=True, help="image folder(s) and/or train.rec file(s)")
-    p.add_argument("--out", required=True, help="run folder (re-running resumes from its checkpoint.pt)")
-    p.add_argument("--preset", choices=list(PRESETS), default="cpu", help="defaults for every flag shown as None")
-    p.add_argument("--heldout", help="held-out real images (identity folders named as in --data) for the "
-                                     "denoising-error table; without it a slice of training images is used")
+    p.add_argument("--data", nargs="+", required=True,
+                   help="image folder(s) and/or train.rec file(s)")
+    p.add_argument("--out", required=True,
+                   help="run folder (re-running resumes from its checkpoint.pt)")
+    p.add_argument("--preset", choices=list(PRESETS), default="cpu",
+                   help="defaults for every flag shown as None")
+    p.add_argument("--heldout",
+                   help="held-out real images (identity folders named as in --data) for the "
+                                     "denoising-error table; without it a slice of training images "
+                                     "is used")
     g = p.add_argument_group("network (None: from --preset)")
-    g.add_argument("--resolution", type=positive_int, help="image size in pixels (images are resized to it)")
-    g.add_argument("--channels", type=positive_int, help="base width (a narrower net can serve as an autoguidance guide)")
-    g.add_argument("--channel-mult", type=positive_int, nargs="+", help="width multipliers per resolution level")
-    g.add_argument("--num-blocks", type=positive_int, help="residual blocks per level (EDM2: +1 in the decoder)")
-    g.add_argument("--num-mid-blocks", type=non_negative_int, help="cpu net: blocks at the lowest resolution (EDM2: 2)")
-    g.add_argument("--attn", type=positive_int, nargs="*", help="resolutions with self-attention (None: the preset's "
+    g.add_argument("--resolution", type=positive_int,
+                   help="image size in pixels (images are resized to it)")
+    g.add_argument("--channels", type=positive_int,
+                   help="base width (a narrower net can serve as an autoguidance guide)")
+    g.add_argument("--channel-mult", type=positive_int, nargs="+",
+                   help="width multipliers per resolution level")
+    g.add_argument("--num-blocks", type=positive_int,
+                   help="residual blocks per level (EDM2: +1 in the decoder)")
+    g.add_argument("--num-mid-blocks", type=non_negative_int,
+                   help="cpu net: blocks at the lowest resolution (EDM2: 2)")
+    g.add_argument("--attn", type=positive_int, nargs="*",
+                   help="resolutions with self-attention (None: the preset's "
                                                        "attention levels at this --resolution)")
-    g.add_argument("--mp", type=int, choices=[0, 1], help="1: EDM2's magnitude-preserving UNet; 0: the cpu UNet")
-    g.add_argument("--uncertainty", type=int, choices=[0, 1], help="1: EDM2 learned loss weighting u(sigma)")
+    g.add_argument("--mp", type=int, choices=[0, 1],
+                   help="1: EDM2's magnitude-preserving UNet; 0: the cpu UNet")
+    g.add_argument("--uncertainty", type=int, choices=[0, 1],
+                   help="1: EDM2 learned loss weighting u(sigma)")
     g.add_argument("--dropout", type=probability, help="dropout in the residual blocks")
     g.add_argument("--label-dropout", type=probability, default=0.0,
-                   help="probability of the null class in training (classifier-free guidance); 0: conditional only")
+                   help="probability of the null class in training (classifier-free guidance); 0: "
+                        "conditional only")
     g.add_argument("--sigma-data", help="'auto' (pixel std of the data in [-1, 1]) or a number")
     g.add_argument("--xflip", type=int, choices=[0, 1], help="1: random horizontal flips")
     g = p.add_argument_group("optimisation (None: from --preset)")
     g.add_argument("--duration", type=positive_float, help="training length in kimg")
-    g.add_argument("--batch-size", type=positive_int, help="global batch size (images per optimiser step)")
-    g.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per rank and step")
-    g.add_argument("--lr", type=positive_float, help="reference learning rate (Adam, betas 0.9 0.99)")
+    g.add_argument("--batch-size", type=positive_int,
+                   help="global batch size (images per optimiser step)")
+    g.add_argument("--grad-accum", type=positive_int, default=1,
+                   help="micro-batches per rank and step")
+    g.add_argument("--lr", type=positive_float,
+                   help="reference learning rate (Adam, betas 0.9 0.99)")
     g.add_argument("--lr-schedule", choices=["linear", "isqrt"],
-                   help="linear: constant for half the run, then to 0; isqrt: EDM2's lr / sqrt(max(nimg / "
+                   help="linear: constant for half the run, then to 0; isqrt: EDM2's lr / "
+                        "sqrt(max(nimg / "
                         "(ref_batches * batch), 1))")
     g.add_argument("--rampup-kimg", type=non_negative_float, help="linear lr warm-up length")
-    g.add_argument("--ref-batches", type=non_negative_float, help="isqrt: optimiser steps before the decay starts (EDM2)")
+    g.add_argument("--ref-batches", type=non_negative_float,
+                   help="isqrt: optimiser steps before the decay starts (EDM2)")
     g.add_argument("--p-mean", type=finite_float, help="mean of ln(sigma) in training")
     g.add_argument("--p-std", type=positive_float, help="std of ln(sigma) in training")
-    g.add_argument("--ema-std", type=positive_float, nargs="+", help="relative std(s) of the power-function EMA")
+    g.add_argument("--ema-std", type=positive_float, nargs="+",
+                   help="relative std(s) of the power-function EMA")
     g = p.add_argument_group("run")
-    g.add_argument("--snapshot-every", type=non_negative_float, help="kimg between snapshots + sample grids (None: preset)")
-    g.add_argument("--checkpoint-every", type=non_negative_float, help="kimg between checkpoints (None: preset)")
-    g.add_argument("--status-every", type=non_negative_float, help="kimg between status lines in log.jsonl (None: preset)")
-    g.add_argument("--workers", type=non_negative_int, help="data-loading processes per rank (None: 4 on CUDA, 0 on CPU)")
+    g.add_argument("--snapshot-every", type=non_negative_float,
+                   help="kimg between snapshots + sample grids (None: preset)")
+    g.add_argument("--checkpoint-every", type=non_negative_float,
+                   help="kimg between checkpoints (None: preset)")
+    g.add_argument("--status-every", type=non_negative_float,
+                   help="kimg between status lines in log.jsonl (None: preset)")
+    g.add_argument("--workers", type=non_negative_int,
+                   help="data-loading processes per rank (None: 4 on CUDA, 0 on CPU)")
     g.add_argument("--seed", type=non_negative_int, default=0, help="random seed")
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    g.add_argument("--amp", action="store_true", help="mixed precision: bf16 autocast where the GPU or CPU has "
+    g.add_argument("--amp", action="store_true",
+                   help="mixed precision: bf16 autocast where the GPU or CPU has "
                    "native bf16, else fp16 + GradScaler on CUDA")
-    g.add_argument("--amp-dtype", default="auto", choices=["auto", "bf16", "fp16"],
-                   help="force the --amp dtype (auto: bf16 where native, else fp16 + GradScaler on CUDA)")
+    g.add_argument(
+        "--amp-dtype", default="auto", choices=["auto", "bf16", "fp16"],
+        help="force the --amp dtype (auto: bf16 where native, else fp16 + GradScaler on CUDA)")
     g.add_argument("--compile", action="store_true", help="torch.compile the training forward pass")
-    g.add_argument("--compile-backend", default="inductor",
-                   help="torch.compile backend (aot_eager: no C++ compiler, for checking the graph only)")
+    g.add_argument(
+        "--compile-backend", default="inductor",
+        help="torch.compile backend (aot_eager: no C++ compiler, for checking the graph only)")
     g.add_argument("--grid-steps", type=non_negative_int, default=32,
                    help="Heun steps of each snapshot's sample grid (0: no grid)")
-    g.add_argument("--stop-after-kimg", type=positive_float, help="debug: save the checkpoint and stop here, as if killed")
+    g.add_argument("--stop-after-kimg", type=positive_float,
+                   help="debug: save the checkpoint and stop here, as if killed")
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]
     for k, v in preset.items():
@@ -878,7 +974,8 @@ def parse_args(argv=None):
             setattr(args, k, v)
     levels = 2 ** (len(args.channel_mult) - 1)
     if args.resolution % levels:
-        p.error(f"--resolution {args.resolution} must be a multiple of {levels} for {len(args.channel_mult)} levels")
+        p.error(f"--resolution {args.resolution} must be a multiple of {levels} for "
+                f"{len(args.channel_mult)} levels")
     attention_levels(args, preset, p.error)
     if not 0 <= args.label_dropout < 1:
         p.error("--label-dropout must be in [0, 1)")
@@ -893,8 +990,8 @@ def parse_args(argv=None):
 
 
 def load_scaler_state(scaler, state):
-    """GradScaler state from a checkpoint, when both it and this run use one (fp16 --amp); a run written
-    without it (fp32, bf16, CPU) stores an empty state, and this run may not need one."""
+    """GradScaler state from a checkpoint, when both it and this run use one (fp16 --amp); a run
+    written without it (fp32, bf16, CPU) stores an empty state, and this run may not need one."""
     if state and scaler.is_enabled():
         scaler.load_state_dict(state)
 
@@ -913,7 +1010,8 @@ def open_training_data(args):
         keep = [i for i, t in enumerate(hds.targets) if hds.classes[t] in index]
         keep = keep[::max(1, len(keep) // 256)][:256]  # spread over the identities
         if not keep:
-            raise DataError(f"no identity of --heldout {args.heldout} is among the training identities")
+            raise DataError(
+                f"no identity of --heldout {args.heldout} is among the training identities")
         hi, hl = next(decode(hds, keep))
         held = hi, torch.as_tensor([index[hds.classes[t]] for t in hl.tolist()])
     return dataset, shape, held
@@ -928,20 +1026,22 @@ def kimg_tag(nimg, fine=False):
 
 def check_finite(net, nimg):
     if not all(torch.isfinite(p).all() for p in net.parameters()):
-        sys.exit(f"error: non-finite weights at {nimg / 1e3:g} kimg; nothing saved (lower --lr or check the data)")
+        sys.exit(f"error: non-finite weights at {nimg / 1e3:g} kimg; nothing saved (lower --lr or "
+                 "check the data)")
 
 
 # the flags a resumed run must share with its checkpoint (--duration may grow)
-RECIPE = ("batch_size", "lr", "lr_schedule", "rampup_kimg", "ref_batches", "p_mean", "p_std", "ema_std",
-          "label_dropout", "xflip", "seed")
+RECIPE = ("batch_size", "lr", "lr_schedule", "rampup_kimg", "ref_batches", "p_mean", "p_std",
+          "ema_std", "label_dropout", "xflip", "seed")
 
 
 def resume(ckpt, ckpt_path, args, net, ema, opt, scaler):
-    """Load a checkpoint into the net, its EMAs, the optimiser, the scaler and the RNG -> images seen;
-    a checkpoint of another recipe, network or class list is refused."""
+    """Load a checkpoint into the net, its EMAs, the optimiser, the scaler and the RNG -> images
+    seen; a checkpoint of another recipe, network or class list is refused."""
     check_same_recipe(ckpt.get("args", {}), args, RECIPE, ckpt_path)
     if ckpt["config"] != net.config or ckpt["class_names"] != net.class_names:
-        sys.exit(f"error: {ckpt_path} was made with another network or data (config {ckpt['config']}); "
+        sys.exit(f"error: {ckpt_path} was made with another network or data (config "
+                 f"{ckpt['config']}); "
                  "use another --out or the same settings")
     net.load_state_dict(ckpt["net"])
     for e, sd in zip(ema.emas, ckpt["ema"]):
@@ -956,7 +1056,8 @@ def write_snapshot(out, tag, net, ema, nimg, sigma_data, device, grid_steps):
     post-hoc EMA; and a sample grid when grid_steps > 0. Non-finite weights are refused."""
     check_finite(ema.emas[0], nimg)
     snap = {"config": net.config, "ema": ema.emas[0].state_dict(), "class_names": net.class_names,
-            "kimg": nimg / 1e3, "sigma_data": sigma_data, "ema_stds": ema.stds, "ema_std": ema.stds[0]}
+            "kimg": nimg / 1e3, "sigma_data": sigma_data, "ema_stds": ema.stds,
+            "ema_std": ema.stds[0]}
     snap.update({f"ema_std_{s:g}": e.state_dict() for s, e in zip(ema.stds[1:], ema.emas[1:])})
     save_atomic(snap, os.path.join(out, f"network-snapshot-{tag}.pt"))
     ema.emas[0].class_names = net.class_names
@@ -965,10 +1066,11 @@ def write_snapshot(out, tag, net, ema, nimg, sigma_data, device, grid_steps):
 
 
 def log_status(out, nimg, n_status, t_status, losses, lr):
-    """Speed and mean loss since the last status line, printed and appended to OUT/log.jsonl -> now."""
+    """Speed and mean loss since the last status line, printed and appended to OUT/log.jsonl ->
+    now."""
     now = time.time()
-    stat = {"kimg": nimg / 1e3, "images_per_s": (nimg - n_status) / (now - t_status), "loss": float(np.mean(losses)),
-            "lr": lr, "time": now}
+    stat = {"kimg": nimg / 1e3, "images_per_s": (nimg - n_status) / (now - t_status),
+            "loss": float(np.mean(losses)), "lr": lr, "time": now}
     tqdm.write(" ".join(f"{k} {v:.4g}" for k, v in stat.items() if k != "time"))
     with open(os.path.join(out, "log.jsonl"), "a") as f:
         f.write(json.dumps(stat) + "\n")
@@ -976,7 +1078,8 @@ def log_status(out, nimg, n_status, t_status, losses, lr):
 
 
 def truncate_log(out, nimg):
-    """OUT/log.jsonl up to a resumed checkpoint: the records a killed run wrote after it come again, once."""
+    """OUT/log.jsonl up to a resumed checkpoint: the records a killed run wrote after it come again,
+    once."""
     path, keep = os.path.join(out, "log.jsonl"), []
     if os.path.exists(path):
         with open(path) as f:
@@ -991,12 +1094,15 @@ def truncate_log(out, nimg):
 
 def log_denoising(out, rms, mean_rms, nimg, heldout):
     """The EMA's denoising error per noise level, printed and appended to OUT/log.jsonl."""
-    lines = [f"denoising RMS error on {'held-out' if heldout else 'training'} images at {nimg / 1e3:g} kimg "
+    lines = [f"denoising RMS error on {'held-out' if heldout else 'training'} images at "
+             f"{nimg / 1e3:g} kimg "
              "(trivial: D = noisy input -> sigma; D = mean image -> " + f"{mean_rms:.4f})",
-             "sigma  " + " ".join(f"{s:>7g}" for s in rms), "D_ema  " + " ".join(f"{v:7.4f}" for v in rms.values())]
+             "sigma  " + " ".join(f"{s:>7g}" for s in rms),
+             "D_ema  " + " ".join(f"{v:7.4f}" for v in rms.values())]
     tqdm.write("\n".join(lines))
     with open(os.path.join(out, "log.jsonl"), "a") as f:
-        f.write(json.dumps({"kimg": nimg / 1e3, "denoise_rms": {f"{s:g}": v for s, v in rms.items()},
+        f.write(json.dumps({"kimg": nimg / 1e3,
+                            "denoise_rms": {f"{s:g}": v for s, v in rms.items()},
                             "mean_image_rms": mean_rms, "heldout": heldout}) + "\n")
 
 
@@ -1004,7 +1110,8 @@ def train(args):
     rank, _, world, device = setup_distributed(args.device)
     micro, rem = divmod(args.batch_size, world * args.grad_accum)
     if rem or micro == 0:
-        sys.exit(f"error: --batch-size {args.batch_size} is not divisible by {world} ranks x --grad-accum "
+        sys.exit(f"error: --batch-size {args.batch_size} is not divisible by {world} ranks x "
+                 "--grad-accum "
                  f"{args.grad_accum}")
     log = print if rank == 0 else (lambda *a, **k: None)
     try:
@@ -1012,7 +1119,8 @@ def train(args):
             check_compile(device)
         dataset, shape, held = open_training_data(args)
         if held is None:  # no held-out set: a fixed slice of the training images (not held out)
-            pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:HELD_IMAGES]
+            pick = torch.randperm(len(dataset),
+                                  generator=torch.Generator().manual_seed(0))[:HELD_IMAGES]
             held = next(decode(dataset, pick))
         sample = statistics_sample(len(dataset))
         pixel_std, mean_image = pixel_statistics(im for im, _ in decode(dataset, sample, stats_chunk(shape)))
@@ -1027,10 +1135,12 @@ def train(args):
     sigma_data = float(args.sigma_data) if args.sigma_data != "auto" else pixel_std
     sigma_data = ckpt["config"]["sigma_data"] if ckpt is not None else sigma_data
     torch.manual_seed(args.seed)  # same initial weights on every rank
-    net = Denoiser(args.resolution, shape[0], len(dataset.classes), null_class=args.label_dropout > 0,
-                   sigma_data=sigma_data, uncertainty=bool(args.uncertainty), channels=args.channels,
-                   channel_mult=args.channel_mult, num_blocks=args.num_blocks, num_mid_blocks=args.num_mid_blocks,
-                   attn_resolutions=args.attn, mp=bool(args.mp), dropout=args.dropout).to(device).train()
+    net = Denoiser(args.resolution, shape[0], len(dataset.classes),
+                   null_class=args.label_dropout > 0, sigma_data=sigma_data,
+                   uncertainty=bool(args.uncertainty), channels=args.channels,
+                   channel_mult=args.channel_mult, num_blocks=args.num_blocks,
+                   num_mid_blocks=args.num_mid_blocks, attn_resolutions=args.attn, mp=bool(args.mp),
+                   dropout=args.dropout).to(device).train()
     net.class_names = list(dataset.classes)
     ema = PowerEMA(net, args.ema_std)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.9, 0.99), eps=1e-8)
@@ -1042,18 +1152,21 @@ def train(args):
             truncate_log(args.out, nimg)
         log(f"resuming from {ckpt_path} at {nimg / 1e3:g} kimg")
         del ckpt
-    log(f"{len(dataset)} images, {net.num_classes} classes, {args.resolution} px, sigma_data {sigma_data:.4f}, "
-        f"{sum(p.numel() for p in net.parameters()):,} parameters, {world} process(es) x {args.grad_accum} x {micro}")
+    log(f"{len(dataset)} images, {net.num_classes} classes, {args.resolution} px, sigma_data "
+        f"{sigma_data:.4f}, "
+        f"{sum(p.numel() for p in net.parameters()):,} parameters, {world} process(es) x "
+        f"{args.grad_accum} x {micro}")
     if rank == 0:
         write_atomic(os.path.join(args.out, "config.json"),
-                     json.dumps({**vars(args), "net": net.config, "world_size": world, "machine": machine(device)},
+                     json.dumps({**vars(args), "net": net.config, "world_size": world,
+                                 "machine": machine(device)},
                                 indent=1))
     model = nn.parallel.DistributedDataParallel(net) if world > 1 else net
     forward = torch.compile(model, backend=args.compile_backend) if args.compile else model
     workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
     loader = iter(torch.utils.data.DataLoader(
-        dataset, batch_sampler=StreamSampler(len(dataset), nimg, micro, args.batch_size, args.grad_accum, rank,
-                                             world, args.seed),
+        dataset, batch_sampler=StreamSampler(len(dataset), nimg, micro, args.batch_size,
+                                             args.grad_accum, rank, world, args.seed),
         num_workers=workers, pin_memory=device.type == "cuda"))
 
     fine = args.duration % 1 or args.snapshot_every % 1  # sub-kimg snapshot names (kimg_tag)
@@ -1063,23 +1176,27 @@ def train(args):
         return every > 0 and nimg // step > before // step
 
     def save_snapshot():
-        write_snapshot(args.out, kimg_tag(nimg, fine), net, ema, nimg, sigma_data, device, args.grid_steps)
+        write_snapshot(args.out, kimg_tag(nimg, fine), net, ema, nimg, sigma_data, device,
+                       args.grid_steps)
         rms, mean_rms = denoising_errors(ema.emas[0], *held, mean_image, device)
         log_denoising(args.out, rms, mean_rms, nimg, bool(args.heldout))
 
     total, stop = int(args.duration * 1e3), int((args.stop_after_kimg or args.duration) * 1e3)
-    bar = tqdm(total=total, initial=nimg, unit="img", unit_scale=True, disable=rank != 0, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=nimg, unit="img", unit_scale=True, disable=rank != 0,
+               dynamic_ncols=True)
     t_status, n_status, losses = time.time(), nimg, []
     while nimg < min(total, stop):
         lr = learning_rate(args, nimg)
         for group in opt.param_groups:
             group["lr"] = lr
-        net.normalize_weights_()  # EDM2's forced weight normalisation, outside the (compiled) forward
+        # EDM2's forced weight normalisation, outside the (compiled) forward
+        net.normalize_weights_()
         loss_sum = torch.zeros((), device=device)
         for r in range(args.grad_accum):
             pos = nimg + (r * world + rank) * micro  # this micro-batch's place in the global stream
             gen = torch.Generator(device).manual_seed(seed_for(args.seed, pos))
-            torch.manual_seed(seed_for(args.seed, pos, 1))  # network dropout: a function of the position too
+            # network dropout: a function of the position too
+            torch.manual_seed(seed_for(args.seed, pos, 1))
             try:
                 images, lab = next(loader)
             except DataError as e:  # from a loader process: the original message is the last line
@@ -1093,14 +1210,17 @@ def train(args):
                 lab = torch.where(drop, torch.full_like(lab, net.num_classes), lab)
             sync = world > 1 and r < args.grad_accum - 1
             with model.no_sync() if sync else nullcontext(), ctx:
-                loss = edm_loss(forward, y, lab, args.p_mean, args.p_std, sigma_data, gen, pixel_sum=bool(args.mp))
+                loss = edm_loss(forward, y, lab, args.p_mean, args.p_std, sigma_data, gen,
+                                pixel_sum=bool(args.mp))
             scaler.scale(loss / args.grad_accum).backward()
-            loss_sum += loss.detach() / (args.grad_accum * (y[0].numel() if args.mp else 1))  # logged per pixel
+            # logged per pixel
+            loss_sum += loss.detach() / (args.grad_accum * (y[0].numel() if args.mp else 1))
         if world > 1:
             dist.all_reduce(loss_sum)
             loss_sum /= world
         if not torch.isfinite(loss_sum):
-            sys.exit(f"error: the loss became {loss_sum.item()} at {nimg / 1e3:g} kimg; lower --lr or check the data")
+            sys.exit(f"error: the loss became {loss_sum.item()} at {nimg / 1e3:g} kimg; lower --lr "
+                     "or check the data")
         scaler.unscale_(opt)
         for p in net.parameters():
             if p.grad is not None:
@@ -1114,9 +1234,11 @@ def train(args):
         bar.update(args.batch_size)
         bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}")
         if rank == 0 and (crossed(args.status_every, before) or nimg >= total):
-            t_status, n_status, losses = log_status(args.out, nimg, n_status, t_status, losses, lr), nimg, []
+            t_status, n_status, losses = log_status(args.out, nimg, n_status, t_status, losses,
+                                                    lr), nimg, []
         if rank == 0 and (crossed(args.snapshot_every, before) or nimg >= total):
-            save_snapshot()  # before the checkpoint that passes it: a kill in between redoes it on resume
+            # before the checkpoint that passes it: a kill in between redoes it on resume
+            save_snapshot()
         if rank == 0 and (crossed(args.checkpoint_every, before) or crossed(args.snapshot_every, before)
                           or nimg >= min(total, stop)):
             check_finite(net, nimg)
@@ -1135,15 +1257,20 @@ def train(args):
 
 def import_edm2(argv):
     p = argparse.ArgumentParser(prog="train_diffusion.py import-edm2",
-                                description="EDM2 Precond weights -> a snapshot that scoremix_sample.py --net reads. "
-                                            "STATE.pt: torch.save(net.state_dict()) of EDM2's Precond, made with "
+                                description="EDM2 Precond weights -> a snapshot that "
+                                            "scoremix_sample.py --net reads. "
+                                            "STATE.pt: torch.save(net.state_dict()) of EDM2's "
+                                            "Precond, made with "
                                             "EDM2's own code from its network pickle.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("state", help="the saved state dict (.pt)")
     p.add_argument("--edm2-kwargs", required=True,
-                   help="JSON object of EDM2's Precond/UNet keyword arguments (img_resolution, img_channels, "
-                        "label_dim, model_channels, channel_mult, num_blocks, attn_resolutions, dropout, ...)")
-    p.add_argument("--class-names", help="text file with one class name per line (default: 0 ... label_dim-1)")
+                   help="JSON object of EDM2's Precond/UNet keyword arguments (img_resolution, "
+                        "img_channels, "
+                        "label_dim, model_channels, channel_mult, num_blocks, attn_resolutions, "
+                        "dropout, ...)")
+    p.add_argument("--class-names",
+                   help="text file with one class name per line (default: 0 ... label_dim-1)")
     p.add_argument("--out", required=True, help="output snapshot .pt")
     args = p.parse_args(argv)
     try:
@@ -1160,25 +1287,31 @@ def import_edm2(argv):
             with open(args.class_names) as f:
                 names = [line.strip() for line in f if line.strip()]
             if len(names) != net.num_classes:
-                raise ValueError(f"--class-names has {len(names)} names for {net.num_classes} classes")
+                raise ValueError(
+                    f"--class-names has {len(names)} names for {net.num_classes} classes")
             net.class_names = names
     except Exception as e:  # a foreign or truncated file: torch / pickle raise many kinds
         sys.exit(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-    save_atomic({"config": net.config, "ema": net.state_dict(), "class_names": net.class_names, "kimg": 0.0,
-                 "sigma_data": net.sigma_data, "source": "edm2"}, args.out)
-    print(f"wrote {args.out}: {net.num_classes} classes, {sum(q.numel() for q in net.parameters()):,} parameters")
+    save_atomic({"config": net.config, "ema": net.state_dict(), "class_names": net.class_names,
+                 "kimg": 0.0, "sigma_data": net.sigma_data, "source": "edm2"}, args.out)
+    print(f"wrote {args.out}: {net.num_classes} classes, "
+          f"{sum(q.numel() for q in net.parameters()):,} parameters")
 
 
 def posthoc_ema(argv):
     p = argparse.ArgumentParser(prog="train_diffusion.py posthoc-ema",
-                                description="EDM2 post-hoc EMA (Alg. 3): the EMA with relative std --std, solved "
+                                description="EDM2 post-hoc EMA (Alg. 3): the EMA with relative std "
+                                            "--std, solved "
                                             "from the EMA profiles that a run's snapshots store.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--run", help="run folder: all its network-snapshot-*.pt are the inputs")
     p.add_argument("--snapshots", nargs="+", help="these snapshots instead of all of --run's")
-    p.add_argument("--std", type=float, required=True, help="relative std of the reconstructed EMA (EDM2: 0.01-0.25)")
-    p.add_argument("--kimg", type=float, help="reconstruct at this snapshot's kimg (default: the latest)")
-    p.add_argument("--out", required=True, help="output snapshot .pt (scoremix_sample.py --net reads it)")
+    p.add_argument("--std", type=float, required=True,
+                   help="relative std of the reconstructed EMA (EDM2: 0.01-0.25)")
+    p.add_argument("--kimg", type=float,
+                   help="reconstruct at this snapshot's kimg (default: the latest)")
+    p.add_argument("--out", required=True,
+                   help="output snapshot .pt (scoremix_sample.py --net reads it)")
     args = p.parse_args(argv)
     if not 0 < args.std < 0.28:
         sys.exit("error: --std must be in (0, 0.28)")
@@ -1193,9 +1326,11 @@ def posthoc_ema(argv):
     except Exception as e:  # a foreign or truncated snapshot: torch / pickle raise many kinds
         sys.exit(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     if not all(torch.isfinite(v).all() for v in snap["ema"].values()):
-        sys.exit("error: the reconstruction has non-finite weights (too few or too similar profiles?)")
+        sys.exit(
+            "error: the reconstruction has non-finite weights (too few or too similar profiles?)")
     save_atomic(snap, args.out)
-    print(f"wrote {args.out}: std {args.std:g} at {snap['kimg']:g} kimg from {len(snap['posthoc_ema']['inputs'])} "
+    print(f"wrote {args.out}: std {args.std:g} at {snap['kimg']:g} kimg from "
+          f"{len(snap['posthoc_ema']['inputs'])} "
           "EMA profiles")
 
 

@@ -19,8 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def train_speed(data, kimg, env_extra):
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, os.path.join(ROOT, "train_diffusion.py"), "--data", data, "--out", out,
-               "--duration", str(kimg), "--snapshot-every", "0", "--checkpoint-every", "0",
+        cmd = [sys.executable, os.path.join(ROOT, "train_diffusion.py"), "--data", data, "--out",
+               out, "--duration", str(kimg), "--snapshot-every", "0", "--checkpoint-every", "0",
                "--status-every", "0.256"]
         subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, **env_extra})
         with open(os.path.join(out, "log.jsonl")) as f:
@@ -31,14 +31,16 @@ def train_speed(data, kimg, env_extra):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", required=True, help="toy training images (python toy_faces.py --out D: D/train)")
+    p.add_argument("--data", required=True,
+                   help="toy training images (python toy_faces.py --out D: D/train)")
     p.add_argument("--kimg", type=float, default=2, help="training length of each run")
     args = p.parse_args()
     cases = [("alone", {}, False), ("alone", {"OMP_WAIT_POLICY": "PASSIVE"}, False),
              ("beside a busy process", {}, True),
              ("beside a busy process", {"OMP_WAIT_POLICY": "PASSIVE"}, True),
              ("beside a busy process", {"OMP_NUM_THREADS": "1"}, True)]
-    print(f"{os.cpu_count()} cores\n\n| run | environment | images/s | vs default alone |\n|---|---|---|---|")
+    print(f"{os.cpu_count()} cores\n\n| run | environment | images/s | vs default alone "
+          "|\n|---|---|---|---|")
     base = None
     for name, env, busy in cases:
         neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None

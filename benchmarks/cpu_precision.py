@@ -22,7 +22,8 @@ from train_diffusion import PRESETS, Denoiser, edm_loss  # noqa: E402
 
 def discriminator(channels_last):
     torch.manual_seed(0)
-    net = FaceTrainer(iresnet(18, width=0.25, embedding_size=128, input_size=32), MarginHead(128, 32))
+    net = FaceTrainer(iresnet(18, width=0.25, embedding_size=128, input_size=32),
+                      MarginHead(128, 32))
     x = torch.rand(128, 3, 32, 32) * 2 - 1
     y = torch.randint(0, 32, (128,), generator=torch.Generator().manual_seed(0))
     if channels_last:
@@ -33,9 +34,11 @@ def discriminator(channels_last):
 def generator(channels_last):
     torch.manual_seed(0)
     p = PRESETS["cpu"]
-    net = Denoiser(32, 3, 32, sigma_data=0.5, channels=p["channels"], channel_mult=p["channel_mult"],
-                   num_blocks=p["num_blocks"], num_mid_blocks=p["num_mid_blocks"], mp=False)
-    with torch.no_grad():  # the output layer starts at zero: perturb it, or every variant gives D(x) = c_skip x
+    net = Denoiser(32, 3, 32, sigma_data=0.5, channels=p["channels"],
+                   channel_mult=p["channel_mult"], num_blocks=p["num_blocks"],
+                   num_mid_blocks=p["num_mid_blocks"], mp=False)
+    # the output layer starts at zero: perturb it, or every variant gives D(x) = c_skip x
+    with torch.no_grad():
         for w in net.parameters():
             if w.dim() > 1 and not w.any():
                 w.normal_(0, 0.02)
@@ -43,7 +46,8 @@ def generator(channels_last):
     labels = torch.arange(64) % 32
     if channels_last:
         net, y = net.to(memory_format=torch.channels_last), y.contiguous(memory_format=torch.channels_last)
-    loss = lambda m: edm_loss(m, y, labels, -1.2, 1.2, 0.5, torch.Generator().manual_seed(0))  # noqa: E731
+    # noqa: E731
+    loss = lambda m: edm_loss(m, y, labels, -1.2, 1.2, 0.5, torch.Generator().manual_seed(0))
     return net, torch.optim.Adam(net.parameters(), lr=1e-4), loss, 64
 
 
@@ -90,18 +94,21 @@ def time_sampling(variant, seconds):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--seconds", type=float, default=10, help="timed seconds per case (after 3 warm-up steps)")
+    p.add_argument("--seconds", type=float, default=10,
+                   help="timed seconds per case (after 3 warm-up steps)")
     p.add_argument("--variants", nargs="+", default=["fp32", "bf16", "channels_last", "compile"])
     args = p.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
           f"native bf16: {torch.ops.mkldnn._is_mkldnn_bf16_supported()}\n")
     print("| case | variant | images/s | vs fp32 | diff from fp32 |\n|---|---|---|---|---|")
-    for name, build in (("discriminator training", discriminator), ("generator training", generator)):
+    for name, build in (("discriminator training", discriminator),
+                        ("generator training", generator)):
         base = None
         for v in args.variants:
             speed, first = time_training(build, v, args.seconds)
             base = base or (speed, first)
-            print(f"| {name} | {v} | {speed:.1f} | {speed / base[0]:.2f} | {abs(first - base[1]):.2e} |",
+            print(f"| {name} | {v} | {speed:.1f} | {speed / base[0]:.2f} | "
+                  f"{abs(first - base[1]):.2e} |",
                   flush=True)
     base = None
     for v in args.variants:

@@ -1,13 +1,12 @@
 """Kill-and-resume and two-writer trials of the three long-running stages, on tiny runs.
 
-For each stage: one uninterrupted reference run; then --trials runs killed (SIGKILL) at a random moment
-of the reference's wall time and re-run by the same command to the end, each compared with the
-reference (the trainers: every weight of the final checkpoint, the snapshots and the log's records;
-the sampler: every image and the manifest); then --trials pairs of processes started on one output
-(the second after a random delay): where they overlap, one must stop with one `error:` line saying
-the output is in use (else the second finds the result complete), and the output must be the
-reference's result. One thread per process, so the runs can be compared
-bit for bit.
+For each stage: one uninterrupted reference run; then --trials runs killed (SIGKILL) at a random
+moment of the reference's wall time and re-run by the same command to the end, each compared with
+the reference (the trainers: every weight of the final checkpoint, the snapshots and the log's
+records; the sampler: every image and the manifest); then --trials pairs of processes started on one
+output (the second after a random delay): where they overlap, one must stop with one `error:` line
+saying the output is in use (else the second finds the result complete), and the output must be the
+reference's result. One thread per process, so the runs can be compared bit for bit.
 
     python benchmarks/kill_trials.py --trials 10
 """
@@ -26,7 +25,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-IGNORED = {"images_per_s", "time", "elapsed", "seconds", "out"}  # fields of timing and of the output path
+# fields of timing and of the output path
+IGNORED = {"images_per_s", "time", "elapsed", "seconds", "out"}
 
 
 def command(script, *args):
@@ -40,8 +40,8 @@ def run(cmd):
 
 
 def digest(out):
-    """What a run produced, compared across runs: a hash of every result file (temporary, lock and timing
-    data aside; JSON records without their timing fields)."""
+    """What a run produced, compared across runs: a hash of every result file (temporary, lock and
+    timing data aside; JSON records without their timing fields)."""
     result = {}
     for path in sorted(glob.glob(os.path.join(out, "**", "*"), recursive=True)):
         name = os.path.relpath(path, out)
@@ -66,7 +66,8 @@ def digest(out):
 
 
 def flatten(obj, prefix=""):
-    """(key, value) pairs of a nested checkpoint, tensors as (dtype, shape, bytes); timing entries aside."""
+    """(key, value) pairs of a nested checkpoint, tensors as (dtype, shape, bytes); timing entries
+    aside."""
     import torch
     if isinstance(obj, dict):
         return [kv for k, v in obj.items() if k not in IGNORED for kv in flatten(v, f"{prefix}/{k}")]
@@ -79,8 +80,10 @@ def flatten(obj, prefix=""):
 
 
 def kill_trial(cmd, out, seconds, rng):
-    """Start, SIGKILL at a random moment, re-run to the end -> (killed before the end, its digest)."""
-    p = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """Start, SIGKILL at a random moment, re-run to the end -> (killed before the end, its
+    digest)."""
+    p = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
     try:
         p.wait(timeout=rng.uniform(0.05, 0.95) * seconds)
         killed = False
@@ -94,9 +97,11 @@ def kill_trial(cmd, out, seconds, rng):
 
 def two_writers(cmd, seconds, rng):
     """Two processes on one output -> (exit codes, the loser's stderr)."""
-    first = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
     time.sleep(rng.uniform(0, 0.5) * seconds)
-    second = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    second = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
     errs = [p.communicate()[1] for p in (first, second)]
     codes = [first.returncode, second.returncode]
     return codes, errs[codes.index(max(codes))]
@@ -105,13 +110,15 @@ def two_writers(cmd, seconds, rng):
 def stages(work):
     """(name, command writing `out`) of each stage, after the shared inputs are made."""
     toy = os.path.join(work, "toy")
-    run(command("toy_faces.py", "--out", toy, "--identities", 6, "--per-identity", 6, "--test-identities", 4,
-                "--pairs", 4, "--heldout", 0))
+    run(command("toy_faces.py", "--out", toy, "--identities", 6, "--per-identity", 6,
+                "--test-identities", 4, "--pairs", 4, "--heldout", 0))
     data = os.path.join(toy, "train")
     gen = os.path.join(work, "gen")
     diffusion = lambda out: command(  # noqa: E731
-        "train_diffusion.py", "--data", data, "--out", out, "--resolution", 16, "--channels", 8, "--channel-mult",
-        1, 2, "--batch-size", 8, "--duration", 0.4, "--checkpoint-every", 0.04, "--snapshot-every", 0.1,
+        "train_diffusion.py", "--data", data, "--out", out, "--resolution", 16, "--channels", 8,
+                                    "--channel-mult",
+        1, 2, "--batch-size", 8, "--duration", 0.4, "--checkpoint-every", 0.04, "--snapshot-every",
+                                    0.1,
         "--status-every", 0.04, "--label-dropout", 0.2, "--grid-steps", 4)
     run(diffusion(gen))
     snapshot = sorted(glob.glob(os.path.join(gen, "network-snapshot-*.pt")))[-1]
@@ -119,19 +126,22 @@ def stages(work):
     with open(pairs, "w") as f:
         f.write("class_a,class_b\n" + "".join(f"id{i:05d},id{i + 3:05d}\n" for i in range(3)))
     return [
-        ("train_arcface.py", lambda out: command(
-            "train_arcface.py", "--data", data, "--out", out, "--epochs", 40, "--checkpoint-every", 7, "--width",
-            0.125, "--embedding-size", 16, "--batch-size", 8)),
+        ("train_arcface.py", lambda out: command("train_arcface.py", "--data", data, "--out", out,
+                                                 "--epochs", 40, "--checkpoint-every", 7, "--width",
+                                                 0.125, "--embedding-size", 16, "--batch-size", 8)),
         ("train_diffusion.py", diffusion),
-        ("scoremix_sample.py", lambda out: command(
-            "scoremix_sample.py", "--net", snapshot, "--pairs", pairs, "--per-pair", 6, "--steps", 12,
-            "--batch-size", 2, "--out", out))]
+        ("scoremix_sample.py", lambda out: command("scoremix_sample.py", "--net", snapshot,
+                                                   "--pairs", pairs, "--per-pair", 6, "--steps", 12,
+                                                   "--batch-size", 2, "--out", out))]
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--trials", type=int, default=10, help="kill trials and two-writer trials per stage")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the kill moments and start delays")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trials", type=int, default=10,
+                        help="kill trials and two-writer trials per stage")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the kill moments and start delays")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     work = tempfile.mkdtemp(prefix="kill_trials_")
@@ -155,7 +165,8 @@ def main():
                 in_turn += codes == [0, 0]
                 same_writers += digest(out) == reference
             n = args.trials
-            print(f"{name:20s} {seconds:11.1f} {killed:>4d}/{n:<2d} {same:>6d}/{n:<2d} {stopped:>31d}/{n:<2d} "
+            print(f"{name:20s} {seconds:11.1f} {killed:>4d}/{n:<2d} {same:>6d}/{n:<2d} "
+                  f"{stopped:>31d}/{n:<2d} "
                   f"{in_turn:>5d}/{n:<2d} {same_writers:>6d}/{n:<2d}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -1,5 +1,6 @@
-"""Scale: margin-head memory and step time (plain head vs Partial FC sampling), blockwise pair-selection
-time and memory, RecordIO read throughput and .rec write (pack) throughput, at 10^4-10^6 classes, in one run.
+"""Scale: margin-head memory and step time (plain head vs Partial FC sampling), blockwise
+pair-selection time and memory, RecordIO read throughput and .rec write (pack) throughput, at
+10^4-10^6 classes, in one run.
 
 Memory is measured, not computed: each case runs in a forked child, which resets its peak resident
 size (Linux /proc/self/clear_refs) after building its inputs; the table shows the peak above the
@@ -30,7 +31,8 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
-from select_pairs import (PAIR_PARTNERS, best_partners, cosine_distances, full_path_bytes,  # noqa: E402
+# noqa: E402
+from select_pairs import (PAIR_PARTNERS, best_partners, cosine_distances, full_path_bytes,
                           select_blockwise, select_tuples)
 from test_train_arcface import header, write_rec  # noqa: E402  (the tests' RecordIO writer)
 from train_arcface import MarginHead, PartialFCHead  # noqa: E402
@@ -45,8 +47,8 @@ def status(field):
 
 
 def measured(setup, run):
-    """run(setup()) in a forked child -> (its result, peak resident bytes above the child's size after setup),
-    or (None, None) if the child died (out of memory)."""
+    """run(setup()) in a forked child -> (its result, peak resident bytes above the child's size
+    after setup), or (None, None) if the child died (out of memory)."""
     ctx = multiprocessing.get_context("fork")
     receive, send = ctx.Pipe(duplex=False)
 
@@ -110,7 +112,8 @@ def unit_vectors(num_classes, dim):
 
 
 def select_case(num_classes, dim, block_bytes, rows=None, full=False):
-    """Whole blockwise (or full-matrix) selection; with `rows`, only the partner search of that many rows."""
+    """Whole blockwise (or full-matrix) selection; with `rows`, only the partner search of that many
+    rows."""
     def run(X):
         t0 = time.perf_counter()
         if full:
@@ -126,13 +129,16 @@ def select_case(num_classes, dim, block_bytes, rows=None, full=False):
 
 
 def write_jpeg_rec(prefix, count, size, classes=100):
-    """count JPEGs of size x size (a smooth gradient plus noise, like a face crop in bytes) -> prefix.rec."""
+    """count JPEGs of size x size (a smooth gradient plus noise, like a face crop in bytes) ->
+    prefix.rec."""
     rng = np.random.default_rng(0)
     ramp = np.linspace(0, 255, size)
-    base = np.stack([ramp[None, :].repeat(size, 0), ramp[:, None].repeat(size, 1), np.full((size, size), 128.0)], 2)
+    base = np.stack([ramp[None, :].repeat(size, 0), ramp[:, None].repeat(size, 1),
+                     np.full((size, size), 128.0)], 2)
     records = []
     for k in range(count):
-        image = np.clip(base + rng.normal(0, 12, base.shape) + rng.integers(-60, 60, 3), 0, 255).astype(np.uint8)
+        image = np.clip(base + rng.normal(0, 12, base.shape) + rng.integers(-60, 60, 3), 0,
+                        255).astype(np.uint8)
         buf = io.BytesIO()
         Image.fromarray(image).save(buf, format="JPEG", quality=90)
         records.append((k, header(0, k % classes) + buf.getvalue()))
@@ -172,14 +178,20 @@ def fmt(x, spec):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a seconds-long run: 10^3-10^4 classes, 300 images")
-    p.add_argument("--dim", type=int, default=128, help="embedding size of the head and of the class centres")
+    p.add_argument("--quick", action="store_true",
+                   help="a seconds-long run: 10^3-10^4 classes, 300 images")
+    p.add_argument("--dim", type=int, default=128,
+                   help="embedding size of the head and of the class centres")
     p.add_argument("--batch", type=int, default=64, help="embeddings per head step")
-    p.add_argument("--sample-rate", type=float, default=0.1, help="Partial FC sample rate of the sampled head")
-    p.add_argument("--block-gb", type=float, default=0.25, help="distance block budget of the blockwise selection")
+    p.add_argument("--sample-rate", type=float, default=0.1,
+                   help="Partial FC sample rate of the sampled head")
+    p.add_argument("--block-gb", type=float, default=0.25,
+                   help="distance block budget of the blockwise selection")
     p.add_argument("--select-whole-max", type=int, default=100_000,
-                   help="classes up to which the whole selection runs (above: the partner search, extrapolated)")
-    p.add_argument("--search-rows", type=int, default=4000, help="rows timed where the search is extrapolated")
+                   help="classes up to which the whole selection runs (above: the partner search, "
+                        "extrapolated)")
+    p.add_argument("--search-rows", type=int, default=4000,
+                   help="rows timed where the search is extrapolated")
     p.add_argument("--images", type=int, default=3000, help="JPEGs in the temporary .rec")
     p.add_argument("--image-size", type=int, default=112, help="their side in pixels")
     args = p.parse_args()
@@ -187,10 +199,12 @@ def main():
     selects = [2000, 5000] if args.quick else [10 ** 4, 10 ** 5, 10 ** 6]
     images = 300 if args.quick else args.images
     block = args.block_gb * 2 ** 30
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
+          f"{torch.__version__}, "
           f"{torch.get_num_threads()} thread(s); peak memory measured (module docstring)\n")
 
-    print(f"### Margin head: forward + backward, batch {args.batch}, embedding {args.dim}, one process\n")
+    print(f"### Margin head: forward + backward, batch {args.batch}, embedding {args.dim}, one "
+          "process\n")
     print(f"| classes | class centres (MiB) | plain head: peak MiB | plain: ms/step "
           f"| Partial FC {args.sample_rate:g}: peak MiB | Partial FC: ms/step |")
     print("|---|---|---|---|---|---|")
@@ -201,7 +215,8 @@ def main():
               f"{fmt(full_t and 1e3 * full_t, '.1f')} | {fmt(pfc_m and pfc_m / MiB, '.0f')} | "
               f"{fmt(pfc_t and 1e3 * pfc_t, '.1f')} |", flush=True)
 
-    print(f"\n### Pair selection: 'dist', one pair per class, unit vectors of dimension {args.dim}, "
+    print("\n### Pair selection: 'dist', one pair per class, unit vectors of dimension "
+          f"{args.dim}, "
           f"blocks of {args.block_gb:g} GiB\n")
     print("| classes | path | time (s) | peak MiB | full C x C path would need (GiB, estimate) |")
     print("|---|---|---|---|---|")
@@ -209,17 +224,22 @@ def main():
         est = f"{full_path_bytes(c) / 2 ** 30:,.1f}"
         if c <= 10 ** 4:
             t, m = select_case(c, args.dim, block, full=True)
-            print(f"| {c:,} | full matrix | {fmt(t, '.1f')} | {fmt(m and m / MiB, '.0f')} | {est} |", flush=True)
+            print(
+                f"| {c:,} | full matrix | {fmt(t, '.1f')} | {fmt(m and m / MiB, '.0f')} | {est} |",
+                flush=True)
         if c <= args.select_whole_max:
             t, m = select_case(c, args.dim, block)
-            print(f"| {c:,} | blockwise | {fmt(t, '.1f')} | {fmt(m and m / MiB, '.0f')} | {est} |", flush=True)
+            print(f"| {c:,} | blockwise | {fmt(t, '.1f')} | {fmt(m and m / MiB, '.0f')} | {est} |",
+                  flush=True)
         else:
             rows = min(args.search_rows, c)
             t, m = select_case(c, args.dim, block, rows=rows)
-            print(f"| {c:,} | blockwise, partner search only: timed on {rows:,} rows, extrapolated | {fmt(t, '.0f')} | "
+            print(f"| {c:,} | blockwise, partner search only: timed on {rows:,} rows, extrapolated "
+                  f"| {fmt(t, '.0f')} | "
                   f"{fmt(m and m / MiB, '.0f')} (search) | {est} |", flush=True)
 
-    print(f"\n### RecordIO read: {images:,} JPEGs of {args.image_size}x{args.image_size}, DataLoader batch 64\n")
+    print(f"\n### RecordIO read: {images:,} JPEGs of {args.image_size}x{args.image_size}, "
+          "DataLoader batch 64\n")
     with tempfile.TemporaryDirectory() as tmp:
         rec = write_jpeg_rec(os.path.join(tmp, "train"), images, args.image_size)
         size = os.path.getsize(rec) / MiB

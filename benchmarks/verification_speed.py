@@ -32,11 +32,13 @@ def calculate_roc_loop(thresholds, embeddings1, embeddings2, actual_issame, nrof
     dist = np.sum(np.square(np.subtract(embeddings1, embeddings2)), 1)
     indices = np.arange(len(actual_issame))
     accuracy = np.zeros(nrof_folds)
-    for fold_idx, test_set in enumerate(np.array_split(indices, nrof_folds)):  # = KFold(shuffle=False)
+    # = KFold(shuffle=False)
+    for fold_idx, test_set in enumerate(np.array_split(indices, nrof_folds)):
         train_set = np.setdiff1d(indices, test_set)
         acc_train = np.zeros(len(thresholds))
         for threshold_idx, threshold in enumerate(thresholds):
-            acc_train[threshold_idx] = calculate_accuracy(threshold, dist[train_set], actual_issame[train_set])
+            acc_train[threshold_idx] = calculate_accuracy(threshold, dist[train_set],
+                                                          actual_issame[train_set])
         best_threshold_index = np.argmax(acc_train)
         best = thresholds[best_threshold_index]
         accuracy[fold_idx] = calculate_accuracy(best, dist[test_set], actual_issame[test_set])
@@ -61,7 +63,8 @@ def main():
     parser.add_argument("--pairs", type=int, default=6000, help="number of pairs (LFW has 6000)")
     parser.add_argument("--dim", type=int, default=512, help="embedding size")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each implementation (best is reported)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs of each implementation (best is reported)")
     args = parser.parse_args()
     emb, issame = random_pairs(args.pairs, args.dim, args.seed)
     times = {"vectorised": [], "loop": [], "distances": []}
@@ -78,12 +81,16 @@ def main():
         if not np.array_equal(fast, slow):
             sys.exit(f"error: the two implementations disagree: {fast} vs {slow}")
     fast_t, slow_t, dist_t = (min(times[k]) for k in ("vectorised", "loop", "distances"))
-    print(f"{args.pairs} pairs, d = {args.dim}: accuracy {100 * fast.mean():.2f} +- {100 * fast.std():.2f} "
+    print(f"{args.pairs} pairs, d = {args.dim}: accuracy {100 * fast.mean():.2f} +- "
+          f"{100 * fast.std():.2f} "
           "(both implementations agree exactly)")
-    print(f"vectorised {1e3 * fast_t:.1f} ms, loop {1e3 * slow_t:.1f} ms (best of {args.repeats}; both include "
+    print(f"vectorised {1e3 * fast_t:.1f} ms, loop {1e3 * slow_t:.1f} ms (best of {args.repeats}; "
+          "both include "
           f"the pair distances), speed-up {slow_t / fast_t:.1f}x")
-    print(f"without the {1e3 * dist_t:.1f} ms of pair distances: vectorised {1e3 * (fast_t - dist_t):.1f} ms, "
-          f"loop {1e3 * (slow_t - dist_t):.1f} ms, speed-up {(slow_t - dist_t) / (fast_t - dist_t):.0f}x")
+    print(f"without the {1e3 * dist_t:.1f} ms of pair distances: vectorised "
+          f"{1e3 * (fast_t - dist_t):.1f} ms, "
+          f"loop {1e3 * (slow_t - dist_t):.1f} ms, speed-up "
+          f"{(slow_t - dist_t) / (fast_t - dist_t):.0f}x")
 
 
 if __name__ == "__main__":

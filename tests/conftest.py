@@ -17,7 +17,8 @@ def run_script(script, *args, env=None, timeout=300):
 
 
 def one_error_line(main, argv, capsys):
-    """main(argv) in this process -> its single stderr / exit line, which must start with `error: `."""
+    """main(argv) in this process -> its single stderr / exit line, which must start with `error:
+    `."""
     with pytest.raises(SystemExit) as e:
         main([*map(str, argv)])
     assert e.value.code not in (0, None)
@@ -50,12 +51,12 @@ def tiny_models(tiny_toy, tmp_path_factory):
     on the tiny toy set, trained once per test session by the real CLIs (about 10 s)."""
     out = tmp_path_factory.mktemp("tiny_models")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = run_script("train_arcface.py", "--data", tiny_toy / "train", "--out", out / "fr", "--steps", 4,
-                   "--width", 0.125, "--embedding-size", 16, "--batch-size", 8, env=env)
+    r = run_script("train_arcface.py", "--data", tiny_toy / "train", "--out", out / "fr", "--steps",
+                   4, "--width", 0.125, "--embedding-size", 16, "--batch-size", 8, env=env)
     assert r.returncode == 0, r.stderr
-    r = run_script("train_diffusion.py", "--data", tiny_toy / "train", "--out", out / "gen", "--resolution", 16,
-                   "--channels", 8, "--channel-mult", 1, 2, "--batch-size", 8, "--duration", 0.05,
-                   "--snapshot-every", 0, "--label-dropout", 0.25, env=env)
+    r = run_script("train_diffusion.py", "--data", tiny_toy / "train", "--out", out / "gen",
+                   "--resolution", 16, "--channels", 8, "--channel-mult", 1, 2, "--batch-size", 8,
+                   "--duration", 0.05, "--snapshot-every", 0, "--label-dropout", 0.25, env=env)
     assert r.returncode == 0, r.stderr
     return out / "fr" / "model.pt", last_snapshot(out / "gen")
 

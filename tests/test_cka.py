@@ -59,10 +59,11 @@ def test_cli_writes_finite_metrics_for_the_generator_and_the_discriminator(tiny_
     fr, snapshot = tiny_models
     (tmp_path / "twin").mkdir()
     twin = shutil.copy(fr, tmp_path / "twin" / "model.pt")
-    cka_main(["--generator", snapshot, "--fr", fr, twin, "--data", tiny_toy / "train", "--permutations", 3,
-              "--out", tmp_path / "cka.json"])
+    cka_main(["--generator", snapshot, "--fr", fr, twin, "--data", tiny_toy / "train",
+              "--permutations", 3, "--out", tmp_path / "cka.json"])
     result = json.loads((tmp_path / "cka.json").read_text())
-    assert result["k"] == 5 and result["classes"] == 6  # --k 10 lowered to the 5 neighbours a row has
+    # --k 10 lowered to the 5 neighbours a row has
+    assert result["k"] == 5 and result["classes"] == 6
     kinds = [p["kind"] for p in result["pairs"]]
     assert kinds == ["condition vs embedding"] * 2 + ["embedding vs embedding"]
     assert result["pairs"][2]["cka"] == pytest.approx(1.0, abs=1e-5)  # a model against its copy
@@ -76,7 +77,8 @@ def test_a_model_with_a_nan_weight_writes_nothing(tiny_models, tiny_toy, tmp_pat
     bad, key = poisoned_copy(fr if which == "fr" else snapshot, tmp_path / "bad.pt")
     (tmp_path / "cka.json").write_text("{}")
     argv = ["--fr", bad] if which == "fr" else ["--fr", fr, "--generator", bad]
-    line = one_error_line(cka.main, [*argv, "--data", tiny_toy / "train", "--out", tmp_path / "cka.json"], capsys)
+    line = one_error_line(cka.main, [*argv, "--data", tiny_toy / "train", "--out",
+                                     tmp_path / "cka.json"], capsys)
     assert f"{bad}: 1 non-finite value(s) in {key}" in line
     assert (tmp_path / "cka.json").read_text() == "{}" and sorted(os.listdir(tmp_path)) == ["bad.pt", "cka.json"]
 
@@ -96,6 +98,7 @@ def test_bad_input_gives_one_error_line(tiny_models, tiny_toy, tmp_path, capsys,
     subst = {"SNAP": snapshot, "FR": fr, "DIR": tmp_path / "dir"}
     base = {"--fr": [fr], "--data": [tiny_toy / "train"], "--out": [tmp_path / "cka.json"]}
     base[argv[0]] = [subst.get(a, a) for a in argv[1:]]
-    line = one_error_line(cka.main, [a for flag, values in base.items() for a in (flag, *values)], capsys)
+    line = one_error_line(cka.main, [a for flag, values in base.items() for a in (flag, *values)],
+                          capsys)
     assert needle in line
     assert os.listdir(tmp_path) == ["dir"]

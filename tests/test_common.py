@@ -1,4 +1,5 @@
-"""common.py: flag types, output checks, the one-writer lock, atomic writes, finiteness, CSV by name."""
+"""common.py: flag types, output checks, the one-writer lock, atomic writes, finiteness, CSV by
+name."""
 import argparse
 import os
 import subprocess
@@ -10,8 +11,8 @@ import pytest
 import torch
 
 import common
-from common import (InputError, check_finite, check_output_dir, check_output_file, output_lock, positive_int,
-                    probability, read_csv, remove_stale_tmp, write_atomic)
+from common import (InputError, check_finite, check_output_dir, check_output_file, output_lock,
+                    positive_int, probability, read_csv, remove_stale_tmp, write_atomic)
 
 
 @pytest.mark.parametrize("parse,good,bad", [
@@ -57,7 +58,8 @@ def test_write_atomic_leaves_nothing_when_the_write_fails(tmp_path):
 def test_check_finite_names_the_entry():
     check_finite("m", {"w": torch.ones(3), "n": torch.tensor([1, 2]), "s": "text"})
     with pytest.raises(InputError, match=r"model.pt: 2 non-finite value\(s\) in layer.weight"):
-        check_finite("model.pt", {"ok": torch.zeros(2), "layer.weight": torch.tensor([1.0, float("nan"), float("inf")])})
+        check_finite("model.pt", {"ok": torch.zeros(2),
+                                  "layer.weight": torch.tensor([1.0, float("nan"), float("inf")])})
     with pytest.raises(InputError, match="centres"):
         check_finite("centres", np.array([[0.0, np.inf]]))
     with pytest.raises(InputError):
@@ -76,7 +78,8 @@ def test_output_checks(tmp_path, monkeypatch):
     check_output_file(tmp_path / "new" / "pairs.csv")
     assert sorted(os.listdir(tmp_path)) == ["file"]  # checking creates nothing
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(common.shutil, "disk_usage", lambda path: usage(10 << 30, 10 << 30, 1 << 20))
+    monkeypatch.setattr(common.shutil, "disk_usage",
+                        lambda path: usage(10 << 30, 10 << 30, 1 << 20))
     with pytest.raises(InputError, match="not enough free disk space"):
         check_output_dir(tmp_path / "new")
 
@@ -106,7 +109,8 @@ def test_a_killed_holder_releases_the_lock(tmp_path):
     code = ("import common, sys, time; lock = common.output_lock(sys.argv[1]); lock.__enter__(); "
             "print('held', flush=True); time.sleep(60)")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    p = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True, cwd=root)
+    p = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,
+                         text=True, cwd=root)
     assert p.stdout.readline().strip() == "held"
     with pytest.raises(InputError, match=f"pid {p.pid}"):
         with output_lock(str(tmp_path)):

@@ -12,13 +12,15 @@ from experiments import BENCH
 def test_sensitivity_rows_skip_the_main_setting():
     rows = [r[0] for r in experiments.sensitivity_rows(argparse.Namespace(guidance=1.0, steps=32))]
     assert "real+scoremix-dist-emb-w1" not in rows and "real+scoremix-dist-emb-steps32" not in rows
-    assert {"real+scoremix-dist-emb-w1.3", "real+scoremix-dist-emb-w2", "real+scoremix-dist-emb-steps16",
-            "real+scoremix-dist-emb-alpha0.3"} <= set(rows)
+    assert {"real+scoremix-dist-emb-w1.3", "real+scoremix-dist-emb-w2",
+            "real+scoremix-dist-emb-steps16", "real+scoremix-dist-emb-alpha0.3"} <= set(rows)
     assert "real+scoremix-dist-emb-alpha0.3 (=)" in rows and "real+repro-w1.3 (=)" in rows
-    for row, sources, flags, all_seeds in experiments.sensitivity_rows(argparse.Namespace(guidance=1.3, steps=16)):
+    for row, sources, flags, all_seeds in experiments.sensitivity_rows(
+        argparse.Namespace(guidance=1.3, steps=16)):
         assert sources == ["real", row[5:].replace(" (=)", "")]
         assert ("=" in flags) == row.endswith("(=)")
-        assert ("--merge-by-name" in flags) == all_seeds == row.startswith("real+repro")  # Repro joins real classes
+        # Repro joins real classes
+        assert ("--merge-by-name" in flags) == all_seeds == row.startswith("real+repro")
 
 
 def result(tmp_path, row, seed, avg, sources):
@@ -35,15 +37,18 @@ def test_replication_table_gives_the_share_of_the_oracle_gain(tmp_path, monkeypa
         result(tmp_path, "real", seed, real, ["real"])
         result(tmp_path, "oracle", seed, oracle, ["oracle"])
         result(tmp_path, "real+scoremix-dist-emb", seed, mix, ["real", "scoremix-dist-emb"])
-    result(tmp_path, "real+scoremix-dist-emb-alpha0.3 (=)", 0, 77.0, ["real", "scoremix-dist-emb-alpha0.3"])
+    result(tmp_path, "real+scoremix-dist-emb-alpha0.3 (=)", 0, 77.0,
+           ["real", "scoremix-dist-emb-alpha0.3"])
     (tmp_path / "replication" / "synthetic").mkdir()
     spread = {"neighbour_ratio": 0.9, "intra_cosine": 0.9, "inter_cosine": 0.0, "consistency": 95.0}
-    for name, extra in (("old", {}), ("new", {"churn": 40})):  # a record from before churn / copy measurement
+    # a record from before churn / copy measurement
+    for name, extra in (("old", {}), ("new", {"churn": 40})):
         near = {"nearest_real_distance": 36.5} if extra else {}
         (tmp_path / "replication" / "synthetic" / f"{name}.json").write_text(json.dumps(
-            {"name": name, "mode": "repro", "selection": None, "alpha": 0.5, "guidance": 1, "steps": 32,
-             "identities": 32, "per_identity": 32, "cpu_seconds_per_1000": 500, **extra,
-             "samples": {**spread, **near}, "real_heldout": {**spread, "nearest_real_distance": 39.2},
+            {"name": name, "mode": "repro", "selection": None, "alpha": 0.5, "guidance": 1,
+             "steps": 32, "identities": 32, "per_identity": 32, "cpu_seconds_per_1000": 500,
+             **extra, "samples": {**spread, **near},
+             "real_heldout": {**spread, "nearest_real_distance": 39.2},
              "real_train": {"intra_cosine": 0.9, "inter_cosine": 0.0}}))
     report.table(argparse.Namespace(group="replication"))
     out = capsys.readouterr().out
@@ -53,7 +58,8 @@ def test_replication_table_gives_the_share_of_the_oracle_gain(tmp_path, monkeypa
     assert "alpha0.3" in sensitivity and "alpha0.3" not in main and "| real |" in main
     lines = {line.split(" | ")[0][2:]: line for line in out.splitlines() if line.startswith("| ")}
     assert lines["real+scoremix-dist-emb-alpha0.3 (=)"].split(" | ")[-2] == "-0.33"
-    assert lines["real+scoremix-dist-emb-alpha0.3 (=)"].split(" | ")[-4] == "-1.00"  # vs real's seed 0
+    # vs real's seed 0
+    assert lines["real+scoremix-dist-emb-alpha0.3 (=)"].split(" | ")[-4] == "-1.00"
     assert "| 79.5 +- 0.5 |" in lines["real+scoremix-dist-emb"]
     assert lines["real+scoremix-dist-emb"].split(" | ")[-4] == "+1.50 +- 0.50"  # seed-paired: 1, 2
     assert lines["real+scoremix-dist-emb"].split(" | ")[-2] == "+0.50"  # (79.5 - 78) / (81 - 78)
@@ -75,13 +81,15 @@ def test_figure_shows_one_row_per_set_and_rejects_a_missing_set(tmp_path, monkey
     experiments.figure(argparse.Namespace(sets=["mix"], identities=32, columns=4, out=str(out)))
     assert Image.open(out).size[1] > 2 * 16  # two rows of 8-px cells at zoom 2
     with pytest.raises(SystemExit, match="does not exist"):
-        experiments.figure(argparse.Namespace(sets=["absent"], identities=32, columns=4, out=str(out)))
+        experiments.figure(
+            argparse.Namespace(sets=["absent"], identities=32, columns=4, out=str(out)))
 
 
 def test_paired_interval_is_a_t_interval_of_seed_paired_differences():
     ref = [{"seed": s, "avg": a} for s, a in enumerate([70.0, 71.0, 72.0])]
     runs = [{"seed": s, "avg": a} for s, a in enumerate([71.0, 73.0, 72.0])] + [{"seed": 9, "avg": 0.0}]
-    # differences 1, 2, 0: mean 1, sample std 1, t(0.975, 2) = 4.303 -> half width 4.303 / sqrt(3) = 2.484
+    # differences 1, 2, 0: mean 1, sample std 1, t(0.975, 2) = 4.303 -> half width 4.303 / sqrt(3) =
+    # 2.484
     assert report.paired_interval(runs, ref) == "+1.00 [-1.48, +3.48] (3)"
     assert report.paired_interval(runs[:1], ref) == "+1.00 (1 seed)"
 
@@ -98,7 +106,8 @@ def test_regime_recipe_table_flags_recipes_whose_2x_run_moves_by_more_than_a_std
     report.table(argparse.Namespace(group="regime_recipe"))
     lines = {line.split(" | ")[0][2:]: line.split(" | ") for line in capsys.readouterr().out.splitlines()
              if line.startswith("| e")}
-    assert lines["e24"][3:7] == ["81.00 +- 1.00", "81.50 +- 1.00", "+0.50 [+0.50, +0.50] (3)", "yes"]
+    assert lines["e24"][3:7] == ["81.00 +- 1.00", "81.50 +- 1.00", "+0.50 [+0.50, +0.50] (3)",
+                                 "yes"]
     assert lines["e12"][6] == "no" and lines["e12"][7].startswith("+1.50 [")  # 3.0 apart, std 0.5
 
 
@@ -117,9 +126,11 @@ def test_pixel_average_set_is_the_mean_of_the_parents_images(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["avg_a_c", "avg_b_a", "manifest.csv"]
     for n in range(2):
         got = np.asarray(Image.open(out / "avg_a_c" / f"{n}.png"))
-        assert np.array_equal(got, np.round((real["a"][n] / 1.0 + real["c"][n]) / 2).astype(np.uint8))
+        assert np.array_equal(got,
+                              np.round((real["a"][n] / 1.0 + real["c"][n]) / 2).astype(np.uint8))
     assert not (out / "avg_a_c" / "2.png").exists()
-    assert (out / "manifest.csv").read_text().splitlines()[1:] == ["avg_a_c,average,a;c", "avg_b_a,average,b;a"]
+    assert (out / "manifest.csv").read_text().splitlines()[1:] == ["avg_a_c,average,a;c",
+                                                                   "avg_b_a,average,b;a"]
 
 
 def test_regime_gives_odd_seeds_the_second_draw_and_the_equal_steps_row_the_real_steps(tmp_path, monkeypatch):
@@ -127,7 +138,8 @@ def test_regime_gives_odd_seeds_the_second_draw_and_the_equal_steps_row_the_real
     monkeypatch.setattr(experiments, "RESULTS", str(tmp_path))
     monkeypatch.setattr(experiments, "regime_data", lambda n, p: f"data{n}")
     monkeypatch.setattr(experiments, "recipe_run", lambda *a, **k: "baseline.pt")
-    monkeypatch.setattr(experiments, "sample_set", lambda group, name, mode, sel, data, net, base, **k:
+    monkeypatch.setattr(experiments, "sample_set", lambda group, name, mode, sel, data, net, base,
+                        **k:
                         sets.append((name, mode, k["draw"], net, base)) or f"synthetic/{name}")
 
     def run(group, row, seed, dirs, bench, extra, **k):
@@ -136,19 +148,24 @@ def test_regime_gives_odd_seeds_the_second_draw_and_the_equal_steps_row_the_real
             (tmp_path / "regime").mkdir(exist_ok=True)
             (tmp_path / "regime" / f"real-seed{seed}.json").write_text(json.dumps({"steps": 768}))
     monkeypatch.setattr(experiments, "discriminator_run", run)
-    args = argparse.Namespace(identities=256, per_identity=16, kimg=700, guide_kimg=200, guidance=1.0, steps=32,
-                              seeds=[0, 1], rows=["real", "real+repro", "real+scoremix-dist-emb (=)", "real-2x",
+    args = argparse.Namespace(identities=256, per_identity=16, kimg=700, guide_kimg=200,
+                              guidance=1.0, steps=32,
+                              seeds=[0, 1], rows=["real", "real+repro",
+                                                  "real+scoremix-dist-emb (=)", "real-2x",
                                                   "real+average-dist-emb"])
     experiments.regime(args)
     got = {(row, seed): (dirs, extra, draw) for row, seed, dirs, extra, draw in calls}
     assert got["real+repro", 0] == (["data256/train", "synthetic/repro"],
                                     ["--epochs", 24, "--val-every", 24, "--merge-by-name"], 1)
-    assert got["real+repro", 1][0] == ["data256/train", "synthetic/repro-draw2"] and got["real+repro", 1][2] == 2
+    assert got["real+repro", 1][0] == ["data256/train",
+                                       "synthetic/repro-draw2"] and got["real+repro", 1][2] == 2
     assert got["real+scoremix-dist-emb (=)", 1][1][-2:] == ["--steps", "768"]
     assert got["real-2x", 0][1][:2] == ["--epochs", 48]
-    assert got["real+average-dist-emb", 1][0][1] == "synthetic/average-dist-emb"  # one draw: deterministic
+    # one draw: deterministic
+    assert got["real+average-dist-emb", 1][0][1] == "synthetic/average-dist-emb"
     order = ["real", "real-2x", "real+repro", "real+average-dist-emb", "real+scoremix-dist-emb (=)"]
-    assert [c[:2] for c in calls] == [(r, 0) for r in order] + [(r, 1) for r in order]  # seed-major, table order
+    # seed-major, table order
+    assert [c[:2] for c in calls] == [(r, 0) for r in order] + [(r, 1) for r in order]
     assert ("repro-draw2", "repro", 2) in [s[:3] for s in sets]
     assert all(s[3].endswith("network-snapshot-000700.pt") and s[4] == "baseline.pt" for s in sets)
 
@@ -156,18 +173,20 @@ def test_regime_gives_odd_seeds_the_second_draw_and_the_equal_steps_row_the_real
 def test_regime_table_shares_and_claims_are_seed_paired(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(report, "RESULTS", str(tmp_path))
     (tmp_path / "regime" / "synthetic").mkdir(parents=True)
-    values = {"real": (80.0, 81.0, 82.0), "oracle": (82.0, 84.0, 84.0), "real+scoremix-dist-emb": (81.0, 82.0, 83.5)}
+    values = {"real": (80.0, 81.0, 82.0), "oracle": (82.0, 84.0, 84.0),
+              "real+scoremix-dist-emb": (81.0, 82.0, 83.5)}
     for row, avgs in values.items():
         for seed, avg in enumerate(avgs):
             (tmp_path / "regime" / f"{row}-seed{seed}.json").write_text(json.dumps(
                 {"row": row, "seed": seed, "epochs": 24, "steps": 768, "avg": avg,
                  "allpairs": {"tar_at_far_1e-3": avg - 10, "tar_at_far_1e-4": avg - 20 - seed,
                               "tar_at_far_1e-5": avg - 40}}))
-    sam = {"consistency": None, "intra_cosine": 0.8, "inter_cosine": 0.1, "nearest_real_distance": 30.0,
-           "parent_cosine": -0.2, "mix_parent_cosine": 0.4}
+    sam = {"consistency": None, "intra_cosine": 0.8, "inter_cosine": 0.1,
+           "nearest_real_distance": 30.0, "parent_cosine": -0.2, "mix_parent_cosine": 0.4}
     (tmp_path / "regime" / "synthetic" / "scoremix-dist-emb.json").write_text(json.dumps(
-        {"name": "scoremix-dist-emb", "mode": "scoremix", "selection": ["embedding", "dist", 2], "draw": 1,
-         "guidance": 1, "identities": 256, "per_identity": 16, "cpu_seconds_per_1000": 470.0, "samples": sam,
+        {"name": "scoremix-dist-emb", "mode": "scoremix", "selection": ["embedding", "dist", 2],
+         "draw": 1, "guidance": 1, "identities": 256, "per_identity": 16,
+         "cpu_seconds_per_1000": 470.0, "samples": sam,
          "real_heldout": {"consistency": 92.6, "nearest_real_distance": 35.0},
          "real_train": {"intra_cosine": 0.85, "inter_cosine": 0.01}}))
     report.table(argparse.Namespace(group="regime"))
@@ -175,6 +194,7 @@ def test_regime_table_shares_and_claims_are_seed_paired(tmp_path, monkeypatch, c
     mix = next(line for line in out.splitlines() if line.startswith("| real+scoremix-dist-emb |"))
     # gains 1, 1, 1.5 (mean 1.1667); oracle gaps 2, 3, 2 (mean 2.3333): share 0.50
     assert "+1.17 [" in mix and "+0.50 (+1.17 / +2.33, 3)" in mix
-    claim = next(line for line in out.splitlines() if line.startswith("| ScoreMix (distant, embedding) > real"))
+    claim = next(line for line in out.splitlines() if line.startswith("| ScoreMix (distant, "
+                                                                      "embedding) > real"))
     assert "+1.17 [+0.45, +1.88] (3)" in claim  # t(2) 4.303 x sample std 0.2887 / sqrt 3
     assert "| -0.200 (0.010) | 0.400 |" in out

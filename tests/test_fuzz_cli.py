@@ -138,7 +138,8 @@ def make_guides(folder, snap):
     """A generator of another resolution and one without a null class, with the same classes."""
     from train_diffusion import Denoiser
     snapshot = torch.load(snap, weights_only=True)
-    for name, change in (("small.pt", {"img_resolution": 8}), ("no_null.pt", {"null_class": False})):
+    for name, change in (("small.pt", {"img_resolution": 8}),
+                         ("no_null.pt", {"null_class": False})):
         net = Denoiser(**{**snapshot["config"], **change})
         torch.save({**snapshot, "config": net.config, "ema": net.state_dict()}, folder / name)
 
@@ -157,7 +158,8 @@ def pairs_files(rng, n):
     header = ["class_a", "class_b"]
     makers = [
         lambda: (csv_bytes([header, [rng.choice(known), "x" + word()]]), "unknown class"),
-        lambda: (csv_bytes([["class_a", "class_b", "class_c"], [known[1]] * 2 + [rng.choice(known)]]),
+        lambda: (csv_bytes([["class_a", "class_b", "class_c"],
+                            [known[1]] * 2 + [rng.choice(known)]]),
                  "appears twice"),
         lambda: (csv_bytes([[rng.choice(["class_x", "a", "Class_A", "class a"]), "class_b"],
                             known[:2]]), "no column 'class_a'"),
@@ -187,7 +189,8 @@ def flag_cases(stage, base, flags, rng):
 
 def file_cases(stage, base, flag, kinds):
     """`flag` given each damaged file in turn."""
-    return [Case(stage, f"{flag} {k}", with_flag(base, flag, "{bad}/" + k), needle=k) for k in kinds]
+    return [Case(stage, f"{flag} {k}", with_flag(base, flag, "{bad}/" + k),
+                 needle=k) for k in kinds]
 
 
 def data_cases(stage, base):
@@ -220,9 +223,10 @@ def select_pairs_cases(rng):
     cases += file_cases(stage, cond, "--generator", SNAP_KINDS)
     cases += data_cases(stage, base)
     for n in rng.sample(range(16, 10 ** 6), 3):  # more tuples than 6 classes hold
-        cases.append(Case(stage, f"--num-pairs {n}", [*cond, "--num-pairs", n], needle="at most 15"))
-        cases.append(Case(stage, f"{n + 5} triplets", [*cond, "--tuple-size", 3, "--num-pairs", n + 5],
-                          needle="at most 20"))
+        cases.append(
+            Case(stage, f"--num-pairs {n}", [*cond, "--num-pairs", n], needle="at most 15"))
+        cases.append(Case(stage, f"{n + 5} triplets",
+                          [*cond, "--tuple-size", 3, "--num-pairs", n + 5], needle="at most 20"))
     cases += out_cases(stage, cond, is_dir=False)
     cases += [Case(stage, "no --fr", ["--data", "{toy}", "--out", "{ws}/p.csv"], needle="--fr"),
               Case(stage, "no --generator", ["--space", "condition", "--out", "{ws}/p.csv"],
@@ -232,7 +236,8 @@ def select_pairs_cases(rng):
 
 def scoremix_cases(rng):
     stage = "scoremix_sample.py"
-    base = ["--net", "{snap}", "--pairs", "{pairs}", "--per-pair", 2, "--steps", 2, "--out", "{ws}/out"]
+    base = ["--net", "{snap}", "--pairs", "{pairs}", "--per-pair", 2, "--steps", 2, "--out",
+            "{ws}/out"]
     cases = flag_cases(stage, base, {
         "--per-pair": "positive_int", "--steps": "positive_int", "--batch-size": "positive_int",
         "--seed": "non_negative_int", "--alpha": "probability", "--churn": "non_negative_float",
@@ -241,7 +246,8 @@ def scoremix_cases(rng):
         "--weights": "non_negative_float", "--grid-seeds": "positive_int"}, rng)
     cases += file_cases(stage, base, "--net", SNAP_KINDS)
     cases += file_cases(stage, ["--guide", "{snap}", *base], "--guide", SNAP_KINDS)
-    cases += [Case(stage, f"pairs {name}", with_flag(base, "--pairs", "{bad}/" + name), needle=needle)
+    cases += [Case(stage, f"pairs {name}", with_flag(base, "--pairs", "{bad}/" + name),
+                   needle=needle)
               for name, _, needle in PAIRS]
     cases.append(Case(stage, "pairs missing", with_flag(base, "--pairs", "{bad}/none.csv"),
                       needle="not found"))
@@ -269,7 +275,8 @@ def cka_cases(rng):
     stage = "cka.py"
     base = ["--fr", "{fr}", "--data", "{toy}", "--out", "{ws}/cka.json"]
     cases = flag_cases(stage, base, {"--k": "positive_int", "--permutations": "positive_int",
-                                     "--batch-size": "positive_int", "--seed": "non_negative_int"}, rng)
+                                     "--batch-size": "positive_int",
+                                     "--seed": "non_negative_int"}, rng)
     cases += file_cases(stage, base, "--fr", FR_KINDS)
     cases += file_cases(stage, base, "--generator", SNAP_KINDS)
     cases += data_cases(stage, base)
@@ -309,9 +316,10 @@ def train_arcface_cases(rng):
 def train_diffusion_cases(rng):
     base = ["--data", "{toy}", "--out", "{ws}/run", "--resolution", 16, "--channels", 8,
             "--channel-mult", 1, 2, "--batch-size", 4, "--duration", 0.004, "--snapshot-every", 0]
-    flags = {"--batch-size": "positive_int", "--duration": "positive_float", "--lr": "positive_float",
-             "--label-dropout": "probability", "--channels": "positive_int",
-             "--grad-accum": "positive_int", "--workers": "non_negative_int", "--seed": "non_negative_int",
+    flags = {"--batch-size": "positive_int", "--duration": "positive_float",
+             "--lr": "positive_float", "--label-dropout": "probability",
+             "--channels": "positive_int", "--grad-accum": "positive_int",
+             "--workers": "non_negative_int", "--seed": "non_negative_int",
              "--ema-std": "positive_float", "--grid-steps": "non_negative_int"}
     return training_cases("train_diffusion.py", base, flags, rng)
 
@@ -319,7 +327,8 @@ def train_diffusion_cases(rng):
 def evaluate_cases(rng):
     stage = "evaluate.py"
     base = ["--model", "{fr}", "--bin", "{toy}/../bench/toy_lfw.bin", "--out", "{ws}/results.json"]
-    cases = flag_cases(stage, base, {"--batch-size": "positive_int", "--input-size": "positive_int"}, rng)
+    cases = flag_cases(stage, base,
+                       {"--batch-size": "positive_int", "--input-size": "positive_int"}, rng)
     cases += file_cases(stage, base, "--model", FR_KINDS)
     cases += file_cases(stage, base, "--bin", ["empty.pt", "noise0.pt", "text.pt", "evil.pt",
                                                "missing.pt"])
@@ -445,7 +454,8 @@ def test_bad_input_is_refused_at_the_door(case, world, tmp_path):
             problems.append(f"the case folder changed: {changed[:3]}")
         if case.subprocess and not problems:
             r = run_script(case.stage, *argv, env=ENV, timeout=120)
-            problems += [f"subprocess: {p}" for p in verdict(case.stage, r.returncode, r.stderr, needle)]
+            problems += [f"subprocess: {p}" for p in verdict(case.stage, r.returncode, r.stderr,
+                                                             needle)]
             if tree(ws) != before:
                 problems.append("subprocess: the case folder changed")
     if os.path.exists(world["marker"]):

@@ -39,8 +39,10 @@ def rec(tmp_path_factory):
     """6 identities x 4 toy faces at 112 px, packed into an insightface train.rec."""
     root = tmp_path_factory.mktemp("rehearsal")
     ok(run_script("toy_faces.py", "--out", root / "toy", "--identities", 6, "--per-identity", 4,
-                  "--test-identities", 8, "--pairs", 20, "--heldout", 0, "--resolution", 112), "toy faces")
-    ok(run_script("train_arcface.py", "--data", root / "toy" / "train", "--pack-rec", root / "rec"), "pack-rec")
+                  "--test-identities", 8, "--pairs", 20, "--heldout", 0, "--resolution",
+                  112), "toy faces")
+    ok(run_script("train_arcface.py", "--data", root / "toy" / "train", "--pack-rec", root / "rec"),
+       "pack-rec")
     return root
 
 
@@ -56,22 +58,24 @@ def test_discriminator_r50_on_two_processes_resumes_across_precisions(rec):
     model = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
     assert all(torch.isfinite(v).all() for v in model["state_dict"].values() if v.is_floating_point())
     pfc = rec / "r50-pfc"
-    ok(torchrun("train_arcface.py", "--data", rec / "rec" / "train.rec", "--out", pfc, *R50, "--amp",
-                "--partial-fc", "--sample-rate", "0.5", "--steps", 1), "r50 Partial FC")
+    ok(torchrun("train_arcface.py", "--data", rec / "rec" / "train.rec", "--out", pfc, *R50,
+                "--amp", "--partial-fc", "--sample-rate", "0.5", "--steps", 1), "r50 Partial FC")
 
 
 def test_full_width_edm2_s_at_112_px_has_attention_and_takes_a_bf16_training_step():
     from train_diffusion import Denoiser, edm_loss, parse_args
-    args = parse_args(["--preset", "edm2-s", "--resolution", "112", "--data", "unused", "--out", "unused"])
+    args = parse_args(
+        ["--preset", "edm2-s", "--resolution", "112", "--data", "unused", "--out", "unused"])
     assert args.attn == [28, 14]  # the preset's 16 and 8 px at 64 px, never silently none
-    net = Denoiser(112, 3, 6, sigma_data=float(args.sigma_data), uncertainty=True, channels=args.channels,
-                   channel_mult=args.channel_mult, num_blocks=args.num_blocks, attn_resolutions=args.attn,
-                   mp=True)
+    net = Denoiser(112, 3, 6, sigma_data=float(args.sigma_data), uncertainty=True,
+                   channels=args.channels, channel_mult=args.channel_mult,
+                   num_blocks=args.num_blocks, attn_resolutions=args.attn, mp=True)
     with_attention = {n.split(".")[-1] for n, m in net.named_modules() if getattr(m, "num_heads", 0)}
     assert {"28x28_block0", "14x14_block0", "14x14_in0", "28x28_block3"} <= with_attention
     y = torch.rand(1, 3, 112, 112) * 2 - 1
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = edm_loss(net, y, torch.tensor([3]), args.p_mean, args.p_std, 0.5, torch.Generator().manual_seed(0))
+        loss = edm_loss(net, y, torch.tensor([3]), args.p_mean, args.p_std, 0.5,
+                        torch.Generator().manual_seed(0))
     loss.backward()
     assert torch.isfinite(loss)
     assert all(torch.isfinite(q.grad).all() for q in net.parameters() if q.grad is not None)
@@ -99,16 +103,17 @@ def test_pairs_scoremix_retraining_evaluation_and_cka(rec):
     model = rec / "r50" / "model.pt"
     snap = rec / "gen" / "phema.pt"
     guide = sorted((rec / "guide").glob("network-snapshot-*.pt"))[-1]
-    ok(run_script("select_pairs.py", "--fr", model, "--data", rec / "rec" / "train.rec", "--out", pairs,
-                  "--strategy", "dist", "--num-pairs", 2, env=ENV), "select pairs")
-    ok(run_script("scoremix_sample.py", "--net", snap, "--guide", guide, "--guidance", 1.3, "--pairs", pairs,
-                  "--per-pair", 2, "--steps", 2, "--out", mixed, env=ENV), "ScoreMix sampling")
+    ok(run_script("select_pairs.py", "--fr", model, "--data", rec / "rec" / "train.rec", "--out",
+                  pairs, "--strategy", "dist", "--num-pairs", 2, env=ENV), "select pairs")
+    ok(run_script("scoremix_sample.py", "--net", snap, "--guide", guide, "--guidance", 1.3,
+                  "--pairs", pairs, "--per-pair", 2, "--steps", 2, "--out", mixed,
+                  env=ENV), "ScoreMix sampling")
     assert len([d for d in os.listdir(mixed) if (mixed / d).is_dir()]) == 2
-    ok(torchrun("train_arcface.py", "--data", rec / "rec" / "train.rec", mixed, "--out", rec / "r50-mix",
-                *R50, "--amp", "--steps", 1), "retraining on real + ScoreMix")
+    ok(torchrun("train_arcface.py", "--data", rec / "rec" / "train.rec", mixed, "--out",
+                rec / "r50-mix", *R50, "--amp", "--steps", 1), "retraining on real + ScoreMix")
     make_ijb(str(rec / "IJBC"), identities=2)
     ok(run_script("evaluate.py", "--model", rec / "r50-mix" / "model.pt", "--bin",
-                  rec / "toy" / "bench" / "toy_lfw.bin", "--ijb", rec / "IJBC", "--ijb-name", "IJBC",
-                  "--out", rec / "eval.json", env=ENV), "evaluation")
+                  rec / "toy" / "bench" / "toy_lfw.bin", "--ijb", rec / "IJBC", "--ijb-name",
+                  "IJBC", "--out", rec / "eval.json", env=ENV), "evaluation")
     ok(run_script("cka.py", "--generator", snap, "--fr", model, "--data", rec / "rec" / "train.rec",
                   "--k", 3, "--permutations", 2, "--out", rec / "cka.json", env=ENV), "CKA")

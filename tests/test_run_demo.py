@@ -14,8 +14,8 @@ ENV = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
 def run_demo(out):
     env = ENV
     # the guided path (four snapshots, the first guides) has more plumbing than the unguided default
-    return subprocess.run(["bash", os.path.join(ROOT, "run_demo.sh"), "--smoke", "--autoguidance", "1.5",
-                           "--out", str(out)],
+    return subprocess.run(["bash", os.path.join(ROOT, "run_demo.sh"), "--smoke", "--autoguidance",
+                           "1.5", "--out", str(out)],
                           capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -37,7 +37,8 @@ def test_demo_smoke_writes_report_and_resumes(tmp_path):
 
 
 def test_demo_killed_mid_way_resumes_and_finishes(tmp_path):
-    """The default (unguided) path, killed with its whole process group while ScoreMix sampling runs."""
+    """The default (unguided) path, killed with its whole process group while ScoreMix sampling
+    runs."""
     cmd = ["bash", os.path.join(ROOT, "run_demo.sh"), "--smoke", "--out", str(tmp_path)]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
                          start_new_session=True)

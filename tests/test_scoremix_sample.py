@@ -23,8 +23,9 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 class GaussianClasses(nn.Module):
-    """Exact denoisers of classes N(mu_k, s0^2 I): D(x; s, k) = mu_k + s0^2 / (s0^2 + s^2) (x - mu_k).
-    labels None: the null class N(mu_null, s0^2 I); float labels [B, K]: mean = weights @ mu. Counts calls."""
+    """Exact denoisers of classes N(mu_k, s0^2 I): D(x; s, k) = mu_k + s0^2 / (s0^2 + s^2) (x -
+    mu_k). labels None: the null class N(mu_null, s0^2 I); float labels [B, K]: mean = weights @ mu.
+    Counts calls."""
 
     def __init__(self, mus, s0, mu_null=None):
         super().__init__()
@@ -49,12 +50,14 @@ def ode_endpoint(mu, s0, z, sigma_max=80.0):
 
 
 def test_convex_mix_follows_the_mixed_gaussians_ode_per_sample():
-    oracle = GaussianClasses([0.8, -0.2], 0.5)  # alpha 0.5: mu = 0.3, the reference case of docs/formulas.md 2
+    # alpha 0.5: mu = 0.3, the reference case of docs/formulas.md 2
+    oracle = GaussianClasses([0.8, -0.2], 0.5)
     z = torch.linspace(-math.sqrt(10), math.sqrt(10), 65, dtype=torch.float64).reshape(-1, 1, 1, 1)
     exact = ode_endpoint(0.3, 0.5, z)
     x = heun_sample(mix_denoisers(oracle, [0, 1], [0.5, 0.5]), z, karras_sigmas(32))
     assert x.dtype == torch.float64
-    assert (x - exact).abs().max().item() == pytest.approx(0.025, rel=0.15)  # Heun's own error at 32 steps
+    # Heun's own error at 32 steps
+    assert (x - exact).abs().max().item() == pytest.approx(0.025, rel=0.15)
     x = heun_sample(mix_denoisers(oracle, [0, 1], [0.5, 0.5]), z, karras_sigmas(256))
     assert (x - exact).abs().max().item() < 4e-4
 
@@ -74,8 +77,10 @@ def test_guidance_one_equals_no_guidance():
     net, guide = GaussianClasses([0.8, -0.2], 0.5, mu_null=0.0), GaussianClasses([0.1, 0.9], 0.7)
     x, sigma = torch.randn(4, 1, 2, 2, dtype=torch.float64), torch.tensor(1.3, dtype=torch.float64)
     plain = mix_denoisers(net, [0, 1], [0.4, 0.6])(x, sigma)
-    assert torch.equal(mix_denoisers(net, [0, 1], [0.4, 0.6], guide=guide, guidance=1.0)(x, sigma), plain)
-    assert torch.equal(mix_denoisers(net, [0, 1], [0.4, 0.6], guidance=1.0)(x, sigma), plain)  # no CFG either
+    assert torch.equal(mix_denoisers(net, [0, 1], [0.4, 0.6], guide=guide, guidance=1.0)(x, sigma),
+                       plain)
+    # no CFG either
+    assert torch.equal(mix_denoisers(net, [0, 1], [0.4, 0.6], guidance=1.0)(x, sigma), plain)
     assert guide.calls == []
 
 
@@ -84,7 +89,8 @@ def test_a_guide_identical_to_the_net_gives_the_net_for_any_weight():
     z = torch.randn(8, 1, 2, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     plain = heun_sample(mix_denoisers(net, [0, 1], [0.5, 0.5]), z, karras_sigmas(16))
     for w in (0.0, 1.3, 2.5, -1.0):
-        guided = heun_sample(mix_denoisers(net, [0, 1], [0.5, 0.5], guide=twin, guidance=w), z, karras_sigmas(16))
+        guided = heun_sample(mix_denoisers(net, [0, 1], [0.5, 0.5], guide=twin, guidance=w), z,
+                             karras_sigmas(16))
         torch.testing.assert_close(guided, plain, rtol=0, atol=1e-12)
 
 
@@ -94,7 +100,8 @@ def test_guidance_is_applied_per_class_then_mixed():
     D = [net(x, sigma, torch.full([3], k)) for k in (0, 1)]
     G = [guide(x, sigma, torch.full([3], k)) for k in (0, 1)]
     auto = sum(wk * (g + w * (d - g)) for wk, d, g in zip((a, 1 - a), D, G))
-    torch.testing.assert_close(mix_denoisers(net, [0, 1], [a, 1 - a], guide=guide, guidance=w)(x, sigma), auto)
+    torch.testing.assert_close(
+        mix_denoisers(net, [0, 1], [a, 1 - a], guide=guide, guidance=w)(x, sigma), auto)
     null = net(x, sigma, None)
     cfg = sum(wk * (null + w * (d - null)) for wk, d in zip((a, 1 - a), D))
     torch.testing.assert_close(mix_denoisers(net, [0, 1], [a, 1 - a], guidance=w)(x, sigma), cfg)
@@ -106,8 +113,8 @@ def test_classifier_free_guidance_is_refused_without_a_null_class():
         mix_denoisers(net, [0, 1], [0.5, 0.5], guidance=2.0)
 
 
-@pytest.mark.parametrize("weights", [[0.6, 0.6], [1.5, -0.5], [1.0], [0.5, 0.5, 0.0], [float("nan"), 1.0],
-                                     [0.5, 0.5 + 2e-6]])
+@pytest.mark.parametrize("weights", [[0.6, 0.6], [1.5, -0.5], [1.0], [0.5, 0.5, 0.0],
+                                     [float("nan"), 1.0], [0.5, 0.5 + 2e-6]])
 def test_bad_weights_raise_value_error(weights):
     with pytest.raises(ValueError, match="weight"):
         mix_denoisers(GaussianClasses([0.0, 1.0], 0.5), [0, 1], weights)
@@ -125,13 +132,13 @@ def test_all_classes_go_through_one_batched_forward_pass(guide):
     net, other = GaussianClasses([0.8, -0.2, 0.1], 0.5, mu_null=0.0), GaussianClasses([0.1, 0.9, 0.0], 0.7)
     kw = {"none": {}, "auto": dict(guide=other, guidance=1.3), "cfg": dict(guidance=1.3)}[guide]
     steps, batch = 6, 5
-    heun_sample(mix_denoisers(net, [0, 1, 2], [0.2, 0.3, 0.5], **kw), torch.randn(batch, 1, 2, 2).double(),
-                karras_sigmas(steps))
+    heun_sample(mix_denoisers(net, [0, 1, 2], [0.2, 0.3, 0.5], **kw),
+                torch.randn(batch, 1, 2, 2).double(), karras_sigmas(steps))
     evaluations = 2 * steps - 1
     assert net.calls + other.calls == [3 * batch] * evaluations * (1 if guide == "none" else 2)
     net.calls.clear()
-    heun_sample(condition_mix_denoiser(net, [0, 1], [0.5, 0.5], num_classes=3), torch.randn(batch, 1, 2, 2).double(),
-                karras_sigmas(steps))
+    heun_sample(condition_mix_denoiser(net, [0, 1], [0.5, 0.5], num_classes=3),
+                torch.randn(batch, 1, 2, 2).double(), karras_sigmas(steps))
     assert net.calls == [batch] * evaluations  # condition mixing: one call on the mixed embedding
 
 
@@ -141,7 +148,8 @@ def test_per_sample_classes_match_separate_runs():
     a, b = torch.tensor([0, 1, 2, 3]), torch.tensor([1, 3, 0, 2])
     together = heun_sample(mix_denoisers(net, [a, b], [0.3, 0.7]), z, karras_sigmas(8))
     for i in range(4):
-        alone = heun_sample(mix_denoisers(net, [int(a[i]), int(b[i])], [0.3, 0.7]), z[i:i + 1], karras_sigmas(8))
+        alone = heun_sample(mix_denoisers(net, [int(a[i]), int(b[i])], [0.3, 0.7]), z[i:i + 1],
+                            karras_sigmas(8))
         torch.testing.assert_close(together[i:i + 1], alone, rtol=0, atol=1e-12)
 
 
@@ -151,9 +159,11 @@ def test_score_mix_cells_convex_zero_and_sum():
     D_a, D_b = (net(x, sigma, torch.full([3], k)) for k in (0, 1))
     torch.testing.assert_close(score_mix_denoiser(net, [0, 1], 0.2, 0.8)(x, sigma),
                                mix_denoisers(net, [0, 1], [0.2, 0.8])(x, sigma))
-    assert torch.equal(score_mix_denoiser(net, [0, 1], 0.0, 0.0)(x, sigma), x)  # no score: x stays put
+    # no score: x stays put
+    assert torch.equal(score_mix_denoiser(net, [0, 1], 0.0, 0.0)(x, sigma), x)
     torch.testing.assert_close(score_mix_denoiser(net, [0, 1], 1.0, 1.0)(x, sigma), D_a + D_b - x)
-    alpha, beta = torch.tensor([0.0, 0.5, 1.0]), torch.tensor([1.0, 0.5, 0.2])  # one cell per sample
+    # one cell per sample
+    alpha, beta = torch.tensor([0.0, 0.5, 1.0]), torch.tensor([1.0, 0.5, 0.2])
     out = score_mix_denoiser(net, [0, 1], alpha, beta)(x, sigma)
     torch.testing.assert_close(out, x + alpha.double().reshape(-1, 1, 1, 1) * (D_a - x)
                                + beta.double().reshape(-1, 1, 1, 1) * (D_b - x))
@@ -170,11 +180,14 @@ def test_denoiser_accepts_soft_labels_for_condition_mixing(mp):
             for name, p in net.named_parameters():
                 p.fill_(1.0) if name.endswith("gain") else None
     x, labels = torch.randn(3, 3, 16, 16), torch.tensor([0, 3, 4])
-    torch.testing.assert_close(net(x, 0.7, nn.functional.one_hot(labels, 5).float()), net(x, 0.7, labels))
+    torch.testing.assert_close(net(x, 0.7, nn.functional.one_hot(labels, 5).float()),
+                               net(x, 0.7, labels))
     table = net.unet.class_embedding(torch.arange(5))
     soft = torch.tensor([[0.25, 0.0, 0.75, 0.0]])  # no null column: padded with 0
-    torch.testing.assert_close(net.unet.class_embedding(soft), 0.25 * table[0:1] + 0.75 * table[2:3])
-    mixed = condition_mix_denoiser(net, [torch.tensor([0, 1, 2]), 2], [0.25, 0.75])(x, torch.tensor(0.7))
+    torch.testing.assert_close(net.unet.class_embedding(soft),
+                               0.25 * table[0:1] + 0.75 * table[2:3])
+    mixed = condition_mix_denoiser(net, [torch.tensor([0, 1, 2]), 2],
+                                   [0.25, 0.75])(x, torch.tensor(0.7))
     expected = net(x, 0.7, torch.tensor([[0.25, 0, 0.75, 0], [0, 0.25, 0.75, 0], [0, 0, 1.0, 0]]))
     torch.testing.assert_close(mixed, expected)
     assert not torch.allclose(mixed[0], net(x, 0.7, 0)[0])
@@ -186,9 +199,10 @@ def test_denoiser_accepts_soft_labels_for_condition_mixing(mp):
 def gen(tiny_toy, tmp_path_factory):
     """A tiny generator (16 px, 8 channels, 64 images of training, null class) and a pairs.csv."""
     out = tmp_path_factory.mktemp("gen")
-    r = run_script("train_diffusion.py", "--data", tiny_toy / "train", "--out", out / "run", "--resolution", 16,
-                   "--channels", 8, "--batch-size", 8, "--duration", 0.064, "--rampup-kimg", 0, "--lr", 1e-2,
-                   "--snapshot-every", 0, "--label-dropout", 0.25, env=ENV)
+    r = run_script("train_diffusion.py", "--data", tiny_toy / "train", "--out", out / "run",
+                   "--resolution", 16, "--channels", 8, "--batch-size", 8, "--duration", 0.064,
+                   "--rampup-kimg", 0, "--lr", 1e-2, "--snapshot-every", 0, "--label-dropout", 0.25,
+                   env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
     snapshot = last_snapshot(out / "run")
     names = load_generator(snapshot).class_names
@@ -196,7 +210,8 @@ def gen(tiny_toy, tmp_path_factory):
     with open(pairs, "w", newline="") as f:
         w = csv.writer(f)
         w.writerows([["class_a", "class_b", "distance", "rank"], [names[0], names[3], 1.2, 0],
-                     [names[1], names[4], 1.1, 1], [names[0], names[3], 1.0, 2]])  # a pair twice: a unique name
+                     [names[1], names[4], 1.1, 1],
+                     [names[0], names[3], 1.0, 2]])  # a pair twice: a unique name
     return snapshot, pairs, names
 
 
@@ -228,7 +243,8 @@ def mixed(gen, tmp_path_factory):
 def test_scoremix_cli_writes_identity_folders_and_manifest(mixed, gen):
     _, _, names = gen
     images = read_folder(mixed / "one")
-    expected = [f"mix_{names[0]}_{names[3]}", f"mix_{names[1]}_{names[4]}", f"mix_{names[0]}_{names[3]}_2"]
+    expected = [f"mix_{names[0]}_{names[3]}", f"mix_{names[1]}_{names[4]}",
+                f"mix_{names[0]}_{names[3]}_2"]
     assert sorted(images) == sorted(expected)
     assert all(v.shape == (3, 16, 16, 3) for v in images.values())
     first, dup = images[expected[0]].astype(int), images[expected[2]].astype(int)
@@ -259,8 +275,8 @@ def test_resume_redoes_only_missing_or_half_written_identities(mixed, gen, tmp_p
     shutil.rmtree(out / gone)
     os.rename(out / half, out / f".{half}.partial")  # as if killed before the rename
     os.remove(out / f".{half}.partial" / "2.png")
-    r = run_script("scoremix_sample.py", "--net", snapshot, "--guide", snapshot, "--pairs", pairs, *SAMPLE,
-                   "--out", out, env=ENV)
+    r = run_script("scoremix_sample.py", "--net", snapshot, "--guide", snapshot, "--pairs", pairs,
+                   *SAMPLE, "--out", out, env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "1 already complete (skipped), 2 to sample" in r.stdout
     assert {f: os.stat(out / keep / f).st_mtime_ns for f in os.listdir(out / keep)} == mtimes
@@ -268,20 +284,23 @@ def test_resume_redoes_only_missing_or_half_written_identities(mixed, gen, tmp_p
     assert sorted(after) == sorted(before)  # no partial folder left
     for name in before:
         assert np.abs(after[name].astype(int) - before[name].astype(int)).max() <= 1
-    r = run_script("scoremix_sample.py", "--net", snapshot, "--pairs", pairs, *SAMPLE, "--out", out, env=ENV)
-    assert r.returncode != 0 and "other settings" in r.stderr  # guidance 1 vs 1.3 into the same folder
+    r = run_script("scoremix_sample.py", "--net", snapshot, "--pairs", pairs, *SAMPLE, "--out", out,
+                   env=ENV)
+    # guidance 1 vs 1.3 into the same folder
+    assert r.returncode != 0 and "other settings" in r.stderr
 
 
 def test_repro_and_condmix_modes(gen, tiny_toy, tmp_path):
     snapshot, pairs, names = gen
-    r = run_script("scoremix_sample.py", "--net", snapshot, "--mode", "repro", "--guidance", 1.5, *SAMPLE,
-                   "--out", tmp_path / "repro", env=ENV)  # guidance without --guide: classifier-free
+    r = run_script("scoremix_sample.py", "--net", snapshot, "--mode", "repro", "--guidance", 1.5,
+                   *SAMPLE, "--out", tmp_path / "repro",
+                   env=ENV)  # guidance without --guide: classifier-free
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(read_folder(tmp_path / "repro")) == sorted(names)
     merged = open_datasets([tiny_toy / "train", tmp_path / "repro"], merge_by_name=True)
     assert merged.classes == sorted(names) and len(merged) == len(open_datasets([tiny_toy / "train"])) + 3 * len(names)
-    r = run_script("scoremix_sample.py", "--net", snapshot, "--mode", "condmix", "--pairs", pairs, *SAMPLE,
-                   "--out", tmp_path / "condmix", env=ENV)
+    r = run_script("scoremix_sample.py", "--net", snapshot, "--mode", "condmix", "--pairs", pairs,
+                   *SAMPLE, "--out", tmp_path / "condmix", env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
     images = read_folder(tmp_path / "condmix")
     assert sorted(images) == sorted([f"cmix_{names[0]}_{names[3]}", f"cmix_{names[1]}_{names[4]}",
@@ -294,12 +313,13 @@ def test_churn_is_seeded_per_image_and_recorded(gen, tmp_path):
     snapshot, _, names = gen
     churned = []
     for out, batch in (("a", 4), ("b", 3)):  # other batch compositions: the same images
-        r = run_script("scoremix_sample.py", "--net", snapshot, "--mode", "repro", "--per-pair", 3, "--steps", 4,
-                       "--batch-size", batch, "--churn", 40, "--out", tmp_path / out, env=ENV)
+        r = run_script("scoremix_sample.py", "--net", snapshot, "--mode", "repro", "--per-pair", 3,
+                       "--steps", 4, "--batch-size", batch, "--churn", 40, "--out", tmp_path / out,
+                       env=ENV)
         assert r.returncode == 0, r.stderr[-3000:]
         churned.append(read_folder(tmp_path / out))
-    r = run_script("scoremix_sample.py", "--net", snapshot, "--mode", "repro", *SAMPLE, "--out", tmp_path / "det",
-                   env=ENV)
+    r = run_script("scoremix_sample.py", "--net", snapshot, "--mode", "repro", *SAMPLE, "--out",
+                   tmp_path / "det", env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
     deterministic = read_folder(tmp_path / "det")
     for name in names:
@@ -307,18 +327,19 @@ def test_churn_is_seeded_per_image_and_recorded(gen, tmp_path):
         assert np.abs(churned[0][name].astype(int) - deterministic[name].astype(int)).max() > 10
     with open(tmp_path / "a" / "manifest.csv", newline="") as f:
         assert {r["churn"] for r in csv.DictReader(f)} == {"40;0.05;50;1.003"}
-    r = run_script("scoremix_sample.py", "--net", snapshot, "--mode", "repro", *SAMPLE, "--out", tmp_path / "a",
-                   env=ENV)
+    r = run_script("scoremix_sample.py", "--net", snapshot, "--mode", "repro", *SAMPLE, "--out",
+                   tmp_path / "a", env=ENV)
     assert r.returncode != 0 and "other settings" in r.stderr  # no churn into a churned folder
 
 
 def test_grid_figures(gen, tmp_path):
     snapshot, _, names = gen
-    r = run_script("scoremix_sample.py", "--net", snapshot, "--grid", tmp_path / "fig.png", "--classes", names[0],
-                   names[2], "--steps", 4, "--grid-seeds", 2, env=ENV)
+    r = run_script("scoremix_sample.py", "--net", snapshot, "--grid", tmp_path / "fig.png",
+                   "--classes", names[0], names[2], "--steps", 4, "--grid-seeds", 2, env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
     with Image.open(tmp_path / "fig.png") as grid, Image.open(tmp_path / "fig-triplets.png") as triplets:
-        assert grid.width > 5 * 64 and grid.height > 5 * 64  # 5 x 5 cells of 16 px drawn at 4x, plus labels
+        # 5 x 5 cells of 16 px drawn at 4x, plus labels
+        assert grid.width > 5 * 64 and grid.height > 5 * 64
         assert triplets.width > 3 * 64 and 2 * 64 < triplets.height < 5 * 64
 
 
@@ -327,7 +348,8 @@ def test_bad_inputs_give_one_clear_error_line(gen, tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("class_a,class_b,distance,rank\nnobody,id00000,1.0,0\n")
     for args, message in [(["--net", snapshot, "--pairs", bad], "unknown class 'nobody'"),
-                          (["--net", snapshot, "--pairs", tmp_path / "missing.csv"], "pairs file not found")]:
+                          (["--net", snapshot, "--pairs", tmp_path / "missing.csv"],
+                           "pairs file not found")]:
         r = run_script("scoremix_sample.py", *args, "--out", tmp_path / "o", env=ENV)
         assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
         assert r.stderr.startswith("error: ") and message in r.stderr, (args, r.stderr)
@@ -335,7 +357,8 @@ def test_bad_inputs_give_one_clear_error_line(gen, tmp_path):
              (["--net", pairs, "--pairs", pairs], "cannot load --net snapshot"),
              (["--net", snapshot, "--pairs", pairs, "--weights", 0.7, 0.7], "sum to 1"),
              (["--net", snapshot, "--mode", "condmix"], "needs --pairs"),
-             (["--net", snapshot, "--grid", tmp_path / "g.png", "--classes", "id00000", "nobody"], "unknown class")]
+             (["--net", snapshot, "--grid", tmp_path / "g.png", "--classes", "id00000", "nobody"],
+              "unknown class")]
     for args, message in cases:  # the same exits, in this process (faster)
         with pytest.raises(SystemExit) as e:
             main([*map(str, args), "--out", str(tmp_path / "o")])
@@ -347,7 +370,8 @@ def test_bad_inputs_give_one_clear_error_line(gen, tmp_path):
 
 
 def error_of(argv):
-    """main(argv) in this process -> its one `error:` line (SystemExit with a message or status 2)."""
+    """main(argv) in this process -> its one `error:` line (SystemExit with a message or status
+    2)."""
     with pytest.raises(SystemExit) as e:
         main([*map(str, argv)])
     assert e.value.code not in (0, None)
@@ -364,7 +388,8 @@ def assert_one_error_line(text, *needles):
 @pytest.mark.parametrize("key,value,needle", [
     ("unet.emb_label.weight", float("nan"), "1 non-finite value(s) in unet.emb_label.weight"),
     ("unet.out_conv.bias", float("inf"), "non-finite value(s) in unet.out_conv.bias"),
-    ("unet.out_conv.weight", 3.4e38, "non-finite value(s) in its output"),  # finite weights, inf output
+    ("unet.out_conv.weight", 3.4e38,
+     "non-finite value(s) in its output"),  # finite weights, inf output
 ])
 def test_a_generator_with_non_finite_weights_or_output_is_refused(gen, tmp_path, key, value, needle):
     from conftest import poisoned_copy
@@ -387,12 +412,14 @@ def snapshot_like(snapshot, path, **config):
 def test_a_guide_of_another_resolution_or_other_classes_is_refused(gen, tmp_path):
     snapshot, pairs, names = gen
     small = snapshot_like(snapshot, tmp_path / "small.pt", img_resolution=8)
-    text = error_of(["--net", snapshot, "--guide", small, "--pairs", pairs, *SAMPLE, "--out", tmp_path / "o"])
+    text = error_of(
+        ["--net", snapshot, "--guide", small, "--pairs", pairs, *SAMPLE, "--out", tmp_path / "o"])
     assert_one_error_line(text, "--guide makes 3 x 8 px images and --net 3 x 16 px")
     snap = torch.load(snapshot, weights_only=True)
     other = tmp_path / "other.pt"
     torch.save({**snap, "class_names": [n + "x" for n in names]}, other)
-    text = error_of(["--net", snapshot, "--guide", other, "--pairs", pairs, *SAMPLE, "--out", tmp_path / "o"])
+    text = error_of(
+        ["--net", snapshot, "--guide", other, "--pairs", pairs, *SAMPLE, "--out", tmp_path / "o"])
     assert_one_error_line(text, "other classes")
     assert not (tmp_path / "o").exists()
 
@@ -409,12 +436,14 @@ def test_pairs_are_read_by_column_name_with_or_without_a_byte_order_mark(gen, tm
     from scoremix_sample import read_pairs
     snapshot, _, names = gen
     net = load_generator(snapshot)
-    plain = write_pairs_file(tmp_path / "p.csv", [["class_a", "class_b", "distance"], [names[0], names[3], 1],
-                                                  [names[2], names[5], 1]])
-    bom = write_pairs_file(tmp_path / "bom.csv", [["class_a", "class_b", "distance"], [names[0], names[3], 1],
+    plain = write_pairs_file(tmp_path / "p.csv", [["class_a", "class_b", "distance"],
+                                                  [names[0], names[3], 1], [names[2], names[5], 1]])
+    bom = write_pairs_file(tmp_path / "bom.csv", [["class_a", "class_b", "distance"],
+                                                  [names[0], names[3], 1],
                                                   [names[2], names[5], 1]], encoding="utf-8-sig")
     moved = write_pairs_file(tmp_path / "moved.csv", [["rank", "class_b", "distance", " class_a "],
-                                                      [1, names[3], 1, names[0]], [], [2, names[5], 1, names[2]]])
+                                                      [1, names[3], 1, names[0]], [],
+                                                      [2, names[5], 1, names[2]]])
     assert bom.read_bytes().startswith(b"\xef\xbb\xbf")
     expected = [(0, 3), (2, 5)]
     assert read_pairs(plain, net) == read_pairs(bom, net) == read_pairs(moved, net) == expected
@@ -434,8 +463,8 @@ def test_bad_pairs_files_give_one_clear_line(gen, tmp_path, rows, needle):
     snapshot, _, names = gen
     rows = [[{"N0": names[0], "N1": names[1]}.get(v, v) for v in row] for row in rows]
     pairs = write_pairs_file(tmp_path / "p.csv", rows)
-    assert_one_error_line(error_of(["--net", snapshot, "--pairs", pairs, *SAMPLE, "--out", tmp_path / "o"]),
-                          needle)
+    assert_one_error_line(
+        error_of(["--net", snapshot, "--pairs", pairs, *SAMPLE, "--out", tmp_path / "o"]), needle)
     assert not (tmp_path / "o").exists()
 
 # ----------------------------------------------------------------------------- the output folder
@@ -465,8 +494,9 @@ def test_numeric_flags_are_checked_at_the_door(gen, tmp_path, capsys, argv, need
 def test_an_output_that_is_a_file_or_read_only_is_refused_before_any_work(gen, tmp_path):
     snapshot, pairs, _ = gen
     (tmp_path / "file").write_text("keep me")
-    assert_one_error_line(error_of(["--net", snapshot, "--pairs", pairs, "--out", tmp_path / "file"]),
-                          "is a file, not a folder")
+    assert_one_error_line(
+        error_of(["--net", snapshot, "--pairs", pairs, "--out", tmp_path / "file"]),
+        "is a file, not a folder")
     assert (tmp_path / "file").read_text() == "keep me"
     (tmp_path / "ro").mkdir()
     os.chmod(tmp_path / "ro", 0o555)
@@ -474,7 +504,8 @@ def test_an_output_that_is_a_file_or_read_only_is_refused_before_any_work(gen, t
         if os.access(tmp_path / "ro", os.W_OK):
             pytest.skip("running as a user who can write anywhere")
         for out in (tmp_path / "ro", tmp_path / "ro" / "new"):
-            assert_one_error_line(error_of(["--net", snapshot, "--pairs", pairs, "--out", out]), "not writable")
+            assert_one_error_line(error_of(["--net", snapshot, "--pairs", pairs, "--out", out]),
+                                  "not writable")
     finally:
         os.chmod(tmp_path / "ro", 0o755)
     assert os.listdir(tmp_path / "ro") == []
@@ -487,9 +518,11 @@ def test_a_half_written_or_foreign_identity_folder_is_never_overwritten(gen, tmp
     (out / f"mix_{names[0]}_{names[3]}" / "0.png").write_bytes(b"mine")
     (out / "manifest.csv.123.tmp").write_text("stale")
     text = error_of(["--net", snapshot, "--pairs", pairs, *SAMPLE, "--out", out])
-    assert_one_error_line(text, f"mix_{names[0]}_{names[3]} exists but is not a complete identity folder")
+    assert_one_error_line(text,
+                          f"mix_{names[0]}_{names[3]} exists but is not a complete identity folder")
     assert (out / f"mix_{names[0]}_{names[3]}" / "0.png").read_bytes() == b"mine"
-    assert sorted(os.listdir(out)) == [f"mix_{names[0]}_{names[3]}"]  # the stale temporary file is gone
+    # the stale temporary file is gone
+    assert sorted(os.listdir(out)) == [f"mix_{names[0]}_{names[3]}"]
 
 
 def test_a_second_writer_on_the_same_out_stops_at_once(gen, tmp_path):
@@ -503,24 +536,28 @@ def test_a_second_writer_on_the_same_out_stops_at_once(gen, tmp_path):
     assert not out.exists()  # the lock and the folder it made are gone: nothing was written
     (tmp_path / "o").mkdir()
     (out / ".lock").write_text("999999999\n")  # left by a process that no longer exists
-    r = run_script("scoremix_sample.py", "--net", snapshot, "--pairs", pairs, *SAMPLE, "--out", out, env=ENV)
+    r = run_script("scoremix_sample.py", "--net", snapshot, "--pairs", pairs, *SAMPLE, "--out", out,
+                   env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
     assert ".lock" not in os.listdir(out) and "manifest.csv" in os.listdir(out)
 
-# ----------------------------------------------------------------------------- kill and resume, two writers
+# --------------------------------------------------------------------- kill and resume, two writers
 
 
-SLOW = ["--guide", None, "--per-pair", 8, "--steps", 12, "--batch-size", 2]  # a few seconds on one core
+# a few seconds on one core
+SLOW = ["--guide", None, "--per-pair", 8, "--steps", 12, "--batch-size", 2]
 
 
 def slow_args(gen, out):
     snapshot, pairs, _ = gen
-    return ["--net", snapshot, "--pairs", pairs, *[snapshot if a is None else a for a in SLOW], "--out", out]
+    return ["--net", snapshot, "--pairs", pairs, *[snapshot if a is None else a for a in SLOW],
+            "--out", out]
 
 
 def start(args):
     cmd = [sys.executable, os.path.join(ROOT, "scoremix_sample.py"), *map(str, args)]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            cwd=ROOT)
 
 
 def wait_for(condition, process, timeout=120):
@@ -572,8 +609,10 @@ def test_a_killed_sampler_resumes_to_the_same_images(gen, slow_reference, tmp_pa
     resumed = read_folder(out)
     assert sorted(resumed) == sorted(images) and (out / "manifest.csv").read_text() == manifest
     for name in images:
-        assert np.array_equal(resumed[name], images[name]), name  # same seeds, same batches: bit-identical
-    assert sorted(os.listdir(out)) == sorted([*images, "manifest.csv"])  # no lock, partial or temporary file
+        # same seeds, same batches: bit-identical
+        assert np.array_equal(resumed[name], images[name]), name
+    # no lock, partial or temporary file
+    assert sorted(os.listdir(out)) == sorted([*images, "manifest.csv"])
 
 
 def test_two_writers_on_one_out_give_one_complete_result(gen, slow_reference, tmp_path):
@@ -608,7 +647,9 @@ def test_a_full_disk_leaves_complete_identities_and_nothing_half_written(gen, tm
     out = tmp_path / "o"
     text = error_of(["--net", snapshot, "--pairs", pairs, *SAMPLE, "--out", out])
     assert_one_error_line(text, f"writing {out}: No space left on device")
-    assert len(os.listdir(out)) == 1 and len(os.listdir(out / os.listdir(out)[0])) == 3  # only the complete one
+    # only the complete one
+    assert len(os.listdir(out)) == 1 and len(os.listdir(out / os.listdir(out)[0])) == 3
     monkeypatch.setattr(scoremix_sample, "save_png", real)
-    main([*map(str, ["--net", snapshot, "--pairs", pairs, *SAMPLE, "--out", out])])  # the re-run completes it
+    # the re-run completes it
+    main([*map(str, ["--net", snapshot, "--pairs", pairs, *SAMPLE, "--out", out])])
     assert len(read_folder(out)) == 3 and (out / "manifest.csv").exists()

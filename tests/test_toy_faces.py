@@ -74,14 +74,15 @@ def test_bad_arguments_give_one_clear_error(tmp_path):
     assert r.returncode != 0 and "--resolution" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_validation_and_all_pairs_sets_change_nothing_else_and_a_set_made_without_them_is_complete(tiny_toy,
-                                                                                                   tmp_path):
-    common = ["--identities", 6, "--per-identity", 6, "--test-identities", 12, "--pairs", 40, "--heldout", 2,
-              "--seed", 0]
+def test_validation_and_all_pairs_sets_change_nothing_else_and_a_set_made_without_them_is_complete(
+    tiny_toy, tmp_path):
+    common = ["--identities", 6, "--per-identity", 6, "--test-identities", 12, "--pairs", 40,
+              "--heldout", 2, "--seed", 0]
     r = run_script("toy_faces.py", "--out", tmp_path, *common, "--val-identities", 12,
                    "--allpairs-identities", 3, "--allpairs-per-identity", 2)
     assert r.returncode == 0, r.stderr
-    for rel in [os.path.join("train", "id00005", "0005.png"), os.path.join("heldout", "id00000", "0001.png")] + \
+    for rel in [os.path.join("train", "id00005", "0005.png"),
+                os.path.join("heldout", "id00000", "0001.png")] + \
             [os.path.join("bench", f"{name}.bin") for name in toy_faces.BENCHMARKS]:
         assert digest(tiny_toy / rel) == digest(tmp_path / rel)
     vals = sorted(os.listdir(tmp_path / "val"))
@@ -90,12 +91,14 @@ def test_validation_and_all_pairs_sets_change_nothing_else_and_a_set_made_withou
         val_bins, val_issame = pickle.load(f, encoding="bytes")
     with open(tmp_path / "bench" / "toy_lfw.bin", "rb") as f:
         test_bins, test_issame = pickle.load(f, encoding="bytes")
-    assert val_issame == test_issame and not set(val_bins) & set(test_bins)  # same protocol, other faces
+    # same protocol, other faces
+    assert val_issame == test_issame and not set(val_bins) & set(test_bins)
     assert sorted(os.listdir(tmp_path / "allpairs")) == ["id00000", "id00001", "id00002"]
     assert all(len(os.listdir(tmp_path / "allpairs" / i)) == 2 for i in os.listdir(tmp_path / "allpairs"))
     # the tiny set was made without the new flags: re-running it with their defaults does nothing
     r = run_script("toy_faces.py", "--out", tiny_toy, *common)
     assert r.returncode == 0 and "already complete" in r.stdout, r.stderr
-    os.symlink(tiny_toy, tmp_path / "moved")  # the same set under another path: nothing to do either
+    # the same set under another path: nothing to do either
+    os.symlink(tiny_toy, tmp_path / "moved")
     r = run_script("toy_faces.py", "--out", tmp_path / "moved", *common)
     assert r.returncode == 0 and "already complete" in r.stdout, r.stderr

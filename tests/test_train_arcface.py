@@ -1,5 +1,5 @@
-"""Tests for train_arcface.py: IResNet shapes and sizes, margin logits, the Partial FC head, data readers,
-the training CLI."""
+"""Tests for train_arcface.py: IResNet shapes and sizes, margin logits, the Partial FC head, data
+readers, the training CLI."""
 import io
 import json
 import math
@@ -16,14 +16,17 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import last_snapshot, ROOT, run_script
-from train_arcface import (BackboneError, CombinedMarginLoss, MarginHead, PartialFCHead, RecordIODataset,
-                           ShardedCrossEntropy, flip_batch, insightface_config, iresnet, load_backbone, lr_at)
+from train_arcface import (BackboneError, CombinedMarginLoss, MarginHead, PartialFCHead,
+                           RecordIODataset, ShardedCrossEntropy, flip_batch, insightface_config,
+                           iresnet, load_backbone, lr_at)
 from common import (DataError, ImageFolderDataset, RecordWriter, amp_dtype, autocast_context,
-                    cuda_settings, load_images, open_datasets, pack_rec, record_chunks, record_header)
+                    cuda_settings, load_images, open_datasets, pack_rec, record_chunks,
+                    record_header)
 
 MAGIC = 0xCED7230A
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-TINY = ["--width", "0.125", "--embedding-size", "16", "--input-size", "32", "--batch-size", "8", "--lr", "0.05"]
+TINY = ["--width", "0.125", "--embedding-size", "16", "--input-size", "32", "--batch-size", "8",
+        "--lr", "0.05"]
 
 
 def png_bytes(array):
@@ -47,7 +50,7 @@ def make_folder(root, names, per=6, size=32, seed=0):
     return str(root)
 
 
-# --------------------------------------------------------------------------- a RecordIO writer of our own
+# --------------------------------------------------------------------- a RecordIO writer of our own
 
 
 def write_chunks(f, payload):
@@ -58,7 +61,8 @@ def write_chunks(f, payload):
     pieces = [payload[a:b] for a, b in zip(starts, ends)]
     for j, piece in enumerate(pieces):
         cflag = 0 if len(pieces) == 1 else 1 if j == 0 else 3 if j == len(pieces) - 1 else 2
-        f.write(struct.pack("<II", MAGIC, (cflag << 29) | len(piece)) + piece + b"\0" * ((-len(piece)) % 4))
+        f.write(struct.pack("<II", MAGIC,
+                            (cflag << 29) | len(piece)) + piece + b"\0" * ((-len(piece)) % 4))
     return len(pieces)
 
 
@@ -77,7 +81,8 @@ def header(flag, label, id_=0, extra=()):
 
 
 def insightface_rec(tmp_path, per_class=(2, 3, 1)):
-    """Images keys 1..N, identity records N+1..N+C holding (first, end) key ranges, record 0 written last."""
+    """Images keys 1..N, identity records N+1..N+C holding (first, end) key ranges, record 0 written
+    last."""
     rng = np.random.default_rng(1)
     images, records, key = [], [], 1
     ranges = []
@@ -111,10 +116,11 @@ def test_parameter_counts_match_reference():
             net = iresnet(depth)
         assert sum(p.numel() for p in net.parameters()) == count
     keys = net.state_dict().keys()
-    for k in ("conv1.weight", "bn1.running_mean", "prelu.weight", "layer1.0.bn1.weight", "layer1.0.conv1.weight",
-              "layer1.0.bn2.weight", "layer1.0.prelu.weight", "layer1.0.conv2.weight", "layer1.0.bn3.weight",
-              "layer1.0.downsample.0.weight", "layer1.0.downsample.1.weight", "layer4.2.conv2.weight",
-              "bn2.weight", "fc.weight", "features.weight", "features.running_var"):
+    for k in ("conv1.weight", "bn1.running_mean", "prelu.weight", "layer1.0.bn1.weight",
+              "layer1.0.conv1.weight", "layer1.0.bn2.weight", "layer1.0.prelu.weight",
+              "layer1.0.conv2.weight", "layer1.0.bn3.weight", "layer1.0.downsample.0.weight",
+              "layer1.0.downsample.1.weight", "layer4.2.conv2.weight", "bn2.weight", "fc.weight",
+              "features.weight", "features.running_var"):
         assert k in keys
     assert not net.features.weight.requires_grad
 
@@ -154,7 +160,8 @@ def test_textbook_arcface_threshold_keeps_the_target_logit_monotone():
 GOLDEN = os.path.join(ROOT, "tests", "fixtures", "insightface", "combined_margin_loss.json")
 
 
-@pytest.mark.parametrize("case,gradient", [("arcface_current", "straight"), ("arcface_2022", "textbook"),
+@pytest.mark.parametrize("case,gradient", [("arcface_current", "straight"),
+                                           ("arcface_2022", "textbook"),
                                            ("cosface_current", "straight")])
 def test_margin_logits_and_gradients_match_insightface(case, gradient):
     with open(GOLDEN) as f:
@@ -192,11 +199,13 @@ def test_cosface_logits_match_textbook_formula():
 
 
 def test_backbone_runs_in_bf16_under_autocast_with_fp32_embedding_layers():
-    """insightface keeps fc and the feature BatchNorm in fp32; the convolutions follow the autocast."""
+    """insightface keeps fc and the feature BatchNorm in fp32; the convolutions follow the
+    autocast."""
     net = iresnet(18, width=0.125, embedding_size=16, input_size=32).eval()
     seen = {}
     for name in ("conv1", "layer4", "fc", "features"):
-        getattr(net, name).register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, o.dtype))
+        getattr(net, name).register_forward_hook(lambda m, i, o,
+                                                 name=name: seen.__setitem__(name, o.dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = net(torch.randn(2, 3, 32, 32))
     assert seen == {"conv1": torch.bfloat16, "layer4": torch.bfloat16, "fc": torch.float32,
@@ -205,7 +214,8 @@ def test_backbone_runs_in_bf16_under_autocast_with_fp32_embedding_layers():
 
 
 def test_amp_dtype_takes_bf16_only_where_it_is_native(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: including_emulation)
     assert amp_dtype("cuda") == torch.float16  # an emulating GPU (V100, T4): fp16 + loss scaling
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert amp_dtype("cuda") == torch.bfloat16
@@ -232,7 +242,8 @@ def test_insightface_state_dict_loads_with_its_config_read_from_keys_and_shapes(
 def test_insightface_config_reads_every_reference_depth(depth):
     with torch.device("meta"):
         state = iresnet(depth).state_dict()
-    assert insightface_config(state) == {"depth": depth, "width": 1.0, "embedding_size": 512, "input_size": 112}
+    assert insightface_config(state) == {"depth": depth, "width": 1.0, "embedding_size": 512,
+                                         "input_size": 112}
     assert insightface_config(state, input_size=96)["input_size"] == 96
 
 
@@ -241,7 +252,8 @@ def test_a_checkpoint_of_the_wrong_kind_gets_one_clear_error(tmp_path):
     torch.save({"weight": torch.zeros(3)}, tmp_path / "linear.pt")
     torch.save(iresnet(34, 0.125, 16, 32).state_dict(), tmp_path / "r34.pth")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    for name, needle in [("checkpoint.pt", "is not a train_arcface.py model.pt"), ("linear.pt", "not an IResNet"),
+    for name, needle in [("checkpoint.pt",
+                          "is not a train_arcface.py model.pt"), ("linear.pt", "not an IResNet"),
                          ("junk.pt", "not a torch checkpoint")]:
         with pytest.raises(BackboneError, match=needle):
             load_backbone(tmp_path / name)
@@ -253,13 +265,15 @@ def test_a_checkpoint_of_the_wrong_kind_gets_one_clear_error(tmp_path):
 
 
 def heads_and_batch(margin, num_classes=37, sample_rate=1.0, batch=24, dim=16, seed=0):
-    """The plain head and a one-process Partial FC head from the same seed, and a batch of embeddings."""
+    """The plain head and a one-process Partial FC head from the same seed, and a batch of
+    embeddings."""
     torch.manual_seed(seed)
     plain = MarginHead(dim, num_classes, margin=margin)
     torch.manual_seed(seed)
     partial = PartialFCHead(dim, num_classes, margin=margin, sample_rate=sample_rate)
     gen = torch.Generator().manual_seed(seed + 1)
-    emb, labels = torch.randn(batch, dim, generator=gen), torch.randint(0, num_classes, (batch,), generator=gen)
+    emb, labels = torch.randn(batch, dim, generator=gen), torch.randint(0, num_classes, (batch,),
+                                                                        generator=gen)
     return plain, partial, emb, labels
 
 
@@ -311,7 +325,8 @@ def test_partial_fc_sampled_loss_is_the_softmax_over_the_sampled_classes(margin)
 
 def test_partial_fc_logged_loss_clamps_p_y_like_insightface_and_keeps_the_gradient():
     """insightface logs -log(max(p_y, 1e-30)); the gradient stays softmax minus one-hot."""
-    logits = torch.tensor([[0.0, 100.0, 0.0], [2.0, 1.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    logits = torch.tensor([[0.0, 100.0, 0.0], [2.0, 1.0, 0.0]], dtype=torch.float64,
+                          requires_grad=True)
     labels = torch.tensor([0, 1])
     loss = ShardedCrossEntropy.apply(logits, labels)
     per_row = F.cross_entropy(logits.detach(), labels, reduction="none")
@@ -346,11 +361,12 @@ dist.destroy_process_group()
 
 
 def test_partial_fc_on_two_processes_equals_one_process_with_the_plain_head(tmp_path):
-    """Each rank: half the batch and 6 or 5 of the 11 classes; loss and gradients as one plain process."""
+    """Each rank: half the batch and 6 or 5 of the 11 classes; loss and gradients as one plain
+    process."""
     script = tmp_path / "two_ranks.py"
     script.write_text(TWO_RANKS.format(root=ROOT, margin="arcface"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-           str(tmp_path)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(script), str(tmp_path)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr
     torch.manual_seed(0)
@@ -395,14 +411,17 @@ def test_recordio_round_trip_with_split_records(tmp_path):
 def test_recordio_flag0_layout_means_every_key_is_an_image(tmp_path):
     rng = np.random.default_rng(2)
     labels = [5, 3, 5, 9]
-    records = [(k, header(0, lab) + png_bytes(random_image(rng, lab))) for k, lab in enumerate(labels)]
-    records[1] = (1, header(1, 0, extra=(3,)) + png_bytes(random_image(rng, 3)))  # label given as an array
+    records = [(k,
+                header(0, lab) + png_bytes(random_image(rng, lab))) for k, lab in enumerate(labels)]
+    # label given as an array
+    records[1] = (1, header(1, 0, extra=(3,)) + png_bytes(random_image(rng, 3)))
     ds = RecordIODataset(write_rec(str(tmp_path / "flat"), records)[0])
     assert len(ds) == 4 and ds.classes == ["3", "5", "9"] and list(ds.targets) == [1, 0, 1, 2]
 
 
 def test_recordio_with_two_workers_reads_what_one_process_reads(tmp_path):
-    """Each DataLoader worker opens the .rec itself (a handle shared across fork would share its offset)."""
+    """Each DataLoader worker opens the .rec itself (a handle shared across fork would share its
+    offset)."""
     rec, images, _ = insightface_rec(tmp_path, per_class=(5, 7, 4, 8))
     ds = RecordIODataset(rec)
     ds[0]  # the parent now holds an open handle that forked workers inherit
@@ -442,7 +461,8 @@ def test_record_writer_matches_mxnet_byte_for_byte(tmp_path):
     """The same payloads, written by mxnet's MXIndexedRecordIO (fixture) and by RecordWriter."""
     with open(os.path.join(FIXTURES, "mxnet_records.json")) as f:
         records = [(r["key"], bytes.fromhex(r["payload_hex"])) for r in json.load(f)["records"]]
-    assert records[3][1] == record_header(3.0, 1) + b"\xff\xd8jpeg"  # mx.recordio.pack, image record
+    # mx.recordio.pack, image record
+    assert records[3][1] == record_header(3.0, 1) + b"\xff\xd8jpeg"
     assert records[4][1] == record_header(0, labels=(5, 9))  # insightface's header record
     with RecordWriter(str(tmp_path / "train.rec")) as w:
         for key, payload in records:
@@ -450,7 +470,8 @@ def test_record_writer_matches_mxnet_byte_for_byte(tmp_path):
     for ext in ("rec", "idx"):
         with open(os.path.join(FIXTURES, f"mxnet_records.{ext}"), "rb") as f:
             assert (tmp_path / f"train.{ext}").read_bytes() == f.read(), ext
-    ds = object.__new__(RecordIODataset)  # and the reader's record layer reads mxnet's file (raw payloads)
+    # and the reader's record layer reads mxnet's file (raw payloads)
+    ds = object.__new__(RecordIODataset)
     ds.rec_path, ds._file, ds._pid = os.path.join(FIXTURES, "mxnet_records.rec"), None, None
     with open(os.path.join(FIXTURES, "mxnet_records.idx")) as f:
         ds.offsets = {int(k): int(o) for k, o in (ln.split("\t") for ln in f)}
@@ -458,12 +479,14 @@ def test_record_writer_matches_mxnet_byte_for_byte(tmp_path):
 
 
 def test_record_framing_follows_the_recordio_specification():
-    """Hand-computed from the format: magic 0xCED7230A (little-endian 0a 23 d7 ce), lrec = cflag << 29 |
-    length, zero padding to 4 bytes; a magic word at an aligned offset splits the record (cflag 1, 2, 3)."""
+    """Hand-computed from the format: magic 0xCED7230A (little-endian 0a 23 d7 ce), lrec = cflag <<
+    29 | length, zero padding to 4 bytes; a magic word at an aligned offset splits the record (cflag
+    1, 2, 3)."""
     magic = bytes([0x0A, 0x23, 0xD7, 0xCE])
     assert record_chunks(b"abcde") == magic + bytes([5, 0, 0, 0]) + b"abcde" + bytes(3)
     assert record_chunks(b"abcd") == magic + bytes([4, 0, 0, 0]) + b"abcd"
-    payload = b"ABCD" + magic + b"EF" + magic + b"GH" + magic + b"xyz"  # magic at 4 and 16 (aligned), 10 (not)
+    # magic at 4 and 16 (aligned), 10 (not)
+    payload = b"ABCD" + magic + b"EF" + magic + b"GH" + magic + b"xyz"
     expected = (magic + bytes([4, 0, 0, 0x20]) + b"ABCD"  # cflag 1 = 0x20 in the top byte, 4 bytes
                 + magic + bytes([8, 0, 0, 0x40]) + b"EF" + magic + b"GH"  # cflag 2, the unaligned magic kept
                 + magic + bytes([3, 0, 0, 0x60]) + b"xyz" + bytes(1))  # cflag 3, padded
@@ -475,8 +498,8 @@ def test_packed_rec_reads_back_with_counts_labels_and_pixels(tmp_path, fmt):
     a = make_folder(tmp_path / "a", ["alice", "bob"], per=3)
     b = make_folder(tmp_path / "b", ["bob", "carol"], per=2, seed=1)
     merged = open_datasets([a, b])
-    r = run_script("train_arcface.py", "--data", a, b, "--pack-rec", tmp_path / "rec", "--pack-format", fmt,
-                   env=ENV)
+    r = run_script("train_arcface.py", "--data", a, b, "--pack-rec", tmp_path / "rec",
+                   "--pack-format", fmt, env=ENV)
     assert r.returncode == 0 and "10 images of 4 identities" in r.stdout, r.stderr
     ds = RecordIODataset(str(tmp_path / "rec" / "train.rec"))
     assert len(ds) == 10 and ds.classes == ["0", "1", "2", "3"] and ds.targets == list(merged.targets)
@@ -493,17 +516,21 @@ def test_packed_rec_reads_back_with_counts_labels_and_pixels(tmp_path, fmt):
     else:  # JPEG drops the fine noise of these images (4:2:0 chroma): compare 4x4 block means
         pooled = F.avg_pool2d(got.float(), 4) - F.avg_pool2d(want.float(), 4)
         assert pooled.abs().mean() < 3, pooled.abs().mean()
-    r = run_script("train_arcface.py", "--data", tmp_path / "missing", "--pack-rec", tmp_path / "x", env=ENV)
-    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("error: data source not found")
+    r = run_script("train_arcface.py", "--data", tmp_path / "missing", "--pack-rec", tmp_path / "x",
+                   env=ENV)
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("error: data source "
+                                                                              "not found")
 
 
 def test_pack_rec_copies_jpeg_bytes_and_resizes_when_asked(tmp_path):
     os.makedirs(tmp_path / "src" / "a")
     Image.fromarray(random_image(np.random.default_rng(0), 0, 48)).save(tmp_path / "src" / "a" / "0.jpg")
     raw = (tmp_path / "src" / "a" / "0.jpg").read_bytes()
-    assert pack_rec(open_datasets([str(tmp_path / "src")]), str(tmp_path / "same"), progress=False) == (1, 1)
+    assert pack_rec(open_datasets([str(tmp_path / "src")]), str(tmp_path / "same"),
+                    progress=False) == (1, 1)
     assert RecordIODataset(str(tmp_path / "same" / "train.rec")).encoded(0)[0] == raw
-    pack_rec(open_datasets([str(tmp_path / "src")]), str(tmp_path / "small"), size=32, progress=False)
+    pack_rec(open_datasets([str(tmp_path / "src")]), str(tmp_path / "small"), size=32,
+             progress=False)
     assert RecordIODataset(str(tmp_path / "small" / "train.rec"))[0][0].shape == (3, 32, 32)
     assert (tmp_path / "small" / "property").read_text() == "1,32,32\n"
 
@@ -553,29 +580,35 @@ def test_bad_input_gives_one_clear_error_line(tmp_path, case):
 def test_cli_smoke_run_with_validation(tiny_toy, tmp_path):
     out = tmp_path / "run"
     bins = [str(tiny_toy / "bench" / f) for f in ("toy_lfw.bin", "toy_cfp_fp.bin")]
-    r = run_script("train_arcface.py", "--data", tiny_toy / "train", "--out", out, *TINY, "--steps", "6",
-                   "--val", *bins, "--val-every", "5", env=ENV)
+    r = run_script("train_arcface.py", "--data", tiny_toy / "train", "--out", out, *TINY, "--steps",
+                   "6", "--val", *bins, "--val-every", "5", env=ENV)
     assert r.returncode == 0, r.stderr
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [e["step"] for e in log] == [4, 6] and all(math.isfinite(e["loss"]) for e in log)
     assert set(log[-1]["val"]) == {"toy_lfw", "toy_cfp_fp"} and 0 <= log[-1]["val_mean"] <= 100
     config = json.load(open(out / "config.json"))
     assert os.path.exists(out / "val-epoch002.json") and config["steps"] == 6
-    assert config["machine"]["threads"] == int(ENV["OMP_NUM_THREADS"]) and config["machine"]["cpu"]  # bits depend on
+    # bits depend on
+    assert config["machine"]["threads"] == int(ENV["OMP_NUM_THREADS"]) and config["machine"]["cpu"]
     net = load_backbone(out / "model.pt")
     assert net.input_size == 32 and not net.training and len(net.class_names) == 6
     assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 16)
-    r = run_script("train_arcface.py", "--data", tiny_toy / "train", "--out", out, *TINY, "--steps", "6", env=ENV)
+    r = run_script("train_arcface.py", "--data", tiny_toy / "train", "--out", out, *TINY, "--steps",
+                   "6", env=ENV)
     assert r.returncode == 0 and "already finished" in r.stdout
 
 
 def test_resumed_run_and_dataloader_path_give_bit_identical_weights(tmp_path):
-    """Straight through with DataLoader workers vs in memory, interrupted after one epoch and resumed."""
-    data = make_folder(tmp_path / "data", ["a", "b", "c", "d"], per=6, size=48)  # resized to 32 on the fly
+    """Straight through with DataLoader workers vs in memory, interrupted after one epoch and
+    resumed."""
+    # resized to 32 on the fly
+    data = make_folder(tmp_path / "data", ["a", "b", "c", "d"], per=6, size=48)
     args = ["--data", data, *TINY, "--epochs", "2", "--warmup-epochs", "0.5"]
-    r = run_script("train_arcface.py", *args, "--out", tmp_path / "straight", "--workers", "1", env=ENV)
+    r = run_script("train_arcface.py", *args, "--out", tmp_path / "straight", "--workers", "1",
+                   env=ENV)
     assert r.returncode == 0, r.stderr
-    r = run_script("train_arcface.py", *args, "--out", tmp_path / "resumed", "--stop-after-epochs", "1", env=ENV)
+    r = run_script("train_arcface.py", *args, "--out", tmp_path / "resumed", "--stop-after-epochs",
+                   "1", env=ENV)
     assert r.returncode == 0, r.stderr
     assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["epoch"] == 1
     r = run_script("train_arcface.py", *args, "--out", tmp_path / "resumed", env=ENV)
@@ -589,14 +622,16 @@ def test_resumed_run_and_dataloader_path_give_bit_identical_weights(tmp_path):
 
 
 def test_resume_with_fp16_amp_from_a_checkpoint_written_without_it(tmp_path):
-    """A checkpoint without loss scaling holds an empty GradScaler state: resuming under fp16 works."""
+    """A checkpoint without loss scaling holds an empty GradScaler state: resuming under fp16
+    works."""
     data = make_folder(tmp_path / "data", ["a", "b", "c"], per=4)
     args = ["--data", data, "--out", tmp_path / "run", *TINY, "--epochs", "2"]
     r = run_script("train_arcface.py", *args, "--stop-after-epochs", "1", env=ENV)
     assert r.returncode == 0, r.stderr
     r = run_script("train_arcface.py", *args, "--lr", "0.02", env=ENV)  # another recipe: refused
     assert r.returncode != 0 and r.stderr.strip().splitlines() == [
-        f"error: {tmp_path / 'run' / 'checkpoint.pt'} was trained with --lr 0.05, not 0.02; resume with the "
+        f"error: {tmp_path / 'run' / 'checkpoint.pt'} was trained with --lr 0.05, not 0.02; resume "
+        "with the "
         "same flags (a longer run is allowed) or use another --out"], r.stderr
     r = run_script("train_arcface.py", *args, "--amp", "--amp-dtype", "fp16", env=ENV)
     assert r.returncode == 0 and "resuming" in r.stdout, r.stderr
@@ -605,12 +640,14 @@ def test_resume_with_fp16_amp_from_a_checkpoint_written_without_it(tmp_path):
 
 def test_killed_mid_epoch_and_resumed_from_a_step_checkpoint_gives_bit_identical_weights(tmp_path):
     """3 steps per epoch, a checkpoint every 2 steps; killed after step 5, the run resumes at step 4
-    (one batch into epoch 2) and ends where an uninterrupted run does, bit for bit (dropout included)."""
+    (one batch into epoch 2) and ends where an uninterrupted run does, bit for bit (dropout
+    included)."""
     data = make_folder(tmp_path / "data", ["a", "b", "c", "d"], per=6)
     args = ["--data", data, *TINY, "--epochs", "3", "--checkpoint-every", "2", "--dropout", "0.2"]
     r = run_script("train_arcface.py", *args, "--out", tmp_path / "straight", env=ENV)
     assert r.returncode == 0, r.stderr
-    r = run_script("train_arcface.py", *args, "--out", tmp_path / "killed", "--stop-after-steps", "5", env=ENV)
+    r = run_script("train_arcface.py", *args, "--out", tmp_path / "killed", "--stop-after-steps",
+                   "5", env=ENV)
     assert r.returncode == 0, r.stderr
     ckpt = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)
     assert (ckpt["step"], ckpt["epoch"]) == (4, 1)
@@ -622,7 +659,8 @@ def test_killed_mid_epoch_and_resumed_from_a_step_checkpoint_gives_bit_identical
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
     logs = [[json.loads(line) for line in open(tmp_path / run / "log.jsonl")] for run in ("straight", "killed")]
-    assert [(e["step"], e["loss"]) for e in logs[0]] == [(e["step"], e["loss"]) for e in logs[1]]  # epoch 2 too
+    # epoch 2 too
+    assert [(e["step"], e["loss"]) for e in logs[0]] == [(e["step"], e["loss"]) for e in logs[1]]
 
 
 def test_steps_stopping_mid_epoch_leave_the_epoch_open_for_more_steps(tmp_path):
@@ -639,7 +677,8 @@ def test_steps_stopping_mid_epoch_leave_the_epoch_open_for_more_steps(tmp_path):
 
 def test_a_set_smaller_than_one_batch_trains_as_one_batch(tmp_path):
     data = make_folder(tmp_path / "data", ["a", "b"], per=3)  # 6 images, --batch-size 8
-    r = run_script("train_arcface.py", "--data", data, "--out", tmp_path / "run", *TINY, "--steps", "2", env=ENV)
+    r = run_script("train_arcface.py", "--data", data, "--out", tmp_path / "run", *TINY, "--steps",
+                   "2", env=ENV)
     assert r.returncode == 0, r.stderr
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 2
 
@@ -647,14 +686,16 @@ def test_a_set_smaller_than_one_batch_trains_as_one_batch(tmp_path):
 def test_compile_without_a_working_compiler_is_one_error_line(tmp_path):
     data = make_folder(tmp_path / "data", ["a", "b"], per=4)
     env = {**ENV, "CXX": str(tmp_path / "no-such-compiler")}
-    r = run_script("train_arcface.py", "--data", data, "--out", tmp_path / "run", *TINY, "--compile", env=env)
+    r = run_script("train_arcface.py", "--data", data, "--out", tmp_path / "run", *TINY,
+                   "--compile", env=env)
     lines = r.stderr.strip().splitlines()
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert lines[-1].startswith("error: --compile does not work"), r.stderr
 
 
 def test_cuda_settings_turn_on_tf32_and_cudnn_autotuning():
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.backends.cudnn.benchmark)
     try:
         cuda_settings()
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
@@ -675,21 +716,23 @@ def test_flip_batch_mirrors_the_chosen_images_after_the_copy():
 def test_bf16_amp_run_trains_with_partial_fc(tmp_path):
     """--amp in bf16 (CPU autocast): the backbone in bf16, the head's fp32 path; finite losses."""
     data = make_folder(tmp_path / "data", ["a", "b", "c"], per=4)
-    r = run_script("train_arcface.py", "--data", data, "--out", tmp_path / "run", *TINY, "--steps", "3",
-                   "--amp", "--amp-dtype", "bf16", "--partial-fc", env=ENV)
+    r = run_script("train_arcface.py", "--data", data, "--out", tmp_path / "run", *TINY, "--steps",
+                   "3", "--amp", "--amp-dtype", "bf16", "--partial-fc", env=ENV)
     assert r.returncode == 0, r.stderr
     log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
     assert log[-1]["step"] == 3 and all(math.isfinite(e["loss"]) for e in log)
 
 
 def test_partial_fc_cli_with_one_process_trains_like_the_plain_head(tmp_path):
-    """Same weights after 2 steps (float rounding of the two cross entropies grows ~1000x by step 4)."""
+    """Same weights after 2 steps (float rounding of the two cross entropies grows ~1000x by step
+    4)."""
     data = make_folder(tmp_path / "data", ["a", "b", "c", "d", "e"], per=4)
     args = ["--data", data, *TINY, "--steps", "2"]
     for out, extra in [("plain", []), ("pfc", ["--partial-fc"])]:
         r = run_script("train_arcface.py", *args, "--out", tmp_path / out, *extra, env=ENV)
         assert r.returncode == 0, r.stderr
-    a, b = (torch.load(tmp_path / out / "checkpoint.pt", weights_only=True) for out in ("plain", "pfc"))
+    a, b = (torch.load(tmp_path / out / "checkpoint.pt",
+                       weights_only=True) for out in ("plain", "pfc"))
     assert a["model"].keys() == b["model"].keys() and b["model"]["head.weight"].shape == (5, 16)
     for k, v in a["model"].items():
         torch.testing.assert_close(b["model"][k], v, rtol=1e-4, atol=1e-5, msg=k)
@@ -698,19 +741,22 @@ def test_partial_fc_cli_with_one_process_trains_like_the_plain_head(tmp_path):
 
 def test_nan_loss_stops_with_a_message_naming_the_step(tmp_path):
     data = make_folder(tmp_path / "data", ["a", "b"], per=8)
-    r = run_script("train_arcface.py", "--data", data, "--out", tmp_path / "run", *TINY, "--lr", "1e12", env=ENV)
+    r = run_script("train_arcface.py", "--data", data, "--out", tmp_path / "run", *TINY, "--lr",
+                   "1e12", env=ENV)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert re.search(r"error: loss is (nan|inf) at step \d+", r.stderr.strip().splitlines()[-1])
     assert not os.path.exists(tmp_path / "run" / "model.pt")
 
 
 def test_two_process_run_keeps_ranks_identical(tmp_path, tiny_toy):
-    """Rank 0 validates at the end while rank 1 waits at a barrier (no second job beside training)."""
+    """Rank 0 validates at the end while rank 1 waits at a barrier (no second job beside
+    training)."""
     data = make_folder(tmp_path / "data", ["a", "b", "c", "d"], per=4)
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "train_arcface.py"), "--data", data, "--out", str(out), *TINY, "--epochs", "2",
-           "--debug-rank-weights", "--val", str(tiny_toy / "bench" / "toy_lfw.bin"), "--val-every", "5"]
+           os.path.join(ROOT, "train_arcface.py"), "--data", data, "--out", str(out), *TINY,
+           "--epochs", "2", "--debug-rank-weights", "--val",
+           str(tiny_toy / "bench" / "toy_lfw.bin"), "--val-every", "5"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr
     w0 = torch.load(out / "rank0-weights.pt", weights_only=True)
@@ -726,28 +772,31 @@ def test_two_process_run_keeps_ranks_identical(tmp_path, tiny_toy):
 
 
 def test_scale_benchmark_quick_run_prints_its_four_tables():
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "scale.py"), "--quick"], capture_output=True,
-                       text=True, env=ENV, cwd=ROOT, timeout=120)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "scale.py"), "--quick"],
+                       capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr
     rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and not line.startswith("| classes")
             and not line.startswith(("| workers", "| source files"))]
-    assert len(rows) == 2 + 4 + 3 + 3 and "failed" not in r.stdout, r.stdout  # heads, selections, workers, packs
-    assert all(float(row.split("|")[2].replace(",", "")) > 0 for row in rows[-6:-3])  # read images/s
+    # heads, selections, workers, packs
+    assert len(rows) == 2 + 4 + 3 + 3 and "failed" not in r.stdout, r.stdout
+    # read images/s
+    assert all(float(row.split("|")[2].replace(",", "")) > 0 for row in rows[-6:-3])
     assert all(float(row.split("|")[3].replace(",", "")) > 0 for row in rows[-3:])  # pack images/s
 
 
 def test_scoremix_sample_packs_its_identities_after_the_real_set(tiny_toy, tmp_path):
     """scoremix_sample.py --rec: real classes first, then one new class per sampled identity."""
     r = run_script("train_diffusion.py", "--data", tiny_toy / "train", "--out", tmp_path / "gen",
-                   "--resolution", 16, "--channels", 8, "--batch-size", 8, "--duration", 0.016, "--rampup-kimg", 0,
-                   "--snapshot-every", 0, env=ENV)
+                   "--resolution", 16, "--channels", 8, "--batch-size", 8, "--duration", 0.016,
+                   "--rampup-kimg", 0, "--snapshot-every", 0, env=ENV)
     assert r.returncode == 0, r.stderr[-2000:]
     snapshot = last_snapshot(tmp_path / "gen")
     names = sorted(os.listdir(tiny_toy / "train"))
-    (tmp_path / "pairs.csv").write_text(f"class_a,class_b\n{names[0]},{names[1]}\n{names[2]},{names[3]}\n")
-    r = run_script("scoremix_sample.py", "--net", snapshot, "--pairs", tmp_path / "pairs.csv", "--per-pair", 2,
-                   "--steps", 2, "--out", tmp_path / "mix", "--rec", tmp_path / "rec",
-                   "--rec-real", tiny_toy / "train", "--rec-size", 32, env=ENV)
+    (tmp_path / "pairs.csv").write_text(
+        f"class_a,class_b\n{names[0]},{names[1]}\n{names[2]},{names[3]}\n")
+    r = run_script("scoremix_sample.py", "--net", snapshot, "--pairs", tmp_path / "pairs.csv",
+                   "--per-pair", 2, "--steps", 2, "--out", tmp_path / "mix", "--rec",
+                   tmp_path / "rec", "--rec-real", tiny_toy / "train", "--rec-size", 32, env=ENV)
     assert r.returncode == 0, r.stderr[-2000:]
     ds = RecordIODataset(str(tmp_path / "rec" / "train.rec"))
     real = open_datasets([str(tiny_toy / "train")])
