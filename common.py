@@ -3,18 +3,18 @@ writes.
 
 Every stage refuses bad input at the door with one `error:` line and never keeps a bad result:
 - numeric flags are checked by argparse (`positive_int`, `non_negative_float`, `probability`, ...);
-- the output is checked before any work (`check_output_dir` / `check_output_file`: not a file where a
-  folder is meant, writable, enough free disk space);
+- the output is checked before any work (`check_output_dir` / `check_output_file`: not a file
+  where a folder is meant, writable, enough free disk space);
 - `output_lock` holds one lock per output for the whole run, so a second process writing the same
-  `--out` stops at once; the lock file records the holder's pid, and a lock left by a dead process is
-  taken over (the kernel drops a dead process's `flock`, and its pid shows it is gone);
+  `--out` stops at once; the lock file records the holder's pid, and a lock left by a dead process
+  is taken over (the kernel drops a dead process's `flock`, and its pid shows it is gone);
 - `remove_stale_tmp` deletes the temporary files a killed run left (only under the lock);
-- `write_atomic` writes a temporary file beside the target and renames it (a kill never leaves half a
-  file, and a failed write removes its temporary file);
+- `write_atomic` writes a temporary file beside the target and renames it (a kill never leaves half
+  a file, and a failed write removes its temporary file);
 - `load_checkpoint` turns any failure to load a checkpoint into one line naming the file;
 - `check_finite` names the first tensor holding NaN or infinity;
-- `read_csv` reads a CSV by column name, with `utf-8-sig` so a spreadsheet's byte-order mark does not
-  rename the first column.
+- `read_csv` reads a CSV by column name, with `utf-8-sig` so a spreadsheet's byte-order mark does
+  not rename the first column.
 """
 import argparse
 import csv
@@ -426,12 +426,14 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __init__(self, root):
         if not os.path.isdir(root):
             raise DataError(f"data source not found: {root}")
-        self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+        self.classes = sorted(d.name for d in os.scandir(root)
+                              if d.is_dir() and not d.name.startswith("."))
         if not self.classes:
             raise DataError(f"no identity folders in {root}")
         self.files, self.targets = [], []
         for label, name in enumerate(self.classes):
-            files = sorted(f for f in os.listdir(os.path.join(root, name)) if f.lower().endswith(IMAGE_EXTS))
+            files = sorted(f for f in os.listdir(os.path.join(root, name))
+                           if f.lower().endswith(IMAGE_EXTS))
             if not files:
                 raise DataError(f"identity folder {os.path.join(root, name)} has no images")
             self.files += [os.path.join(root, name, f) for f in files]
@@ -468,7 +470,8 @@ class RecordIODataset(torch.utils.data.Dataset):
         self._file, self._pid = None, None
         try:
             with open(idx_path) as f:
-                self.offsets = {int(k): int(v) for k, v in (ln.split("\t") for ln in f if ln.strip())}
+                self.offsets = {int(k): int(v)
+                                for k, v in (ln.split("\t") for ln in f if ln.strip())}
         except ValueError:
             raise DataError(f"corrupt index {idx_path}: expected lines 'key<TAB>offset'") from None
         size = os.path.getsize(rec_path)
@@ -521,7 +524,8 @@ class RecordIODataset(torch.utils.data.Dataset):
             raise DataError(f"truncated or corrupt {self.rec_path} (record {key} header)")
         flag, label, _, _ = struct.unpack("<IfQQ", payload[:24])
         if flag > 0:
-            return flag, list(struct.unpack(f"<{flag}f", payload[24:24 + 4 * flag])), payload[24 + 4 * flag:]
+            return (flag, list(struct.unpack(f"<{flag}f", payload[24:24 + 4 * flag])),
+                    payload[24 + 4 * flag:])
         return flag, [label], payload[24:]
 
     def __len__(self):
@@ -713,7 +717,8 @@ class MergedDataset(torch.utils.data.Dataset):
     Without merge_by_name, a name already taken gets the source's index as suffix (`bob.1`)."""
 
     def __init__(self, datasets, merge_by_name=False, size=None):
-        self.datasets, self.size, self.classes, self.targets, self.remaps = datasets, size, [], [], []
+        self.datasets, self.size = datasets, size
+        self.classes, self.targets, self.remaps = [], [], []
         where = {}
         for s, ds in enumerate(datasets):
             remap = []
@@ -810,7 +815,8 @@ def setup_distributed(device=None, timeout=None):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if "RANK" not in os.environ:
         return 0, 0, 1, torch.device(device)
-    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    world = int(os.environ["WORLD_SIZE"])
     if torch.device(device).type == "cuda":
         torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank), timeout=timeout)
@@ -834,8 +840,10 @@ def machine(device=None):
     """What a seeded run's bits depend on besides its flags (benchmarks/determinism.py): the CPU
     model, the vector kernels PyTorch picked for it, the thread count, the library versions and the
     GPU."""
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               None) if os.path.exists("/proc/cpuinfo") else None
+    cpu = None
+    if os.path.exists("/proc/cpuinfo"):
+        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                    if line.startswith("model name")), None)
     info = {"cpu": cpu or platform.processor(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "numpy": np.__version__}
@@ -851,13 +859,14 @@ def amp_dtype(device, dtype="auto"):
     if dtype != "auto":
         return {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     if torch.device(device).type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+        return (torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False)
+                else torch.float16)
     return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
 
 
 def autocast_context(device, amp, dtype="auto"):
-    """-> (ctx, scaler): autocast in amp_dtype(device, dtype) and a GradScaler enabled for fp16 only;
-    no-ops without amp (or on a CPU without native bf16)."""
+    """-> (ctx, scaler): autocast in amp_dtype(device, dtype) and a GradScaler enabled for fp16
+    only; no-ops without amp (or on a CPU without native bf16)."""
     device = torch.device(device)
     dtype = amp_dtype(device, dtype) if amp else None
     if dtype is None:

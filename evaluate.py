@@ -595,8 +595,8 @@ def main(argv=None):
     a("--network", choices=["r18", "r34", "r50", "r100", "r200"],
       help="insightface backbone files: the depth, overriding what the keys say")
     a("--input-size", type=positive_int,
-      help="insightface backbone files: the input size, overriding what the "
-                                     "fc layer's shape says (reference 112)")
+      help="insightface backbone files: the input size, overriding what the fc layer's shape says "
+           "(reference 112)")
     a("--names", nargs="+", metavar="NAME",
       help="row names, one per model; None: the run folder names")
     a("--bin", nargs="*", default=[], metavar="FILE.bin", help="LFW-style verification .bin files")
@@ -604,15 +604,12 @@ def main(argv=None):
     a("--ijb-name", metavar="NAME",
       help="IJB metadata prefix (ijbb, ijbc); None: the one found in DIR/meta")
     a("--allpairs", metavar="DIR",
-      help="IJB-style 1:1 over every pair of the images in DIR/<identity>/ "
-                                        "(TAR@FAR 1e-3, 1e-4, 1e-5; 8 images x 1000 identities: "
-                                        "32M pairs)")
+      help="IJB-style 1:1 over every pair of the images in DIR/<identity>/ (TAR@FAR 1e-3, 1e-4, "
+           "1e-5; 8 images x 1000 identities: 32M pairs)")
     a("--identification", metavar="DIR",
-      help="rank-1 identification folder: gallery/<id>/, probe/<id>/, "
-                                              "optional distractor/")
+      help="rank-1 identification folder: gallery/<id>/, probe/<id>/, optional distractor/")
     a("--consistency", nargs="+", metavar="SAMPLES_DIR",
-      help="sample folders <identity>/*.png to check "
-                                                              "against the class centres of --data")
+      help="sample folders <identity>/*.png to check against the class centres of --data")
     a("--data", metavar="REAL_DIR",
       help="real identity folders (the training images) for --consistency")
     a("--out", metavar="FILE.json", help="write the results as JSON here")
@@ -621,9 +618,8 @@ def main(argv=None):
     a("--amp", action="store_true",
       help="autocast: bf16 where native (GPU or CPU), else fp16 on CUDA")
     a("--pack-bin", metavar="PAIRS.txt",
-      help="instead of evaluating: write the pairs list (lines 'image1 image2 "
-                                             "same', paths relative to the list) as an insightface "
-                                             ".bin to --out")
+      help="instead of evaluating: write the pairs list (lines 'image1 image2 same', paths "
+           "relative to the list) as an insightface .bin to --out")
     args = parser.parse_args(argv)
     if int(os.environ.get("RANK", "0")) != 0:
         return

@@ -643,16 +643,15 @@ def main():
     p.add_argument("--identities", type=int, default=32, help="N: the default toy set's identities")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="discriminator seeds")
     p.add_argument("--tag", default="",
-                   help="suffix of the result names (a re-run beside the recorded one, "
-                                             "e.g. -straight: "
-                                             "results/calibration/real-n32-straight-seed0.json)")
+                   help="suffix of the result names (a re-run beside the recorded one, e.g. "
+                        "-straight: results/calibration/real-n32-straight-seed0.json)")
     p.add_argument("--train-args", default="", metavar="'ARGS'",
                    help="extra train_arcface.py flags as one string, e.g. "
                         "--train-args='--margin-grad textbook'")
     p.set_defaults(func=calibration)
     p = sub.add_parser("regime-recipe",
                        help="the paper's regime: discriminator recipes at 1x and 2x epochs, "
-                                             "scored on validation")
+                            "scored on validation")
     p.add_argument("--identities", type=int, default=256, help="N: training identities")
     p.add_argument("--per-identity", type=int, default=16, help="training images per identity")
     p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES),
@@ -661,14 +660,14 @@ def main():
     p.add_argument("--oracle", action="store_true", help="also each recipe on the 2N-identity set")
     p.set_defaults(func=regime_recipe)
     p = sub.add_parser("regime-generator",
-                       help="the paper's regime: train the generator; Repro consistency "
-                                                "per snapshot")
+                       help="the paper's regime: train the generator; Repro consistency per "
+                            "snapshot")
     generator_flags(p, 256, "cpu-amp (runs/exp/regime/generator/NAME)", 400, 50, 2)
     p.add_argument("--per-identity", type=int, default=16, help="training images per identity")
     p.add_argument("--recipe", default="e24", choices=list(RECIPES), help="the baseline's recipe")
     p.add_argument("--measure-every", type=float,
-                   help="measure only the snapshots at multiples of this many kimg "
-                                                       "(None: every snapshot)")
+                   help="measure only the snapshots at multiples of this many kimg (None: every "
+                        "snapshot)")
     p.add_argument("--guide-kimg", type=float,
                    help="autoguidance: the snapshot of the same run at this kimg guides")
     p.add_argument("--guidance", type=float, default=1.3,

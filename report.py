@@ -1,10 +1,10 @@
 """Tables and reports from the recorded results: the markdown the README and docs/results.md show.
 
-    python report.py table calibration          # results/calibration/*.json -> markdown tables
-    python report.py table replication          # the replication's main, sensitivity, synthetic and CKA tables
-    python report.py table regime_recipe        # the paper regime's recipe choice on validation
-    python report.py table regime               # the paper regime's main table, claims and synthetic sets
-    python report.py demo runs/demo             # runs/demo/report.md from run_demo.sh's outputs
+    python report.py table calibration    # results/calibration/*.json -> markdown tables
+    python report.py table replication    # the replication's main, sensitivity, sets, CKA tables
+    python report.py table regime_recipe  # the paper regime's recipe choice on validation
+    python report.py table regime         # the paper regime's main table, claims and synthetic sets
+    python report.py demo runs/demo       # runs/demo/report.md from run_demo.sh's outputs
 
 +- means the population std over seeds in the calibration and replication tables, the sample std
 (ddof 1) in the regime tables; "vs real, same seeds" is a mean +- standard error of seed-paired
@@ -32,7 +32,8 @@ def load_results(group):
 
 
 def mean_std(values):
-    return f"{np.mean(values):.1f} +- {np.std(values):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
+    return (f"{np.mean(values):.1f} +- {np.std(values):.1f}" if len(values) > 1
+            else f"{values[0]:.1f}")
 
 
 # t quantile 0.975, df 1..10
@@ -52,26 +53,27 @@ def paired_interval(runs, reference, value=lambda r: r["avg"]):
 
 def sample_std(values):
     """'mean +- sample std (ddof 1)': the regime tables' one meaning of +-."""
-    return f"{np.mean(values):.2f} +- {np.std(values, ddof=1):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
+    return (f"{np.mean(values):.2f} +- {np.std(values, ddof=1):.2f}" if len(values) > 1
+            else f"{values[0]:.2f}")
 
 
 def regime_recipe_table(rows):
     """Per recipe: validation Avg at 1x and 2x epochs, their seed-paired difference, the oracle's
     gain."""
     print("Validation benchmarks only (val_*: identities of their own); +- is the sample std over "
-          "seeds; "
-          "[ ] a 95% t-interval of seed-paired differences.\n")
+          "seeds; [ ] a 95% t-interval of seed-paired differences.\n")
     print("| recipe | epochs | seeds | val Avg 1x | val Avg 2x | 2x - 1x | 2x within one std of 1x "
           "| oracle - 1x |")
     print("|---" * 8 + "|")
     for name in (r for r in RECIPES if r in rows):
         one, two, oracle = rows[name], rows.get(f"{name}-2x", []), rows.get(f"{name}-oracle", [])
         sd = np.std([r["avg"] for r in one], ddof=1) if len(one) > 1 else float("nan")
-        gap = np.mean([r["avg"] for r in two]) - np.mean([r["avg"] for r in one]) if two else float("nan")
-        print(f"| {name} | {one[0]['epochs']} | {len(one)} | {sample_std([r['avg'] for r in one])} "
-              "| "
-              f"{sample_std([r['avg'] for r in two]) if two else ''} | {paired_interval(two, one)} "
-              "| "
+        gap = (np.mean([r["avg"] for r in two]) - np.mean([r["avg"] for r in one]) if two
+               else float("nan"))
+        print(f"| {name} | {one[0]['epochs']} | {len(one)} | "
+              f"{sample_std([r['avg'] for r in one])} | "
+              f"{sample_std([r['avg'] for r in two]) if two else ''} | "
+              f"{paired_interval(two, one)} | "
               f"{'' if np.isnan(gap * sd) else ('yes' if abs(gap) <= sd else 'no')} | "
               f"{paired_interval(oracle, one)} |")
 
@@ -162,17 +164,17 @@ def regime_table(rows):
         print("|---" * 12 + "|")
         for name, s in sorted(synth.items()):
             sam, real_train = s["samples"], s["real_train"]
-            cons = "" if sam["consistency"] is None else f"{sam['consistency']:.1f} ({s['real_heldout']['consistency']:.1f})"
-            parents = f"{sam['parent_cosine']:.3f} ({real_train['inter_cosine']:.3f})" if "parent_cosine" in sam else ""
+            cons = ("" if sam["consistency"] is None
+                    else f"{sam['consistency']:.1f} ({s['real_heldout']['consistency']:.1f})")
+            parents = (f"{sam['parent_cosine']:.3f} ({real_train['inter_cosine']:.3f})"
+                       if "parent_cosine" in sam else "")
             to_parent = f"{sam['mix_parent_cosine']:.3f}" if "mix_parent_cosine" in sam else ""
             print(f"| {name} | {s['mode']} | "
                   f"{'-'.join(map(str, s['selection'])) if s['selection'] else ''} | "
                   f"{s['draw']} | {s['guidance']:g} | {s['identities']} x {s['per_identity']} | "
-                  f"{cons} | "
-                  f"{sam['intra_cosine']:.2f} / {sam['inter_cosine']:.2f} "
-                  f"({real_train['intra_cosine']:.2f} / "
-                  f"{real_train['inter_cosine']:.2f}) | {parents} | {to_parent} | "
-                  f"{sam['nearest_real_distance']:.1f} "
+                  f"{cons} | {sam['intra_cosine']:.2f} / {sam['inter_cosine']:.2f} "
+                  f"({real_train['intra_cosine']:.2f} / {real_train['inter_cosine']:.2f}) | "
+                  f"{parents} | {to_parent} | {sam['nearest_real_distance']:.1f} "
                   f"({s['real_heldout']['nearest_real_distance']:.1f}) | "
                   f"{s['cpu_seconds_per_1000'] or ''} |")
 
@@ -186,20 +188,22 @@ def replication_table(rows):
     base, top = avg.get("real"), avg.get("oracle")
     sensitivity = sorted(set(rows) - set(main))
     for title, group in (("", main),
-                         ("Sensitivity: the dist-embedding row's sampler settings (one seed each), "
-                                      "and Repro with guidance and / or churn", sensitivity)):
+                         ("Sensitivity: the dist-embedding row's sampler settings (one seed "
+                          "each), and Repro with guidance and / or churn", sensitivity)):
         if not group:
             continue
         if title:
             print(f"\n{title}\n")
-        print("| row | seeds | steps | " + " | ".join(BENCH) + " | Toy Avg-H | vs real, same seeds "
-                                                               "| TAR@FAR=1e-3 cplfw "
-              "| oracle gain share | synthetic CPU-s / 1000 images |")
+        print("| row | seeds | steps | " + " | ".join(BENCH) + " | Toy Avg-H | vs real, same "
+                                                               "seeds | TAR@FAR=1e-3 cplfw | "
+                                                               "oracle gain share | synthetic "
+                                                               "CPU-s / 1000 images |")
         print("|---" * (len(BENCH) + 8) + "|")
         for row in group:
             runs = rows[row]
             cells = [mean_std([r["accuracy"][b] for r in runs]) for b in BENCH]
-            share = f"{(avg[row] - base) / (top - base):+.2f}" if base is not None and top not in (None, base) else ""
+            share = (f"{(avg[row] - base) / (top - base):+.2f}"
+                     if base is not None and top not in (None, base) else "")
             syn = [s for s in runs[0]["sources"] if s in synth]
             cost = " + ".join(f"{synth[s]['cpu_seconds_per_1000']:.0f}" for s in syn
                               if synth[s]["cpu_seconds_per_1000"])
@@ -218,17 +222,19 @@ def replication_table(rows):
         for name, s in sorted(synth.items()):
             sel = "-".join(map(str, s["selection"])) if s["selection"] else ""
             cons, sam = s["samples"]["consistency"], s["samples"]
-            spread = f"{sam['intra_cosine']:.2f} / {sam['inter_cosine']:.2f} ({s['real_train']['intra_cosine']:.2f} / " \
-                     f"{s['real_train']['inter_cosine']:.2f})" if "real_train" in s else ""
-            near = f"{sam['nearest_real_distance']:.1f} ({s['real_heldout']['nearest_real_distance']:.1f})" \
-                if "nearest_real_distance" in sam else ""
+            real_train = s.get("real_train", {})
+            spread = (f"{sam['intra_cosine']:.2f} / {sam['inter_cosine']:.2f} "
+                      f"({real_train['intra_cosine']:.2f} / {real_train['inter_cosine']:.2f})"
+                      if "real_train" in s else "")
+            near = (f"{sam['nearest_real_distance']:.1f} "
+                    f"({s['real_heldout']['nearest_real_distance']:.1f})"
+                    if "nearest_real_distance" in sam else "")
             print(f"| {name} | {s['mode']} | {sel} | {s['alpha']:g} | {s['guidance']:g} | "
-                  f"{s['steps']} | "
-                  f"{s.get('churn', 0):g} | {s['identities']} x {s['per_identity']} | "
+                  f"{s['steps']} | {s.get('churn', 0):g} | "
+                  f"{s['identities']} x {s['per_identity']} | "
                   f"{'' if cons is None else f'{cons:.1f}'} | "
                   f"{sam['neighbour_ratio']:.2f} ({s['real_heldout']['neighbour_ratio']:.2f}) | "
-                  f"{spread} | "
-                  f"{near} | {s['cpu_seconds_per_1000'] or ''} |")
+                  f"{spread} | {near} | {s['cpu_seconds_per_1000'] or ''} |")
     cka_path = os.path.join(RESULTS, "replication", "cka.json")
     if os.path.exists(cka_path):
         with open(cka_path) as f:
@@ -264,15 +270,15 @@ def generator_table(rows):
     print("|---" * (5 + len(sigmas)) + "|")
     for r in runs:
         d = r["denoise_rms"] or {}
-        print(f"| {r['run']} | {r['kimg']} | {r['consistency']:.1f} ({r['real_consistency']:.1f}) "
-              "| "
+        print(f"| {r['run']} | {r['kimg']} | "
+              f"{r['consistency']:.1f} ({r['real_consistency']:.1f}) | "
               f"{r['neighbour_ratio']:.2f} ({r['real_neighbour_ratio']:.2f}) | "
               f"{r['sample_images_per_s']:.2f} | "
               + " | ".join(f"{d[s]:.4f}" if s in d else "" for s in sigmas) + " |")
     mean_rms = [r["mean_image_rms"] for r in runs if r.get("mean_image_rms") is not None]
     if mean_rms:
-        print(f"\ntrivial denoisers: RMS = sigma (D = noisy input); {mean_rms[-1]:.4f} (D = mean "
-              "image)")
+        print(f"\ntrivial denoisers: RMS = sigma (D = noisy input); {mean_rms[-1]:.4f} "
+              "(D = mean image)")
 
 
 def table(args):
@@ -288,15 +294,16 @@ def table(args):
     if args.group == "regime":
         return regime_table(rows)
     real = load_results("replication").get("real", []) if args.group == "repro_check" else []
-    print("| row | seeds | epochs | steps | train s (loop) | " + " | ".join(BENCH) + " | Toy Avg-H "
-                                                                                     "|"
+    print("| row | seeds | epochs | steps | train s (loop) | " + " | ".join(BENCH)
+          + " | Toy Avg-H |"
           + (" vs replication's real, same seeds |" if real else ""))
     print("|---" * (len(BENCH) + 6 + bool(real)) + "|")
     for row, runs in rows.items():
         cells = [mean_std([r["accuracy"][b] for r in runs]) for b in BENCH]
         print(f"| {row} | {len(runs)} | {runs[0]['epochs']} | {runs[0]['steps']} | "
-              f"{np.mean([r.get('train_loop_seconds', np.nan) for r in runs]):.0f} | " + " | ".join(cells) +
-              f" | {mean_std([r['avg'] for r in runs])} |" + (f" {paired_difference(runs, real)} |" if real else ""))
+              f"{np.mean([r.get('train_loop_seconds', np.nan) for r in runs]):.0f} | "
+              + " | ".join(cells) + f" | {mean_std([r['avg'] for r in runs])} |"
+              + (f" {paired_difference(runs, real)} |" if real else ""))
     print("\nToy Avg-H over epochs (mean over seeds):\n")
     epochs = [c["epoch"] for c in next(iter(rows.values()))[0]["curve"]]
     print("| row | " + " | ".join(f"ep {e}" for e in epochs) + " |")
@@ -304,8 +311,8 @@ def table(args):
     for row, runs in rows.items():
         curves = [[np.mean([c[b] for b in BENCH]) for c in r["curve"]] for r in runs]
         length = min(map(len, curves))
-        print(
-            f"| {row} | " + " | ".join(f"{np.mean([c[i] for c in curves]):.1f}" for i in range(length)) + " |")
+        print(f"| {row} | "
+              + " | ".join(f"{np.mean([c[i] for c in curves]):.1f}" for i in range(length)) + " |")
 
 
 def demo_report(args):
@@ -318,8 +325,8 @@ def demo_report(args):
              "|---" * (len(BENCH) + 2) + "|"]
     for name, scores in models.items():
         cells = [f"{scores[b]['accuracy']:.1f} +- {scores[b]['std']:.1f}" for b in BENCH]
-        lines.append(
-            f"| {name} | " + " | ".join(cells) + f" | {np.mean([scores[b]['accuracy'] for b in BENCH]):.1f} |")
+        lines.append(f"| {name} | " + " | ".join(cells)
+                     + f" | {np.mean([scores[b]['accuracy'] for b in BENCH]):.1f} |")
     avgs = [np.mean([s[b]["accuracy"] for b in BENCH]) for s in models.values()]
     if len(avgs) == 2:
         verdict = "beats" if avgs[1] > avgs[0] else "does not beat"
@@ -347,11 +354,9 @@ def demo_report(args):
                   f"CKNNA {cka['cknna']:.3f} (null {cka['null']['cknna']['mean']:.3f} +- "
                   f"{cka['null']['cknna']['std']:.3f}).", "",
               "Figures: `data/preview.png` (toy faces), `data/bench_preview.png` (benchmark "
-              "pairs), "
-              "`generator/samples-*.png` (class-conditional samples, rows = classes), "
-              "`alpha_beta.png` "
-              "(alpha x beta sweep, paper Fig. 2), `alpha_beta-triplets.png` (Repro A | ScoreMix | "
-              "Repro B, Fig. 3).",
+              "pairs), `generator/samples-*.png` (class-conditional samples, rows = classes), "
+              "`alpha_beta.png` (alpha x beta sweep, paper Fig. 2), `alpha_beta-triplets.png` "
+              "(Repro A | ScoreMix | Repro B, Fig. 3).",
               "", "| Stage | Wall time (s) |", "|---|---|"]
     with open(os.path.join(out, "stage_times.tsv")) as f:
         times = [line.rstrip("\n").split("\t") for line in f if line.strip()]

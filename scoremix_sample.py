@@ -178,8 +178,8 @@ def class_index(net, name, where):
         return net.class_names.index(name)
     except ValueError:
         raise ValueError(f"{where}: unknown class {name!r} (the generator has "
-                         f"{len(net.class_names)} "
-                         f"classes: {', '.join(net.class_names[:5])}{', ...' if len(net.class_names) > 5 else ''})")
+                         f"{len(net.class_names)} classes: "
+                         f"{', '.join(net.class_names[:5])}{', ...' if len(net.class_names) > 5 else ''})")
 
 
 def read_pairs(path, net):
@@ -194,7 +194,8 @@ def read_pairs(path, net):
         t = tuple(class_index(net, row[c], f"{path} line {line}") for c in columns)
         if len(set(t)) < len(t):
             raise InputError(f"{path} line {line}: a class appears twice in one tuple "
-                             f"({', '.join(row[c] for c in columns)}); a mix needs distinct classes")
+                             f"({', '.join(row[c] for c in columns)}); a mix needs distinct "
+                             "classes")
         tuples.append(t)
     return tuples
 
@@ -456,20 +457,18 @@ def parse_args(argv=None):
     p.add_argument("--guide",
                    help="autoguidance guide snapshot (same classes, smaller / shorter-trained)")
     p.add_argument("--guidance", type=finite_float,
-                   help="guidance weight w (None: 1.3 with --guide, else 1 = none; "
-                                                  "w != 1 without --guide: classifier-free, needs "
-                                                  "a null class)")
+                   help="guidance weight w (None: 1.3 with --guide, else 1 = none; w != 1 without "
+                        "--guide: classifier-free, needs a null class)")
     p.add_argument("--alpha", type=probability, default=0.5,
                    help="weight of class_a in a pair (class_b: 1 - alpha)")
     p.add_argument("--weights", type=non_negative_float, nargs="+",
-                   help="explicit convex weights, one per class column "
-                                                            "(None: alpha, 1 - alpha for pairs; "
-                                                            "equal for tuples)")
+                   help="explicit convex weights, one per class column (None: alpha, 1 - alpha "
+                        "for pairs; equal for tuples)")
     p.add_argument("--steps", type=positive_int, default=32,
                    help="Heun steps (deterministic, Karras schedule)")
     p.add_argument("--churn", type=non_negative_float, default=0,
-                   help="S_churn of the stochastic Heun sampler (EDM Alg. 2; "
-                   "0: deterministic); the noise is seeded per image like the start")
+                   help="S_churn of the stochastic Heun sampler (EDM Alg. 2; 0: deterministic); "
+                        "the noise is seeded per image like the start")
     p.add_argument("--churn-min", type=non_negative_float, default=0.05,
                    help="S_min: churn only where sigma >= this")
     p.add_argument("--churn-max", type=non_negative_float, default=50,
@@ -484,17 +483,16 @@ def parse_args(argv=None):
     p.add_argument("--amp", action="store_true",
                    help="bf16 autocast where the GPU or CPU has native bf16")
     p.add_argument("--rec", metavar="OUT_DIR",
-                   help="also pack the identities into OUT_DIR/train.rec + "
-                                                    "train.idx + property (insightface's layout, "
-                                                    "JPEG)")
+                   help="also pack the identities into OUT_DIR/train.rec + train.idx + property "
+                        "(insightface's layout, JPEG)")
     p.add_argument("--rec-real", nargs="+", default=[], metavar="SRC",
                    help="with --rec: real sources (image folders / train.rec) packed first, the "
                         "synthetic "
                         "identities appended as new classes (as train_arcface.py --data SRC... "
                         "--out merges them)")
     p.add_argument("--rec-size", type=positive_int,
-                   help="with --rec: resize every image to this square size "
-                                                "(arcface_torch expects 112; default: as they are)")
+                   help="with --rec: resize every image to this square size (arcface_torch "
+                        "expects 112; default: as they are)")
     g = p.add_argument_group("figures (instead of identity folders)")
     g.add_argument("--grid",
                    help="write the alpha x beta sweep of --classes A B here (paper Fig. 2)")

@@ -413,9 +413,8 @@ def parse_args(argv=None):
     a("--fr", metavar="RUN/model.pt",
       help="discriminator checkpoint (needed for --space embedding)")
     a("--data", nargs="+", metavar="SRC",
-      help="the real training set (image folders / train.rec) naming the "
-                                               "classes; needed for --space embedding, optional "
-                                               "for condition")
+      help="the real training set (image folders / train.rec) naming the classes; needed for "
+           "--space embedding, optional for condition")
     a("--out", required=True, metavar="pairs.csv", help="output CSV")
     a("--space", choices=["embedding", "condition"], default="embedding",
       help="embedding: discriminator class centres; condition: the generator's class embeddings")
@@ -427,8 +426,8 @@ def parse_args(argv=None):
     a("--num-pairs", type=positive_int, help="tuples to select (None: the number of classes)")
     a("--tuple-size", type=int, choices=[2, 3], default=2, help="2: pairs; 3: triplets")
     a("--max-uses", type=positive_int,
-      help="start cap on tuples per class, raised if it leaves too few "
-                                   "(None: ceil(num-pairs * tuple-size / classes))")
+      help="start cap on tuples per class, raised if it leaves too few (None: ceil(num-pairs * "
+           "tuple-size / classes))")
     a("--seed", type=non_negative_int, default=0,
       help="seed of the tie order and of --strategy random")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -477,8 +476,8 @@ def select(args):
         d, allp = tuple_distances(dist, tuples), dist[np.triu_indices(C, 1)]
     else:
         print(f"{C} classes: the full matrix path would need ~{full_path_bytes(C) / 2 ** 30:.0f} "
-              "GiB "
-              f"(--max-matrix-gb {args.max_matrix_gb:g}); distances block by block on {args.device}")
+              f"GiB (--max-matrix-gb {args.max_matrix_gb:g}); distances block by block on "
+              f"{args.device}")
         tuples, cap, d = select_blockwise(vectors, args.strategy, num, args.tuple_size,
                                           args.max_uses, args.seed, budget, args.device)
         sample = random_tuples(C, 2, 10 ** 6, np.random.default_rng([args.seed, 3]))

@@ -393,8 +393,8 @@ def parse_args(argv=None):
     parser.add_argument("--lookalike-keep", type=probability, default=0.3,
                         help="look-alike negatives: probability of keeping each discrete attribute")
     parser.add_argument("--age-gap", type=probability, default=0.4,
-                        help="age difference inside toy_agedb pairs (half of it in "
-                        "toy_calfw positives) (ages run 0..1; training images drift by about 0.15)")
+                        help="age difference inside toy_agedb pairs (half of it in toy_calfw "
+                             "positives) (ages run 0..1; training images drift by about 0.15)")
     parser.add_argument("--val-identities", type=non_negative_int, default=0,
                         help="identities of the validation benchmarks in val/ (their own identity "
                              "and pair streams; "

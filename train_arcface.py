@@ -13,9 +13,10 @@ setup, atomic saves, autocast) that the later stages import.
 
     python train_arcface.py --data toy/train --out runs/baseline --val toy/bench/*.bin
     torchrun --nproc_per_node=8 train_arcface.py --data faces_webface/train.rec --out runs/r50 \
-        --network r50 --width 1 --embedding-size 512 --input-size 112 --batch-size 1024 --epochs 20 --amp
+        --network r50 --width 1 --embedding-size 512 --input-size 112 --batch-size 1024 \
+        --epochs 20 --amp
     (Glint360K: add --partial-fc --sample-rate 0.1 --workers 8; several nodes: docs/scale.md)
-    python train_arcface.py --data faces/ more_faces/ --pack-rec faces_rec --pack-size 112   # -> train.rec
+    python train_arcface.py --data faces/ more_faces/ --pack-rec faces_rec --pack-size 112
 """
 import argparse
 import datetime
@@ -84,9 +85,11 @@ class IResNet(nn.Module):
                 f"input_size must be a multiple of 16 (four stride-2 stages), got {input_size}")
         c = [max(1, int(round(w * width))) for w in (64, 64, 128, 256, 512)]  # stem, stages 1-4
         self.input_size = input_size
-        self.conv1, self.bn1, self.prelu = conv3x3(3, c[0]), nn.BatchNorm2d(c[0], eps=1e-5), nn.PReLU(c[0])
+        self.conv1, self.bn1, self.prelu = (conv3x3(3, c[0]), nn.BatchNorm2d(c[0], eps=1e-5),
+                                            nn.PReLU(c[0]))
         for i, n in enumerate(layers):  # stride 2 on the first block of every stage
-            blocks = [IBasicBlock(c[i], c[i + 1], 2)] + [IBasicBlock(c[i + 1], c[i + 1]) for _ in range(n - 1)]
+            blocks = ([IBasicBlock(c[i], c[i + 1], 2)]
+                      + [IBasicBlock(c[i + 1], c[i + 1]) for _ in range(n - 1)])
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
         self.bn2 = nn.BatchNorm2d(c[4], eps=1e-5)
         self.dropout = nn.Dropout(p=dropout, inplace=True)
@@ -318,7 +321,8 @@ def insightface_config(state, depth=None, input_size=None):
     """iresnet() arguments of an insightface IResNet state dict (the same parameter names): depth
     from the number of blocks per stage, width from the stem, embedding size and input size from
     fc's shape (fc maps 512*width x (input/16)^2 features). depth / input_size override."""
-    blocks = [len({k.split(".")[1] for k in state if k.startswith(f"layer{i}.")}) for i in range(1, 5)]
+    blocks = [len({k.split(".")[1] for k in state if k.startswith(f"layer{i}.")})
+              for i in range(1, 5)]
     if depth is None:
         depth = next((d for d, b in BLOCKS.items() if b == blocks), None)
         if depth is None:
@@ -336,7 +340,8 @@ def load_backbone(path, device="cpu", depth=None, input_size=None):
     """A model.pt written by this script, or an insightface backbone file (a bare IResNet state
     dict, e.g. backbone.pth; depth / input_size override what its shapes say) -> IResNet in eval
     mode with .input_size and .class_names (None for insightface files)."""
-    what = f"{path} is not a train_arcface.py model.pt or an insightface IResNet state dict (backbone.pth)"
+    what = (f"{path} is not a train_arcface.py model.pt or an insightface IResNet state dict "
+            "(backbone.pth)")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
@@ -370,7 +375,8 @@ def embed(model, images, batch_size=256, device=None, flip=True, amp=False, norm
     Resizes to model.input_size (bilinear, antialiased) when needed, normalises (x/255 - 0.5)/0.5,
     sums f(x) + f(flip x) (one batched forward pass) and L2-normalises (unless normalize=False).
     """
-    device = torch.device(device) if device is not None else next(model.parameters(), torch.empty(0)).device
+    device = (torch.device(device) if device is not None
+              else next(model.parameters(), torch.empty(0)).device)
     images = torch.as_tensor(images)
     if len(images) == 0:
         raise ValueError("no images to embed")
@@ -523,7 +529,8 @@ def log_epoch(run, rec, epochs):
         f.write(json.dumps(rec) + "\n")
     val = ""
     if "val" in rec:
-        val = f"  val {rec['val_mean']:.2f} (" + ", ".join(f"{k} {v:.1f}" for k, v in rec["val"].items()) + ")"
+        val = (f"  val {rec['val_mean']:.2f} ("
+               + ", ".join(f"{k} {v:.1f}" for k, v in rec["val"].items()) + ")")
     print(f"epoch {rec['epoch']}/{epochs}  step {rec['step']}  loss {rec['loss']:.4f}  lr "
           f"{rec['lr']:.5f}  "
           f"{rec['images_per_s']:.0f} img/s  {rec['time']:.1f} s{val}", flush=True)
@@ -553,8 +560,8 @@ def validate(run, model_path, bins, epoch):
 
 
 def build_model(args, num_classes, partial_fc, rank, world, device):
-    """-> (backbone, head, trainer, SGD optimiser, the head's slot in the optimiser state), initialised
-    identically on every rank."""
+    """-> (backbone, head, trainer, SGD optimiser, the head's slot in the optimiser state),
+    initialised identically on every rank."""
     torch.manual_seed(args.seed)
     backbone = iresnet(int(args.network[1:]), args.width, args.embedding_size, args.input_size,
                        args.dropout)
@@ -651,7 +658,8 @@ def train(args):
     steps_per_epoch = max(1, n // batch)
     total = args.steps or args.epochs * steps_per_epoch
     epochs, warmup = math.ceil(total / steps_per_epoch), round(args.warmup_epochs * steps_per_epoch)
-    ckpt_path, model_path = os.path.join(args.out, "checkpoint.pt"), os.path.join(args.out, "model.pt")
+    ckpt_path, model_path = (os.path.join(args.out, "checkpoint.pt"),
+                             os.path.join(args.out, "model.pt"))
 
     partial_fc = args.partial_fc or args.sample_rate < 1
     if partial_fc and len(classes) < world:
@@ -729,13 +737,15 @@ def train(args):
             nn.utils.clip_grad_norm_(backbone.parameters(), args.clip_grad)
             scaler.step(opt)
             scaler.update()
-            step, seen, loss_sum, done = step + 1, seen + len(x) * world, loss_sum + mean_loss, done + 1
+            step, seen, loss_sum, done = (step + 1, seen + len(x) * world, loss_sum + mean_loss,
+                                          done + 1)
             bar.update()
             bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{lr:.4f}",
                             img_s=f"{seen / (time.time() - t0):.0f}")
             if step >= stop_at:  # (testing) a kill: nothing more is written
                 break
-            if args.checkpoint_every and step % args.checkpoint_every == 0 and step % steps_per_epoch:
+            if (args.checkpoint_every and step % args.checkpoint_every == 0
+                    and step % steps_per_epoch):
                 refuse_non_finite(trainer, backbone, x, step)
                 sync_buffers(trainer, world)
                 state = gather_state(trainer, opt, head, head_index, partial_fc)
@@ -794,14 +804,10 @@ def parse_args(argv=None):
            "are appended as new classes")
     a("--out", metavar="RUN", help="run folder (re-running the same command resumes it)")
     a("--pack-rec", metavar="OUT_DIR",
-      help="instead of training: write the --data sources, merged as training "
-                                            "merges them, to OUT_DIR/train.rec + train.idx + "
-                                            "property "
-                                            "(insightface's layout) and exit")
+      help="instead of training: write the --data sources, merged as training merges them, to "
+           "OUT_DIR/train.rec + train.idx + property (insightface's layout) and exit")
     a("--pack-format", default="jpeg", choices=["jpeg", "png"],
-      help="--pack-rec image encoding (images already "
-                                                                      "in it and in size are "
-                                                                      "copied as they are)")
+      help="--pack-rec image encoding (images already in it and in size are copied as they are)")
     a("--pack-quality", type=jpeg_quality, default=95, help="--pack-rec JPEG quality")
     a("--pack-size", type=positive_int, default=None,
       help="--pack-rec: resize images to this square size (insightface: 112); default: keep their "
@@ -815,8 +821,8 @@ def parse_args(argv=None):
     a("--embedding-size", type=positive_int, default=128,
       help="embedding dimension (reference 512)")
     a("--input-size", type=positive_int, default=32,
-      help="input resolution in pixels, a multiple of 16 (reference 112); "
-                                                  "images of another size are resized")
+      help="input resolution in pixels, a multiple of 16 (reference 112); images of another size "
+           "are resized")
     a("--dropout", type=probability, default=0.0, help="dropout before the embedding layer")
     a("--epochs", type=positive_int, default=24, help="epochs over the data")
     a("--steps", type=positive_int, default=None,
@@ -838,12 +844,11 @@ def parse_args(argv=None):
            "(arcface_torch of 2022: through cos(theta + m), fallback cos(theta) - m sin m past pi)")
     a("--scale", type=positive_float, default=64.0, help="logit scale s of the margin softmax")
     a("--partial-fc", action="store_true",
-      help="Partial FC head for many classes: the class weights sharded over "
-                                                "the processes, the softmax normaliser all-reduced")
+      help="Partial FC head for many classes: the class weights sharded over the processes, the "
+           "softmax normaliser all-reduced")
     a("--sample-rate", type=positive_float, default=1.0,
-      help="Partial FC: share of each shard's classes scored per step "
-                                                     "(the batch's classes always); below 1 "
-                                                     "implies --partial-fc")
+      help="Partial FC: share of each shard's classes scored per step (the batch's classes "
+           "always); below 1 implies --partial-fc")
     a("--val", nargs="*", default=[], metavar="FILE.bin",
       help="verification .bin files evaluated by evaluate.py")
     a("--val-every", type=positive_int, default=4,
@@ -851,22 +856,20 @@ def parse_args(argv=None):
     a("--val-timeout", type=positive_float, default=2.0,
       help="hours the other processes wait for rank 0's validation")
     a("--checkpoint-every", type=non_negative_int, default=1000,
-      help="also write checkpoint.pt every this many steps "
-                                                          "(besides every epoch end); 0: epoch "
-                                                          "ends only")
+      help="also write checkpoint.pt every this many steps (besides every epoch end); 0: epoch "
+           "ends only")
     a("--tf32", action=argparse.BooleanOptionalAction, default=True,
       help="TF32 matmuls and convolutions on CUDA")
     a("--seed", type=non_negative_int, default=0,
       help="random seed (initialisation, batch order, flips)")
     a("--amp", action="store_true",
-      help="mixed precision: bf16 autocast where the GPU or CPU has native bf16, "
-                                         "else fp16 with loss scaling on CUDA (fp32 on such a CPU)")
+      help="mixed precision: bf16 autocast where the GPU or CPU has native bf16, else fp16 with "
+           "loss scaling on CUDA (fp32 on such a CPU)")
     a("--amp-dtype", default="auto", choices=["auto", "bf16", "fp16"], help="force the --amp dtype")
     a("--compile", action="store_true", help="torch.compile the model")
     a("--workers", type=non_negative_int, default=0,
-      help="DataLoader workers per process; 0 decodes the whole set into memory "
-                                             "when it fits in --memory-limit, else uses min(8, "
-                                             "cores) workers")
+      help="DataLoader workers per process; 0 decodes the whole set into memory when it fits in "
+           "--memory-limit, else uses min(8, cores) workers")
     a("--memory-limit", type=non_negative_float, default=8.0,
       help="GiB of decoded images the in-memory path may hold")
     a("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -875,8 +878,7 @@ def parse_args(argv=None):
     a("--stop-after-steps", type=non_negative_int, default=0,
       help="(testing) stop after this many steps, as if killed")
     a("--debug-rank-weights", action="store_true",
-      help="(testing) every rank saves its final weights "
-                                                        "to RUN/rank<r>-weights.pt")
+      help="(testing) every rank saves its final weights to RUN/rank<r>-weights.pt")
     args = p.parse_args(argv)
     if not (args.out or args.pack_rec):
         p.error("give --out RUN (training) or --pack-rec OUT_DIR")

@@ -18,19 +18,21 @@ Two networks:
   img64 hyper-parameters and training rules: sigma_data 0.5, no flips unless --xflip, the
   inverse-square-root lr anchored in batches (`learning_rate`), two power-function EMA profiles per
   snapshot and post-hoc EMA reconstruction (`posthoc-ema` below).
-- `CpuUNet` is the 2-core recipe of the toy benchmark (preset `cpu`: GroupNorm UNet, 32/64/128 channels at
-  32/16/8 px, 2.6M parameters, batch 64, lr 2e-3 with warm-up, constant then linear to 0); `cpu-guide`
-  is a 4x cheaper version trained 1/3 as long, the light autoguidance guide of the `cpu` generator
-  (as `edm2-xs` is for `edm2-s`).
+- `CpuUNet` is the 2-core recipe of the toy benchmark (preset `cpu`: GroupNorm UNet, 32/64/128
+  channels at 32/16/8 px, 2.6M parameters, batch 64, lr 2e-3 with warm-up, constant then linear to
+  0); `cpu-guide` is a 4x cheaper version trained 1/3 as long, the light autoguidance guide of the
+  `cpu` generator (as `edm2-xs` is for `edm2-s`).
 State is counted in images; re-running a command resumes from RUN/checkpoint.pt and gives the same
 weights as an uninterrupted run. Training images are decoded per item as they stream (bounded
 memory).
 
     python train_diffusion.py --data toy/train --heldout toy/heldout --out runs/gen
-    torchrun --nproc_per_node=8 train_diffusion.py --preset edm2-s --data train.rec --out runs/gen --amp
+    torchrun --nproc_per_node=8 train_diffusion.py --preset edm2-s --data train.rec --out runs/gen \
+        --amp
     python train_diffusion.py posthoc-ema --run runs/gen --std 0.045 --out runs/gen/phema-0.045.pt
-    python train_diffusion.py import-edm2 STATE.pt --edm2-kwargs '{"img_resolution": 64, "img_channels": 3,
-        "label_dim": 1000, "model_channels": 192, "dropout": 0.0}' --out edm2-img64-s.pt
+    python train_diffusion.py import-edm2 STATE.pt --out edm2-img64-s.pt --edm2-kwargs \
+        '{"img_resolution": 64, "img_channels": 3, "label_dim": 1000, "model_channels": 192,
+          "dropout": 0.0}'
 
 `import-edm2` converts a state dict of EDM2's Precond (saved with `torch.save(net.state_dict())`)
 and its constructor keyword arguments into a snapshot; `posthoc-ema` solves EDM2's post-hoc EMA
@@ -39,7 +41,8 @@ and its constructor keyword arguments into a snapshot; `posthoc-ema` solves EDM2
 Snapshot RUN/network-snapshot-<kimg:06d>[.<img:03d>].pt (load with `load_generator`,
 weights_only=True):
     {"config": Denoiser kwargs, "ema": EMA state_dict for the first --ema-std,
-     "ema_std_<x>": the others, "ema_stds": [...], "class_names": [...], "kimg": float, "sigma_data": float}
+     "ema_std_<x>": the others, "ema_stds": [...], "class_names": [...], "kimg": float,
+     "sigma_data": float}
 """
 import argparse
 import copy
@@ -158,7 +161,8 @@ class Block(nn.Module):
         self.conv_res0 = MPConv(out_channels if flavor == "enc" else in_channels, out_channels, 3)
         self.emb_linear = MPConv(emb_channels, out_channels, 0)
         self.conv_res1 = MPConv(out_channels, out_channels, 3)
-        self.conv_skip = MPConv(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.conv_skip = (MPConv(in_channels, out_channels, 1) if in_channels != out_channels
+                          else None)
         self.attn_qkv = MPConv(out_channels, out_channels * 3, 1) if self.num_heads else None
         self.attn_proj = MPConv(out_channels, out_channels, 1) if self.num_heads else None
 
@@ -201,9 +205,11 @@ class UNet(nn.Module):
                  **block_kwargs):
         super().__init__()
         widths = [model_channels * m for m in channel_mult]
-        cnoise = model_channels * channel_mult_noise if channel_mult_noise is not None else widths[0]
+        cnoise = (model_channels * channel_mult_noise if channel_mult_noise is not None
+                  else widths[0])
         cemb = model_channels * channel_mult_emb if channel_mult_emb is not None else max(widths)
-        self.label_dim, self.label_balance, self.concat_balance = label_dim, label_balance, concat_balance
+        self.label_dim, self.label_balance, self.concat_balance = (label_dim, label_balance,
+                                                                   concat_balance)
         self.out_gain = nn.Parameter(torch.zeros([]))
         self.emb_fourier = Fourier(cnoise)
         self.emb_noise = MPConv(cnoise, cemb, 0)
@@ -378,7 +384,8 @@ class CpuUNet(nn.Module):
 def edm_precond(sigma, sigma_data):
     """EDM eq. 7 (docs/formulas.md 1) -> (c_skip, c_out, c_in, c_noise) for a sigma tensor."""
     s2, sd2 = sigma ** 2, sigma_data ** 2
-    return sd2 / (s2 + sd2), sigma * sigma_data / (s2 + sd2).sqrt(), 1 / (s2 + sd2).sqrt(), sigma.log() / 4
+    return (sd2 / (s2 + sd2), sigma * sigma_data / (s2 + sd2).sqrt(), 1 / (s2 + sd2).sqrt(),
+            sigma.log() / 4)
 
 
 # EDM2's UNet / Block / Precond keyword arguments beyond the Denoiser's own, with EDM2's defaults
@@ -401,9 +408,12 @@ class Denoiser(nn.Module):
         super().__init__()
         if set(edm2) - set(EDM2_DEFAULTS) or (edm2 and not mp):
             raise TypeError(f"unexpected arguments {sorted(edm2)} (EDM2's names need mp=True)")
-        self.config = {k: list(v) if isinstance(v, tuple) else v for k, v in {**locals(), **edm2}.items()
-                       if k not in ("self", "__class__", "edm2")}  # the constructor's arguments, for snapshots
-        self.img_resolution, self.img_channels, self.num_classes = img_resolution, img_channels, num_classes
+        # the constructor's arguments, for snapshots
+        self.config = {k: list(v) if isinstance(v, tuple) else v
+                       for k, v in {**locals(), **edm2}.items()
+                       if k not in ("self", "__class__", "edm2")}
+        self.img_resolution, self.img_channels, self.num_classes = (img_resolution, img_channels,
+                                                                    num_classes)
         self.sigma_data, self.null_class, self.class_names = float(sigma_data), null_class, None
         label_dim = num_classes + null_class
         # EDM2's Precond: UNet, then the uncertainty head (num_mid_blocks: EDM2 always has 2)
@@ -425,7 +435,8 @@ class Denoiser(nn.Module):
         """u(sigma) [B] (EDM2 eq. 21), or 0 without the head."""
         if hasattr(self, "logvar_linear"):
             return self.logvar_linear(self.logvar_fourier(c_noise)).float().flatten()
-        return self.logvar(c_noise).float().flatten() if getattr(self, "logvar", None) is not None else 0
+        return (self.logvar(c_noise).float().flatten() if getattr(self, "logvar", None) is not None
+                else 0)
 
     @torch.no_grad()
     def normalize_weights_(self):
@@ -445,13 +456,15 @@ class Denoiser(nn.Module):
             class_labels = self.num_classes
         # soft labels [B, L]: class weights
         if torch.is_tensor(class_labels) and class_labels.is_floating_point():
-            labels = class_labels.to(x.device, torch.float32).reshape(-1, class_labels.shape[-1]).expand(b, -1)
+            labels = (class_labels.to(x.device, torch.float32)
+                      .reshape(-1, class_labels.shape[-1]).expand(b, -1))
         else:
             labels = torch.as_tensor(class_labels, dtype=torch.int64,
                                      device=x.device).reshape(-1).expand(b)
         c_skip, c_out, c_in, c_noise = edm_precond(sigma.reshape(-1, 1, 1, 1), self.sigma_data)
         x32 = x.to(torch.float32)
-        D = c_skip * x32 + c_out * self.unet(c_in * x32, c_noise.flatten(), labels).to(torch.float32)
+        D = (c_skip * x32
+             + c_out * self.unet(c_in * x32, c_noise.flatten(), labels).to(torch.float32))
         if not return_logvar:
             return D.to(x.dtype)
         logvar = self.logvar_of(c_noise.flatten())
@@ -547,7 +560,8 @@ class PowerEMA:
     """One EMA copy of the net per relative std; the first update (nimg == batch) copies the net."""
 
     def __init__(self, net, stds):
-        self.stds, self.emas = list(stds), [copy.deepcopy(net).eval().requires_grad_(False) for _ in stds]
+        self.stds, self.emas = list(stds), [copy.deepcopy(net).eval().requires_grad_(False)
+                                            for _ in stds]
 
     @torch.no_grad()
     def update(self, net, nimg, batch):
@@ -669,7 +683,8 @@ def edm_loss(net, y, labels, P_mean, P_std, sigma_data, generator, pixel_sum=Fal
 def karras_sigmas(num_steps, sigma_min=0.002, sigma_max=80, rho=7):
     """Karras et al. noise levels, float64 [num_steps + 1], the last one 0."""
     i = torch.arange(num_steps, dtype=torch.float64)
-    t = (sigma_max ** (1 / rho) + i / max(num_steps - 1, 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    t = (sigma_max ** (1 / rho)
+         + i / max(num_steps - 1, 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
     return torch.cat([t, torch.zeros(1, dtype=torch.float64)])
 
 
@@ -723,15 +738,16 @@ def generate_images(denoise, class_labels, seeds, num_steps=32, batch_size=64, s
     if shape is None:
         shape = (denoise.img_channels, denoise.img_resolution, denoise.img_resolution)
     if device is None:
-        device = next(denoise.parameters()).device if isinstance(denoise, nn.Module) else torch.device("cpu")
+        device = (next(denoise.parameters()).device if isinstance(denoise, nn.Module)
+                  else torch.device("cpu"))
     sigmas, out = karras_sigmas(num_steps), []
     for lo in range(0, len(seeds), batch_size):
         rnd = StackedRandomGenerator(device, seeds[lo:lo + batch_size])
         fn = denoise
         if class_labels is not None:
-            labels = torch.as_tensor(class_labels, device=device).reshape(-1).expand(len(seeds))[lo:lo + batch_size]
-            # noqa: E731 (used at once, in this iteration)
-            fn = lambda x, sigma: denoise(x, sigma, labels)
+            labels = (torch.as_tensor(class_labels, device=device).reshape(-1)
+                      .expand(len(seeds))[lo:lo + batch_size])
+            fn = lambda x, sigma: denoise(x, sigma, labels)  # noqa: E731 (used in this iteration)
         x = heun_sample(fn, rnd.randn([len(rnd.generators), *shape], device=device), sigmas,
                         generators=rnd, **sampler_kwargs)
         out.append((x * 127.5 + 128).clip(0, 255).to(torch.uint8).cpu())
@@ -780,8 +796,8 @@ def stream_indices(start, count, n, seed):
     permutations (the same stream whatever the number of ranks: each micro-batch takes its own
     slice)."""
     pos = torch.arange(start, start + count)
-    return torch.cat(
-        [epoch_permutation(n, 1, seed, int(e))[pos[pos // n == e] % n] for e in torch.unique(pos // n)])
+    return torch.cat([epoch_permutation(n, 1, seed, int(e))[pos[pos // n == e] % n]
+                      for e in torch.unique(pos // n)])
 
 
 class StreamSampler(torch.utils.data.Sampler):
@@ -845,10 +861,10 @@ def denoising_errors(net, images, labels, mean_image, device, seed=0):
     image."""
     y = to_float(images).to(device)
     n = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(device)
-    rms = {s: float(torch.cat([((net(y[i:i + 128] + s * n[i:i + 128], s,
-                                     labels[i:i + 128].to(device))
-                                 - y[i:i + 128]) ** 2).flatten() for i in range(0, len(y), 128)]).mean().sqrt())
-           for s in DENOISE_SIGMAS}
+    rms = {s: float(torch.cat([
+        ((net(y[i:i + 128] + s * n[i:i + 128], s, labels[i:i + 128].to(device))
+          - y[i:i + 128]) ** 2).flatten() for i in range(0, len(y), 128)]).mean().sqrt())
+        for s in DENOISE_SIGMAS}
     return rms, float(((y - mean_image.to(device)) ** 2).mean().sqrt())
 
 
@@ -872,7 +888,8 @@ def attention_levels(args, preset, error):
     28 and 14 px at 112 px. Never silently none."""
     levels = [args.resolution >> lvl for lvl in range(len(args.channel_mult))]
     if args.attn is None:
-        wanted = [lvl for lvl in range(len(preset["channel_mult"])) if preset["resolution"] >> lvl in preset["attn"]]
+        wanted = [lvl for lvl in range(len(preset["channel_mult"]))
+                  if preset["resolution"] >> lvl in preset["attn"]]
         args.attn = [levels[lvl] for lvl in wanted if lvl < len(levels)]
         if wanted and not args.attn:
             error("--channel-mult leaves none of the preset's attention levels; give --attn "
@@ -897,8 +914,7 @@ def parse_args(argv=None):
                    help="defaults for every flag shown as None")
     p.add_argument("--heldout",
                    help="held-out real images (identity folders named as in --data) for the "
-                                     "denoising-error table; without it a slice of training images "
-                                     "is used")
+                        "denoising-error table; without it a slice of training images is used")
     g = p.add_argument_group("network (None: from --preset)")
     g.add_argument("--resolution", type=positive_int,
                    help="image size in pixels (images are resized to it)")
@@ -911,8 +927,8 @@ def parse_args(argv=None):
     g.add_argument("--num-mid-blocks", type=non_negative_int,
                    help="cpu net: blocks at the lowest resolution (EDM2: 2)")
     g.add_argument("--attn", type=positive_int, nargs="*",
-                   help="resolutions with self-attention (None: the preset's "
-                                                       "attention levels at this --resolution)")
+                   help="resolutions with self-attention (None: the preset's attention levels at "
+                        "this --resolution)")
     g.add_argument("--mp", type=int, choices=[0, 1],
                    help="1: EDM2's magnitude-preserving UNet; 0: the cpu UNet")
     g.add_argument("--uncertainty", type=int, choices=[0, 1],
@@ -954,8 +970,8 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=non_negative_int, default=0, help="random seed")
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     g.add_argument("--amp", action="store_true",
-                   help="mixed precision: bf16 autocast where the GPU or CPU has "
-                   "native bf16, else fp16 + GradScaler on CUDA")
+                   help="mixed precision: bf16 autocast where the GPU or CPU has native bf16, "
+                        "else fp16 + GradScaler on CUDA")
     g.add_argument(
         "--amp-dtype", default="auto", choices=["auto", "bf16", "fp16"],
         help="force the --amp dtype (auto: bf16 where native, else fp16 + GradScaler on CUDA)")
@@ -997,8 +1013,8 @@ def load_scaler_state(scaler, state):
 
 
 def open_training_data(args):
-    """-> (dataset decoding resized uint8 items, image shape, held-out (images, labels) or None); only
-    --heldout's first 256 matching images are decoded here."""
+    """-> (dataset decoding resized uint8 items, image shape, held-out (images, labels) or None);
+    only --heldout's first 256 matching images are decoded here."""
     dataset = open_datasets(args.data, size=args.resolution)
     if len(dataset) == 0:
         raise DataError("the dataset is empty")
@@ -1123,7 +1139,8 @@ def train(args):
                                   generator=torch.Generator().manual_seed(0))[:HELD_IMAGES]
             held = next(decode(dataset, pick))
         sample = statistics_sample(len(dataset))
-        pixel_std, mean_image = pixel_statistics(im for im, _ in decode(dataset, sample, stats_chunk(shape)))
+        pixel_std, mean_image = pixel_statistics(im for im, _ in decode(dataset, sample,
+                                                                        stats_chunk(shape)))
     except DataError as e:
         sys.exit(f"error: {e}")
     os.makedirs(args.out, exist_ok=True)
@@ -1201,7 +1218,8 @@ def train(args):
                 images, lab = next(loader)
             except DataError as e:  # from a loader process: the original message is the last line
                 sys.exit(f"error: {str(e).strip().splitlines()[-1].split('DataError: ')[-1]}")
-            y, lab = to_float(images.to(device, non_blocking=True)), lab.to(device, non_blocking=True)
+            y, lab = (to_float(images.to(device, non_blocking=True)),
+                      lab.to(device, non_blocking=True))
             if args.xflip:
                 flip = torch.rand(micro, generator=gen, device=device) < 0.5
                 y = torch.where(flip[:, None, None, None], y.flip(3), y)
@@ -1239,8 +1257,8 @@ def train(args):
         if rank == 0 and (crossed(args.snapshot_every, before) or nimg >= total):
             # before the checkpoint that passes it: a kill in between redoes it on resume
             save_snapshot()
-        if rank == 0 and (crossed(args.checkpoint_every, before) or crossed(args.snapshot_every, before)
-                          or nimg >= min(total, stop)):
+        if rank == 0 and (crossed(args.checkpoint_every, before)
+                          or crossed(args.snapshot_every, before) or nimg >= min(total, stop)):
             check_finite(net, nimg)
             save_atomic({"net": net.state_dict(), "ema": [e.state_dict() for e in ema.emas],
                          "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "nimg": nimg,
