@@ -10,7 +10,8 @@ The command compares, for every generator snapshot and discriminator given:
   discriminator                vs  discriminator                         (the paper's ~0.95)
 and a permutation null (the rows of one space shuffled: mean +- std over --permutations).
 
-    python cka.py --generator RUN/network-snapshot-*.pt --fr BASE/model.pt --data DATA/train --out cka.json
+    python cka.py --generator RUN/network-snapshot-*.pt --fr BASE/model.pt --data DATA/train \
+        --out cka.json
 """
 import argparse
 import json

@@ -150,9 +150,8 @@ def check_same_recipe(saved, args, keys, path):
     for k in keys:
         if k in saved and saved[k] != getattr(args, k):
             raise InputError(f"{path} was trained with --{k.replace('_', '-')} {saved[k]}, not "
-                             f"{getattr(args, k)}; "
-                             "resume with the same flags (a longer run is allowed) or use another "
-                             "--out")
+                             f"{getattr(args, k)}; resume with the same flags (a longer run is "
+                             "allowed) or use another --out")
 
 
 def _nearest_existing(path):

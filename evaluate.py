@@ -40,11 +40,11 @@ generator that does not copy its training set; a smaller one means copies).
 
 Under torchrun only rank 0 works (evaluation is single-process).
 
-Usage: python evaluate.py --model RUN/model.pt [RUN2/model.pt ...] --bin FILE.bin ... --out
-results.json
-       python evaluate.py --model RUN/model.pt --ijb IJB_C --identification tinyface --out results.json
-       python evaluate.py --model RUN/model.pt --allpairs data/toy/allpairs --bin data/toy/bench/*.bin
-       python evaluate.py --consistency SAMPLES_DIR [...] --data REAL_DIR --model RUN/model.pt --out c.json
+    python evaluate.py --model RUN/model.pt [RUN2/model.pt ...] --bin FILE.bin ... --out r.json
+    python evaluate.py --model RUN/model.pt --ijb IJB_C --identification tinyface --out r.json
+    python evaluate.py --model RUN/model.pt --allpairs data/toy/allpairs --bin data/toy/bench/*.bin
+    python evaluate.py --consistency SAMPLES_DIR [...] --data REAL_DIR --model RUN/model.pt \
+        --out c.json
 """
 import argparse
 import csv
@@ -362,7 +362,8 @@ def rank1_identification(model, root, batch_size=256, device=None, amp=False):
     """Share of probes whose most similar gallery image (gallery + distractors) has their
     identity."""
     size = getattr(model, "input_size", None)
-    gallery, probe = open_datasets([os.path.join(root, "gallery")]), open_datasets([os.path.join(root, "probe")])
+    gallery, probe = (open_datasets([os.path.join(root, "gallery")]),
+                      open_datasets([os.path.join(root, "probe")]))
     g_images, g_labels = load_images(gallery, size, PROGRESS)
     p_images, p_labels = load_images(probe, size, PROGRESS)
     g_names = np.array(gallery.classes)[np.asarray(g_labels)]
@@ -395,7 +396,8 @@ def nearest_distance(images, reference, chunk=512):
     # noqa: E731 (float64: exact zeros)
     flat = lambda x: torch.as_tensor(x).reshape(len(x), -1).double()
     ref = flat(reference)
-    nearest = [torch.cdist(flat(images[i:i + chunk]), ref).min(1).values for i in range(0, len(images), chunk)]
+    nearest = [torch.cdist(flat(images[i:i + chunk]), ref).min(1).values
+               for i in range(0, len(images), chunk)]
     return float(torch.cat(nearest).mean() / ref.shape[1] ** 0.5)
 
 
@@ -410,15 +412,16 @@ def _named_images(folder, class_names):
 
 
 def parent_cosines(folder, folder_classes, emb, folder_labels, real_classes, real_centres):
-    """Mixed identities, read from folder/manifest.csv (`identity`, `sources`: real classes joined by ";")
-    -> {mean cosine between the parents' class centres, mean cosine of each mix's centre to each of its
-    parents' centres, mixes}; None without a manifest or without mixes. Shows what "close" and "distant"
-    pairs are in the discriminator's embedding."""
+    """Mixed identities, read from folder/manifest.csv (`identity`, `sources`: real classes joined
+    by ";") -> {mean cosine between the parents' class centres, mean cosine of each mix's centre to
+    each of its parents' centres, mixes}; None without a manifest or without mixes. Shows what
+    "close" and "distant" pairs are in the discriminator's embedding."""
     path = os.path.join(folder, "manifest.csv")
     if not os.path.isfile(path):
         return None
     with open(path, newline="", encoding="utf-8-sig") as f:
-        sources = {r["identity"]: r["sources"].split(";") for r in csv.DictReader(f) if r.get("sources")}
+        sources = {r["identity"]: r["sources"].split(";") for r in csv.DictReader(f)
+                   if r.get("sources")}
     real_index = {c: i for i, c in enumerate(real_classes)}
     centres = centres_of(emb, folder_labels, len(folder_classes)).numpy()
     between, to_parents = [], []
@@ -499,9 +502,8 @@ def run_consistency(args, model):
                   f"mix to parent {parents['mix_parent_cosine']:.3f}")
     print(f"\nreal {args.data}: neighbour difference {real_nd:.2f} grey levels; identity spread: "
           f"intra {real_intra:.3f}, inter {real_inter:.3f}\n")
-    print("| Samples | Consistency (%) | Neighbour diff | Ratio to real | Intra cosine | Inter "
-          "cosine "
-          "| Nearest real (RMS) |\n|---|---|---|---|---|---|---|")
+    print("| Samples | Consistency (%) | Neighbour diff | Ratio to real | Intra cosine "
+          "| Inter cosine | Nearest real (RMS) |\n|---|---|---|---|---|---|---|")
     for d, r in rows.items():
         c = "n/a" if r["consistency"] is None else f"{r['consistency']:.1f}"
         print(f"| {d} | {c} | {r['neighbour_difference']:.2f} | {r['neighbour_ratio']:.2f} | "
@@ -579,7 +581,8 @@ def run_benchmarks(args, models, names):
                                          args.amp)
             results[name][bench] = {"rank1": 100 * rank1}
     print_table(results, names)
-    out = {"models": {n: {b: {k: None if np.isnan(v) else float(v) for k, v in r.items()} for b, r in res.items()}
+    out = {"models": {n: {b: {k: None if np.isnan(v) else float(v) for k, v in r.items()}
+                          for b, r in res.items()}
                       for n, res in results.items()}}
     if args.allpairs:
         out["allpairs"] = counts
@@ -591,7 +594,8 @@ def main(argv=None):
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = parser.add_argument
     a("--model", nargs="+", metavar="MODEL.pt",
-      help="backbone checkpoints: RUN/model.pt, or insightface backbone files (IResNet state dicts)")
+      help="backbone checkpoints: RUN/model.pt, or insightface backbone files (IResNet state "
+           "dicts)")
     a("--network", choices=["r18", "r34", "r50", "r100", "r200"],
       help="insightface backbone files: the depth, overriding what the keys say")
     a("--input-size", type=positive_int,

@@ -210,9 +210,10 @@ def repro_check(args):
     sh("scoremix_sample.py", "--mode", "repro", "--net", snap, "--per-pair", per_class, "--steps",
        args.steps, "--out", samples, "--seed", 1, "--churn", args.churn,
        *guide)  # seed 1: not the consistency samples
-    note = f"{os.path.relpath(snap, ROOT)}, {per_class} Repro images per class, {args.steps} steps, " \
-           f"guide {args.guide_kimg or 'none'} kimg w {args.guidance if args.guide_kimg else 1}, " \
-           f"churn {args.churn:g}, sampling {time.time() - t0:.0f} s in this run"
+    note = (f"{os.path.relpath(snap, ROOT)}, {per_class} Repro images per class, "
+            f"{args.steps} steps, guide {args.guide_kimg or 'none'} kimg "
+            f"w {args.guidance if args.guide_kimg else 1}, churn {args.churn:g}, "
+            f"sampling {time.time() - t0:.0f} s in this run")
     with open(os.path.join(RESULTS, "calibration", f"real-n{args.identities}-seed0.json")) as f:
         # the (=) row: real + Repro at real only's number of steps
         baseline_steps = json.load(f)["steps"]
@@ -291,7 +292,8 @@ def regime_generator(args):
        os.path.join(data, "heldout"), "--out", run, "--duration", args.kimg, "--snapshot-every",
        args.snapshot_every, *args.extra)
     # optionally autoguided by an early snapshot of the same run (no second training)
-    flags = (["--amp"] if "--amp" in args.extra else []) + guide_flags(run, args.guide_kimg, args.guidance)
+    flags = ((["--amp"] if "--amp" in args.extra else [])
+             + guide_flags(run, args.guide_kimg, args.guidance))
     tag = f"-guide{args.guide_kimg:g}-w{args.guidance:g}" if args.guide_kimg else ""
     measure_snapshots(run, data, baseline, args.name, "regime_generator", args.per_class,
                       args.steps, time.time() - t0, sample_flags=flags, every=args.measure_every,
@@ -313,7 +315,7 @@ REGIME_SETS = {  # name -> (mode, pair selection (space, strategy, tuple size) o
     "scoremix-random-emb": ("scoremix", ("embedding", "random", 2)),
     "scoremix-dist-cond": ("scoremix", ("condition", "dist", 2)),
     "condmix-dist-emb": ("condmix", ("embedding", "dist", 2)),
-    "average-dist-emb": ("average", ("embedding", "dist", 2)),  # pixel mean of the parents' images, no generator
+    "average-dist-emb": ("average", ("embedding", "dist", 2)),  # parents' pixel mean, no generator
 }
 TWO_DRAWS = ("repro", "scoremix-dist-emb")
 # (row, training sources, epochs, train_arcface.py flags); "=" in flags: the real row's number of
@@ -341,13 +343,14 @@ def regime(args):
     """The regime's main table and controls: every row x every seed (seed-major, so a stopped run
     leaves whole seeds), results/regime/ROW-seedK.json with the test benchmarks and the all-pairs
     TARs."""
-    data, oracle = regime_data(args.identities, args.per_identity), regime_data(2 * args.identities, args.per_identity)
+    data, oracle = (regime_data(args.identities, args.per_identity),
+                    regime_data(2 * args.identities, args.per_identity))
     baseline = recipe_run("e24", 0, os.path.join(data, "train"), os.path.join(data, "val"),
                           need_model=True)
     sources = {"real": os.path.join(data, "train"), "oracle": os.path.join(oracle, "train")}
     net = os.path.join(REGIME_SNAPSHOTS, f"network-snapshot-{args.kimg:06d}.pt")
-    guide = os.path.join(REGIME_SNAPSHOTS,
-                         f"network-snapshot-{args.guide_kimg:06d}.pt") if args.guidance != 1 else None
+    guide = (os.path.join(REGIME_SNAPSHOTS, f"network-snapshot-{args.guide_kimg:06d}.pt")
+             if args.guidance != 1 else None)
     val = [os.path.join(data, "val", f"{b}.bin") for b in VAL]
     rows = [r for r in REGIME_ROWS if not args.rows or r[0] in args.rows]
     for seed in args.seeds:
@@ -405,7 +408,7 @@ REPLICATION_ROWS = [
      True),  # as many steps as the merged rows: the length control
     ("real-r50", ["real"], ["--network", "r50"], False),
     *with_twin("oracle", ["oracle"]),
-    *with_twin("real+fresh", ["fresh"]),  # Repro's oracle: as many fresh real renders of the same identities
+    *with_twin("real+fresh", ["fresh"]),  # Repro's oracle: as many fresh renders of the identities
     *with_twin("real+repro", ["real", "repro"], MERGE),
     *with_twin("real+condmix-dist-emb", ["real", "condmix-dist-emb"]),
     *with_twin("real+scoremix-random", ["real", "scoremix-random"], all_seeds=False),
@@ -498,7 +501,8 @@ def pixel_average_set(pairs, real, out, per_identity):
         files = [sorted(glob.glob(os.path.join(real, c, "*.png")))[:per_identity] for c in (a, b)]
         for n, (fa, fb) in enumerate(zip(*files)):
             xa, xb = (np.asarray(Image.open(p).convert("RGB"), dtype=np.float64) for p in (fa, fb))
-            Image.fromarray(np.round((xa + xb) / 2).astype(np.uint8)).save(os.path.join(partial, f"{n}.png"))
+            Image.fromarray(np.round((xa + xb) / 2).astype(np.uint8)).save(
+                os.path.join(partial, f"{n}.png"))
         os.replace(partial, folder)
     write_atomic(
         os.path.join(out, "manifest.csv"),
@@ -515,7 +519,8 @@ def replication_set(args, name, mode, selection, data, guidance=None, **over):
         sorted(glob.glob(os.path.join(gen, "network-snapshot-*.pt")))[-1],
         os.path.join(RUNS, "replication", "real-seed0", "model.pt"),
         steps=over.pop("steps", args.steps),
-        guide=(guide_flags(gen, args.guide_kimg, guidance) or [None, None])[1] if guidance != 1 else None,
+        guide=((guide_flags(gen, args.guide_kimg, guidance) or [None, None])[1] if guidance != 1
+               else None),
         guidance=guidance, **over)
 
 
@@ -578,7 +583,7 @@ SENSITIVITY = {
                                {"identities": 64, "per_identity": 16}),
     "scoremix-dist-emb-churn40": ("scoremix", ("embedding", "dist", 2), {"churn": 40}),
     "repro-w1.3": ("repro", None, {"guidance": 1.3}),
-    "repro-churn10": ("repro", None, {"churn": 10}),  # stochastic Heun (EDM Alg. 2), S_min 0.05, S_max 50
+    "repro-churn10": ("repro", None, {"churn": 10}),  # stochastic Heun (EDM Alg. 2), S 0.05..50
     "repro-churn40": ("repro", None, {"churn": 40}),
     "repro-w1.3-churn40": ("repro", None, {"guidance": 1.3, "churn": 40}),
 }
@@ -610,9 +615,11 @@ def figure(args):
     for name, folder in folders.items():
         if not os.path.isdir(folder):
             sys.exit(f"error: {folder} does not exist (run the replication first)")
-        ids = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))[:args.columns]
-        rows.append([torch.from_numpy(np.array(Image.open(sorted(glob.glob(os.path.join(folder, i, "*.png")))[0])
-                                               .convert("RGB"))).permute(2, 0, 1) for i in ids])
+        ids = sorted(d for d in os.listdir(folder)
+                     if os.path.isdir(os.path.join(folder, d)))[:args.columns]
+        rows.append([torch.from_numpy(np.array(
+            Image.open(sorted(glob.glob(os.path.join(folder, i, "*.png")))[0]).convert("RGB")))
+            .permute(2, 0, 1) for i in ids])
     grid = labelled_grid(torch.stack([torch.stack(r) for r in rows]), list(folders),
                          [""] * args.columns,
                          "first image of the first identities of each training set (replication)")

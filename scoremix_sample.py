@@ -2,7 +2,7 @@
 
 The score of a class is (D(x; s, c) - x) / s^2; a weighted sum of class scores is the denoiser
 x + sum_k w_k (D(x; s, c_k) - x), which for convex weights (w_k >= 0, sum 1) is exactly
-    D_mix(x; s) = sum_k w_k D(x; s, c_k)          (docs/formulas.md 2; paper: w = (alpha, 1 - alpha), alpha 0.5)
+    D_mix(x; s) = sum_k w_k D(x; s, c_k)    (docs/formulas.md 2; paper: w = (alpha, 1 - alpha))
 ScoreMix hands D_mix to the generator's Heun sampler (deterministic as in the paper; `--churn` makes
 it EDM's stochastic sampler, whose fresh noise is seeded per image too) at every evaluation of every
 step, with guidance applied per class before mixing: autoguidance D_g = D_guide + w (D_net -
@@ -11,8 +11,10 @@ the net's null class). Each mixed pair (or triplet) of real classes becomes one 
 `scoremix` (the paper), `repro` (plain class-conditional samples of the real classes, folders named
 after them), `condmix` (AugGen: one network call on the weighted sum of the class embeddings).
 
-    python scoremix_sample.py --net runs/gen/network-snapshot-000150.pt --pairs pairs.csv --per-pair 16 --out runs/mix
-    torchrun --nproc_per_node=8 scoremix_sample.py --net NET.pt --guide GUIDE.pt --pairs pairs.csv --out DIR
+    python scoremix_sample.py --net runs/gen/network-snapshot-000150.pt --pairs pairs.csv \
+        --per-pair 16 --out runs/mix
+    torchrun --nproc_per_node=8 scoremix_sample.py --net NET.pt --guide GUIDE.pt --pairs pairs.csv \
+        --out DIR
     python scoremix_sample.py --net NET.pt --grid fig2.png --classes id00003 id00011
 
 Output: DIR/<identity>/<n>.png (one folder per new identity, `mix_<a>_<b>`; real class names in
@@ -83,7 +85,7 @@ def per_sample(v, x):
 
 
 def guided(net, guide=None, guidance=1.0):
-    """-> denoise(x, sigma, labels) = D_guide + w (D_net - D_guide) (EDM2 guidance; 2 network calls).
+    """-> denoise(x, sigma, labels) = D_guide + w (D_net - D_guide) (EDM2 guidance; 2 calls).
 
     Autoguidance: `guide` is another denoiser given the same labels. Classifier-free guidance:
     guide=None and w != 1, the guide is the net's null class (labels None). w = 1: the net
@@ -179,7 +181,8 @@ def class_index(net, name, where):
     except ValueError:
         raise ValueError(f"{where}: unknown class {name!r} (the generator has "
                          f"{len(net.class_names)} classes: "
-                         f"{', '.join(net.class_names[:5])}{', ...' if len(net.class_names) > 5 else ''})")
+                         f"{', '.join(net.class_names[:5])}"
+                         f"{', ...' if len(net.class_names) > 5 else ''})")
 
 
 def read_pairs(path, net):
@@ -269,7 +272,8 @@ def check_room(args, net, identities):
 def manifest_rows(args, identities):
     header = ["identity", "mode", "sources", "weights", "images", "seed", "index", "guidance",
               "steps", "churn", "net", "guide"]
-    churn = f"{args.churn:g};{args.churn_min:g};{args.churn_max:g};{args.churn_noise:g}" if args.churn else ""
+    churn = (f"{args.churn:g};{args.churn_min:g};{args.churn_max:g};{args.churn_noise:g}"
+             if args.churn else "")
     rows = [[ident["name"], args.mode, ";".join(ident["sources"]),
              ";".join(f"{w:g}" for w in ident["weights"]), args.per_pair, args.seed, i,
              f"{args.guidance:g}", args.steps, churn, args.net, args.guide or ""]
@@ -382,7 +386,8 @@ def labelled_grid(cells, row_labels, col_labels, title, zoom=2, pad=2, frames=()
         draw.text((4, top + pad + r * (ch + pad) + ch // 2 - 5), text, fill="black")
         for c in range(cols):
             x0, y0 = left + pad + c * (cw + pad), top + pad + r * (ch + pad)
-            cell = Image.fromarray(cells[r, c].permute(1, 2, 0).numpy()).resize((cw, ch), Image.NEAREST)
+            cell = Image.fromarray(cells[r, c].permute(1, 2, 0).numpy()).resize((cw, ch),
+                                                                                Image.NEAREST)
             canvas.paste(cell, (x0, y0))
             if (r, c) in frames:
                 draw.rectangle((x0 - pad, y0 - pad, x0 + cw + pad - 1, y0 + ch + pad - 1),
@@ -401,8 +406,10 @@ def render_figures(args, net, guide, a, b, device):
     reproduction B."""
     values = [0.0, 0.2, 0.5, 0.8, 1.0]
     seeds = [args.seed + r for r in range(args.grid_seeds)]
-    alpha = [al for _ in values for al in values] + [x for _ in seeds for x in (1.0, args.alpha, 0.0)]
-    beta = [be for be in values for _ in values] + [x for _ in seeds for x in (0.0, 1 - args.alpha, 1.0)]
+    alpha = ([al for _ in values for al in values]
+             + [x for _ in seeds for x in (1.0, args.alpha, 0.0)])
+    beta = ([be for be in values for _ in values]
+            + [x for _ in seeds for x in (0.0, 1 - args.alpha, 1.0)])
     # same noise across a row
     all_seeds = [args.seed] * len(values) ** 2 + [s for s in seeds for _ in range(3)]
     shape = (net.img_channels, net.img_resolution, net.img_resolution)
@@ -428,7 +435,8 @@ def render_figures(args, net, guide, a, b, device):
     grid = labelled_grid(
         images[:n * n].reshape(n, n, *shape), [f"b={v:g}" for v in values],
         [f"a={v:g}" for v in values], title, zoom=zoom,
-        frames=[(r, c) for r in range(n) for c in range(n) if abs(values[r] + values[c] - 1) < 1e-9])
+        frames=[(r, c) for r in range(n) for c in range(n)
+                if abs(values[r] + values[c] - 1) < 1e-9])
     save_image_atomic(grid, args.grid)
     triplets = labelled_grid(images[n * n:].reshape(len(seeds), 3, *shape),
                              [f"seed {s}" for s in seeds],
@@ -618,7 +626,8 @@ def run(args):
     if world > 1:
         dist.barrier()
     if rank == 0:
-        missing = [d["name"] for d in identities if not is_complete(args.out, d["name"], args.per_pair)]
+        missing = [d["name"] for d in identities
+                   if not is_complete(args.out, d["name"], args.per_pair)]
         if missing:
             sys.exit(f"error: {len(missing)} identities incomplete after sampling: "
                      f"{', '.join(missing[:5])}")

@@ -26,7 +26,8 @@ seeded order among exactly equal ones). Triplets use the neighbourhoods above, a
 matrix; random pairs come from a seeded sample of max(20 P, 100000) pairs, as random triplets do.
 
     python select_pairs.py --fr runs/baseline/model.pt --data toy/train --out runs/pairs.csv
-    python select_pairs.py --space condition --generator runs/gen/network-snapshot-000150.pt --out pairs.csv
+    python select_pairs.py --space condition --generator runs/gen/network-snapshot-000150.pt \
+        --out pairs.csv
 
 pairs.csv: class_a, class_b[, class_c] (identity folder names), distance (pairs) or distance_ab,
 distance_ac, distance_bc, distance_sum (triplets), rank (1 = chosen first). It is written
@@ -150,10 +151,12 @@ def check_request(C, strategy, num, tuple_size):
 
 
 def greedy(cand, key, tie, C, num, cap, last_cap=None):
-    """The capped greedy pass (module docstring) over candidates ranked by (key, tie), the cap raised by one
-    for each pass that falls short, up to last_cap (None: until num tuples, else ValueError).
+    """The capped greedy pass (module docstring) over candidates ranked by (key, tie), the cap
+    raised by one for each pass that falls short, up to last_cap (None: until num tuples, else
+    ValueError).
     -> (chosen candidate indices in order, final cap, index in `chosen` where each pass began)."""
-    uses, taken, chosen, starts = np.zeros(C, dtype=np.int64), np.zeros(len(cand), dtype=bool), [], [0]
+    uses, taken, chosen, starts = (np.zeros(C, dtype=np.int64), np.zeros(len(cand), dtype=bool), [],
+                                   [0])
     columns = [np.ascontiguousarray(cand[:, j]) for j in range(cand.shape[1])]
 
     def alive(idx):  # not taken yet, and no class at the cap
@@ -215,7 +218,8 @@ def unit_rows(vectors, device="cpu"):
 def pair_distances(X, a, b, chunk=1 << 16):
     """Cosine distances between rows a[i] and b[i] of unit rows X -> numpy [N]."""
     a, b = torch.as_tensor(a, device=X.device), torch.as_tensor(b, device=X.device)
-    out = [(1 - (X[a[s:s + chunk]] * X[b[s:s + chunk]]).sum(1)).clamp(0, 2) for s in range(0, len(a), chunk)]
+    out = [(1 - (X[a[s:s + chunk]] * X[b[s:s + chunk]]).sum(1)).clamp(0, 2)
+           for s in range(0, len(a), chunk)]
     return torch.cat(out).cpu().numpy() if out else np.zeros(0, dtype=np.float32)
 
 
@@ -242,7 +246,8 @@ def open_past_list(tuples, keys, starts, cap, complete, thr):
     give them a pair: not at the cap yet and the pass not over. Only these can make the greedy pass
     over every pair differ from the pass over the listed ones; others are exact."""
     C = len(thr)
-    uses, flagged, bounds = np.zeros(C, dtype=np.int64), np.zeros(C, dtype=bool), list(starts) + [len(tuples)]
+    uses, flagged, bounds = (np.zeros(C, dtype=np.int64), np.zeros(C, dtype=bool),
+                             list(starts) + [len(tuples)])
     for p in range(len(starts)):
         cls = tuples[bounds[p]:bounds[p + 1]].ravel()
         at = np.repeat(keys[bounds[p]:bounds[p + 1]], tuples.shape[1])
@@ -271,9 +276,8 @@ def select_blockwise(vectors, strategy="dist", num=None, tuple_size=2, max_uses=
     cap0, rng = max_uses or math.ceil(num * k / C), np.random.default_rng([seed, 1])
 
     def distances(cand):
-        return np.stack(
-            [pair_distances(X, cand[:, i], cand[:, j]) for i, j in itertools.combinations(range(k), 2)],
-            1)
+        return np.stack([pair_distances(X, cand[:, i], cand[:, j])
+                         for i, j in itertools.combinations(range(k), 2)], 1)
 
     # the same candidates as the full matrix's (k = 3), or a sample
     if k == 3 or strategy == "random":
@@ -306,7 +310,8 @@ def select_blockwise(vectors, strategy="dist", num=None, tuple_size=2, max_uses=
         code, sim = code[order], sim[order]
         # each pair once (it may be in both classes' lists)
         once = np.r_[True, code[1:] != code[:-1]]
-        cand, key = np.stack([code[once] // C, code[once] % C], 1), sign * np.clip(1 - sim[once], 0, 2)
+        cand, key = (np.stack([code[once] // C, code[once] % C], 1),
+                     sign * np.clip(1 - sim[once], 0, 2))
         ends, length = first[1][:, -1].copy(), np.full(C, m0)
         for c, (i, v) in longer.items():
             ends[c], length[c] = v[-1], len(i)
@@ -392,7 +397,8 @@ def summary(d, tuples, C, allp, cap, initial_cap, sampled=False):
     mine = d.mean(1)  # a triplet's mean pairwise distance, comparable with pairs
     uses = np.bincount(tuples.ravel(), minlength=C)
     what = "distance" if k == 2 else "mean pairwise distance"
-    which = f"a sample of {len(allp)} of the {math.comb(C, 2)} pairs" if sampled else f"all {len(allp)} pairs"
+    which = (f"a sample of {len(allp)} of the {math.comb(C, 2)} pairs" if sampled
+             else f"all {len(allp)} pairs")
     lines = [f"chosen {len(tuples)} {'pairs' if k == 2 else 'triplets'}: {what} mean "
              f"{mine.mean():.4f} "
              f"min {mine.min():.4f} max {mine.max():.4f}",

@@ -161,7 +161,8 @@ def render(p, n, resolution):
     age = float(np.clip(p["age"] + n["age_drift"], 0, 1))
     yaw, sy = n["yaw"], np.sin(n["yaw"])
 
-    skin = SKIN_LIGHT + p["skin"] * (SKIN_DARK - SKIN_LIGHT) + p["skin_red"] * np.array([0.04, -0.02, -0.03])
+    skin = (SKIN_LIGHT + p["skin"] * (SKIN_DARK - SKIN_LIGHT)
+            + p["skin_red"] * np.array([0.04, -0.02, -0.03]))
     skin = skin * (1 - 0.12 * age)
     hair = HAIR_COLOURS[p["hair_colour"]] * (1 + 0.15 * p["hair_jitter"])
     hair = np.clip(hair + (GREY - hair) * np.clip((age - 0.45) * 1.8, 0, 1), 0, 1)  # greying
@@ -172,7 +173,8 @@ def render(p, n, resolution):
         phi = np.arcsin(np.clip(fx / (fw * 1.05), -0.99, 0.99))
         ang = phi + yaw
         visible = float(np.clip((1.45 - abs(ang)) / 0.2, 0, 1))
-        return fw * 1.05 * depth * np.sin(ang), max(np.cos(ang), 0.05) / max(np.cos(phi), 0.05), visible
+        return (fw * 1.05 * depth * np.sin(ang), max(np.cos(ang), 0.05) / max(np.cos(phi), 0.05),
+                visible)
 
     # background: a colour with a linear gradient
     img = np.clip(n["bg"] + n["bg_grad"] * gu[..., None] * 0.5, 0, 1)
@@ -190,7 +192,8 @@ def render(p, n, resolution):
     face = soft_ellipse((u - cx) / taper + cx, v, cx, 0, fw, fh, px)
     paint(img, face, skin)
     fu, fv = (u - cx) / fw, v / fh
-    pattern = sum(p[f"complexion{k}"] * np.cos(np.pi * (a * fu + b * fv) + k) for k, (a, b) in enumerate(COMPLEXION_FREQS))
+    pattern = sum(p[f"complexion{k}"] * np.cos(np.pi * (a * fu + b * fv) + k)
+                  for k, (a, b) in enumerate(COMPLEXION_FREQS))
     img *= 1 + 0.09 * face[..., None] * pattern[..., None]
     # beard (below the nose), before the mouth so lips stay visible
     if p["beard"]:
@@ -364,8 +367,8 @@ def write_benchmarks(folder, prefix, ids, issame, stream, args):
             bins += [png_bytes(a), png_bytes(b)]
         pos = [i for i, s in enumerate(issame) if s][:4]
         neg = [i for i, s in enumerate(issame) if not s][:4]
-        rows.append(
-            [np.asarray(Image.open(io.BytesIO(bins[2 * i + j]))) for i in pos + neg for j in (0, 1)])
+        rows.append([np.asarray(Image.open(io.BytesIO(bins[2 * i + j])))
+                     for i in pos + neg for j in (0, 1)])
         write_bin(os.path.join(folder, f"{out_name}.bin"), bins, issame)
     return rows
 
@@ -443,8 +446,10 @@ def make(args, meta_path):
     sets."""
     t0 = time.time()
     R = args.resolution
-    identities = [random_identity(rng_for(args.seed, STREAM_IDENTITY, i)) for i in range(args.identities)]
-    test_ids = [random_identity(rng_for(args.seed, STREAM_TEST_IDENTITY, j)) for j in range(args.test_identities)]
+    identities = [random_identity(rng_for(args.seed, STREAM_IDENTITY, i))
+                  for i in range(args.identities)]
+    test_ids = [random_identity(rng_for(args.seed, STREAM_TEST_IDENTITY, j))
+                for j in range(args.test_identities)]
     preview = []
     for split, stream, count in (("train", STREAM_TRAIN, args.per_identity),
                                  ("heldout", STREAM_HELDOUT, args.heldout)):
@@ -463,7 +468,8 @@ def make(args, meta_path):
                                   STREAM_BENCH, args)
     # model selection: its own identities and pairs, never the test benchmarks
     if args.val_identities:
-        val_ids = [random_identity(rng_for(args.seed, STREAM_VAL_IDENTITY, j)) for j in range(args.val_identities)]
+        val_ids = [random_identity(rng_for(args.seed, STREAM_VAL_IDENTITY, j))
+                   for j in range(args.val_identities)]
         write_benchmarks(os.path.join(args.out, "val"), "val_", val_ids, issame, STREAM_VAL_BENCH,
                          args)
     if args.allpairs_identities:  # IJB-style all-pairs test set: DIR/allpairs/<identity>/*.png

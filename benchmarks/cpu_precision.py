@@ -27,7 +27,8 @@ def discriminator(channels_last):
     x = torch.rand(128, 3, 32, 32) * 2 - 1
     y = torch.randint(0, 32, (128,), generator=torch.Generator().manual_seed(0))
     if channels_last:
-        net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+        net, x = (net.to(memory_format=torch.channels_last),
+                  x.contiguous(memory_format=torch.channels_last))
     return net, torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9), (lambda m: m(x, y)), 128
 
 
@@ -45,7 +46,8 @@ def generator(channels_last):
     y = torch.rand(64, 3, 32, 32) * 2 - 1
     labels = torch.arange(64) % 32
     if channels_last:
-        net, y = net.to(memory_format=torch.channels_last), y.contiguous(memory_format=torch.channels_last)
+        net, y = (net.to(memory_format=torch.channels_last),
+                  y.contiguous(memory_format=torch.channels_last))
     # noqa: E731
     loss = lambda m: edm_loss(m, y, labels, -1.2, 1.2, 0.5, torch.Generator().manual_seed(0))
     return net, torch.optim.Adam(net.parameters(), lr=1e-4), loss, 64

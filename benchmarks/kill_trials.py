@@ -45,11 +45,13 @@ def digest(out):
     result = {}
     for path in sorted(glob.glob(os.path.join(out, "**", "*"), recursive=True)):
         name = os.path.relpath(path, out)
-        if os.path.isdir(path) or name.endswith((".tmp", ".lock")) or os.path.basename(name) == "config.json":
+        if (os.path.isdir(path) or name.endswith((".tmp", ".lock"))
+                or os.path.basename(name) == "config.json"):
             continue
         if name.endswith(".jsonl"):
             records = [json.loads(line) for line in open(path)]
-            data = json.dumps([{k: v for k, v in r.items() if k not in IGNORED} for r in records]).encode()
+            data = json.dumps([{k: v for k, v in r.items() if k not in IGNORED}
+                               for r in records]).encode()
         elif name.endswith(".json"):
             record = json.load(open(path))
             if isinstance(record, dict):
@@ -70,7 +72,8 @@ def flatten(obj, prefix=""):
     aside."""
     import torch
     if isinstance(obj, dict):
-        return [kv for k, v in obj.items() if k not in IGNORED for kv in flatten(v, f"{prefix}/{k}")]
+        return [kv for k, v in obj.items() if k not in IGNORED
+                for kv in flatten(v, f"{prefix}/{k}")]
     if isinstance(obj, (list, tuple)):
         return [kv for i, v in enumerate(obj) for kv in flatten(v, f"{prefix}/{i}")]
     if isinstance(obj, torch.Tensor):

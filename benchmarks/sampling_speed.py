@@ -79,7 +79,8 @@ def main():
     net = load_generator(args.net) if args.net else fresh_net(args.preset, 0, args.classes)
     small = load_generator(args.small_guide) if args.small_guide else fresh_net(
         SMALL_GUIDE[args.preset], 1, net.num_classes)
-    same = load_generator(args.same_guide) if args.same_guide else fresh_net(args.preset, 2, net.num_classes)
+    same = (load_generator(args.same_guide) if args.same_guide
+            else fresh_net(args.preset, 2, net.num_classes))
     net, small, same = net.to(device), small.to(device), same.to(device)
     shape = (net.img_channels, net.img_resolution, net.img_resolution)
     seeds = list(range(args.images))
@@ -106,17 +107,16 @@ def main():
     expected = {"plain": 1.0, "scoremix": 2.0, "scoremix+small guide": 2.0 + 2.0 * small_cost,
                 "scoremix+same-size guide": 2.0 + 2.0 * same_cost}
     print(f"{args.images} images, {args.steps} Heun steps ({2 * args.steps - 1} evaluations), "
-          "batch "
-          f"{args.batch_size}, {device}{' bf16' if args.amp else ''}, {torch.get_num_threads()} "
-          "threads; net "
-          f"{parameters(net):,} parameters ({args.net or 'fresh ' + args.preset}), small guide "
-          f"{parameters(small):,} ({args.small_guide or 'fresh ' + SMALL_GUIDE[args.preset]}), "
-          "same-size guide "
-          f"{parameters(same):,}")
+          f"batch {args.batch_size}, {device}{' bf16' if args.amp else ''}, "
+          f"{torch.get_num_threads()} threads; net {parameters(net):,} parameters "
+          f"({args.net or 'fresh ' + args.preset}), small guide {parameters(small):,} "
+          f"({args.small_guide or 'fresh ' + SMALL_GUIDE[args.preset]}), "
+          f"same-size guide {parameters(same):,}")
     print(f"{'sampler':<26}{'images/s':>10}{'time / plain':>14}{'expected':>10}")
     for name, s in seconds.items():
         print(
-            f"{name:<26}{args.images / s:>10.2f}{s / seconds['plain']:>14.2f}{expected[name]:>10.2f}")
+            f"{name:<26}{args.images / s:>10.2f}{s / seconds['plain']:>14.2f}"
+            f"{expected[name]:>10.2f}")
 
 
 if __name__ == "__main__":
