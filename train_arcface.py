@@ -641,6 +641,52 @@ def epoch_batches(data, n, batch, seed, epoch, skip, rank, world, device):
     return iter(loader), flip_gen
 
 
+def open_training_set(args, world):
+    """--data as one dataset, after the checks that need the process count (before any work)."""
+    if args.batch_size % world:
+        raise DataError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
+    for path in args.val:
+        if not os.path.isfile(path):
+            raise DataError(f"validation file not found: {path}")
+    ds = open_datasets(args.data, args.merge_by_name)
+    if (args.partial_fc or args.sample_rate < 1) and len(ds.classes) < world:
+        raise DataError(f"--partial-fc shards {len(ds.classes)} classes over {world} processes: "
+                        "too few classes")
+    return ds
+
+
+def training_data(ds, args, world, master):
+    """The images decoded once into memory (batched by indexing) when they fit in --memory-limit and
+    --workers is 0, else (dataset decoding per item, loader workers)."""
+    if args.workers == 0 and len(ds) * 3 * args.input_size ** 2 <= args.memory_limit * 2 ** 30:
+        return load_images(ds, args.input_size, progress=master)
+    ds.size = args.input_size
+    return ds, args.workers or min(8, max(1, (os.cpu_count() or 1) // world))
+
+
+def optimise(model, backbone, opt, scaler, ctx, x, y, lr, clip_grad, world):
+    """One SGD step at learning rate lr (gradient clipping on the backbone only, as in the recipe)
+    -> the loss averaged over the processes; a non-finite loss returns before the update."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    with ctx:
+        loss = model(x, y)
+    mean_loss = loss.detach().clone()
+    if world > 1:
+        dist.all_reduce(mean_loss)
+        mean_loss /= world
+    mean_loss = mean_loss.item()
+    if not math.isfinite(mean_loss):
+        return mean_loss
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    nn.utils.clip_grad_norm_(backbone.parameters(), clip_grad)
+    scaler.step(opt)
+    scaler.update()
+    return mean_loss
+
+
 def train(args):
     # validation pauses the other ranks at a barrier while rank 0 runs evaluate.py: allow it time
     timeout = datetime.timedelta(hours=args.val_timeout) if args.val else None
@@ -648,23 +694,14 @@ def train(args):
     master = rank == 0
     if device.type == "cuda":
         cuda_settings(args.tf32)
-    if args.batch_size % world:
-        raise DataError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
-    for path in args.val:
-        if not os.path.isfile(path):
-            raise DataError(f"validation file not found: {path}")
-    ds = open_datasets(args.data, args.merge_by_name)
+    ds = open_training_set(args, world)
     n, classes, batch = len(ds), ds.classes, args.batch_size
     steps_per_epoch = max(1, n // batch)
     total = args.steps or args.epochs * steps_per_epoch
     epochs, warmup = math.ceil(total / steps_per_epoch), round(args.warmup_epochs * steps_per_epoch)
     ckpt_path, model_path = (os.path.join(args.out, "checkpoint.pt"),
                              os.path.join(args.out, "model.pt"))
-
     partial_fc = args.partial_fc or args.sample_rate < 1
-    if partial_fc and len(classes) < world:
-        raise DataError(
-            f"--partial-fc shards {len(classes)} classes over {world} processes: too few classes")
     backbone, head, trainer, opt, head_index = build_model(args, len(classes), partial_fc, rank,
                                                            world, device)
     ctx, scaler = autocast_context(device, args.amp, args.amp_dtype)
@@ -684,12 +721,7 @@ def train(args):
               f"{sum(p.numel() for p in backbone.parameters()):,} backbone "
               f"parameters, {steps_per_epoch} steps/epoch x {epochs} epochs, {world} process(es) "
               f"on {device}")
-    if args.workers == 0 and n * 3 * args.input_size ** 2 <= args.memory_limit * 2 ** 30:
-        # decoded once, batched by indexing
-        data = load_images(ds, args.input_size, progress=master)
-    else:
-        ds.size, data = args.input_size, (
-            ds, args.workers or min(8, max(1, (os.cpu_count() or 1) // world)))
+    data = training_data(ds, args, world, master)
     if master:  # after the data is read: a set that cannot be read leaves no run folder behind
         os.makedirs(args.out, exist_ok=True)
         write_atomic(os.path.join(args.out, "config.json"),
@@ -713,30 +745,13 @@ def train(args):
             flip = torch.rand(len(x), generator=flip_gen) < 0.5  # the recipe's only augmentation
             x, y = flip_batch(x, flip, device), y.to(device, non_blocking=True)
             lr = lr_at(step, total, warmup, args.lr)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            with ctx:
-                loss = model(x, y)
-            mean_loss = loss.detach().clone()
-            if world > 1:
-                dist.all_reduce(mean_loss)
-                mean_loss /= world
-            mean_loss = mean_loss.item()
-            # stop before the update: checkpoint.pt stays the last good state
-            if not math.isfinite(mean_loss):
+            mean_loss = optimise(model, backbone, opt, scaler, ctx, x, y, lr, args.clip_grad, world)
+            if not math.isfinite(mean_loss):  # stopped before the update: the checkpoint is good
                 bar.close()
-                kept = f"{ckpt_path} keeps step {step}" if os.path.exists(ckpt_path) else \
-                    "no checkpoint was written"
+                kept = (f"{ckpt_path} keeps step {step}" if os.path.exists(ckpt_path)
+                        else "no checkpoint was written")
                 sys.exit(f"error: loss is {mean_loss} at step {step + 1} (epoch {epoch + 1}); "
-                         f"stopped ({kept}); "
-                         f"try a lower --lr or --warmup-epochs")
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            # backbone only, as in the recipe
-            nn.utils.clip_grad_norm_(backbone.parameters(), args.clip_grad)
-            scaler.step(opt)
-            scaler.update()
+                         f"stopped ({kept}); try a lower --lr or --warmup-epochs")
             step, seen, loss_sum, done = (step + 1, seen + len(x) * world, loss_sum + mean_loss,
                                           done + 1)
             bar.update()

@@ -1122,25 +1122,88 @@ def log_denoising(out, rms, mean_rms, nimg, heldout):
                             "mean_image_rms": mean_rms, "heldout": heldout}) + "\n")
 
 
+def build_net(args, img_channels, classes, sigma_data, device):
+    """The denoiser the flags describe, with the same initial weights on every rank (seeded)."""
+    torch.manual_seed(args.seed)
+    net = Denoiser(args.resolution, img_channels, len(classes), null_class=args.label_dropout > 0,
+                   sigma_data=sigma_data, uncertainty=bool(args.uncertainty),
+                   channels=args.channels, channel_mult=args.channel_mult,
+                   num_blocks=args.num_blocks, num_mid_blocks=args.num_mid_blocks,
+                   attn_resolutions=args.attn, mp=bool(args.mp),
+                   dropout=args.dropout).to(device).train()
+    net.class_names = list(classes)
+    return net
+
+
+def stream_loader(dataset, nimg, micro, args, rank, world, device):
+    """An iterator over this rank's micro-batches from image nimg of the seeded stream on."""
+    workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
+    return iter(torch.utils.data.DataLoader(
+        dataset, batch_sampler=StreamSampler(len(dataset), nimg, micro, args.batch_size,
+                                             args.grad_accum, rank, world, args.seed),
+        num_workers=workers, pin_memory=device.type == "cuda"))
+
+
+def training_set_and_statistics(args):
+    """-> (dataset, image shape, held-out (images, labels), pixel std, mean image). Without
+    --heldout the denoising-error table uses a fixed slice of the training images (not held out)."""
+    dataset, shape, held = open_training_data(args)
+    if held is None:
+        pick = torch.randperm(len(dataset),
+                              generator=torch.Generator().manual_seed(0))[:HELD_IMAGES]
+        held = next(decode(dataset, pick))
+    sample = statistics_sample(len(dataset))
+    pixel_std, mean_image = pixel_statistics(im for im, _ in decode(dataset, sample,
+                                                                    stats_chunk(shape)))
+    return dataset, shape, held, pixel_std, mean_image
+
+
+def next_batch(loader, args, gen, null_class, device):
+    """The next micro-batch in [-1, 1], flipped (--xflip) and its labels dropped to the null class
+    (--label-dropout) by draws from gen, a function of the batch's place in the stream."""
+    try:
+        images, lab = next(loader)
+    except DataError as e:  # from a loader process: the original message is the last line
+        sys.exit(f"error: {str(e).strip().splitlines()[-1].split('DataError: ')[-1]}")
+    y, lab = to_float(images.to(device, non_blocking=True)), lab.to(device, non_blocking=True)
+    if args.xflip:
+        flip = torch.rand(len(y), generator=gen, device=device) < 0.5
+        y = torch.where(flip[:, None, None, None], y.flip(3), y)
+    if args.label_dropout > 0:
+        drop = torch.rand(len(y), generator=gen, device=device) < args.label_dropout
+        lab = torch.where(drop, torch.full_like(lab, null_class), lab)
+    return y, lab
+
+
+def apply_gradients(net, opt, scaler):
+    """One Adam step on the accumulated gradients (non-finite gradient entries zeroed, as EDM2)."""
+    scaler.unscale_(opt)
+    for p in net.parameters():
+        if p.grad is not None:
+            torch.nan_to_num(p.grad, nan=0, posinf=0, neginf=0, out=p.grad)
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+
+
+def save_checkpoint(path, net, ema, opt, scaler, nimg, args):
+    save_atomic({"net": net.state_dict(), "ema": [e.state_dict() for e in ema.emas],
+                 "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "nimg": nimg,
+                 "config": net.config, "class_names": net.class_names,
+                 "args": {k: getattr(args, k) for k in RECIPE}}, path)
+
+
 def train(args):
     rank, _, world, device = setup_distributed(args.device)
     micro, rem = divmod(args.batch_size, world * args.grad_accum)
     if rem or micro == 0:
         sys.exit(f"error: --batch-size {args.batch_size} is not divisible by {world} ranks x "
-                 "--grad-accum "
-                 f"{args.grad_accum}")
+                 f"--grad-accum {args.grad_accum}")
     log = print if rank == 0 else (lambda *a, **k: None)
     try:
         if args.compile and args.compile_backend == "inductor":
             check_compile(device)
-        dataset, shape, held = open_training_data(args)
-        if held is None:  # no held-out set: a fixed slice of the training images (not held out)
-            pick = torch.randperm(len(dataset),
-                                  generator=torch.Generator().manual_seed(0))[:HELD_IMAGES]
-            held = next(decode(dataset, pick))
-        sample = statistics_sample(len(dataset))
-        pixel_std, mean_image = pixel_statistics(im for im, _ in decode(dataset, sample,
-                                                                        stats_chunk(shape)))
+        dataset, shape, held, pixel_std, mean_image = training_set_and_statistics(args)
     except DataError as e:
         sys.exit(f"error: {e}")
     os.makedirs(args.out, exist_ok=True)
@@ -1151,14 +1214,7 @@ def train(args):
 
     sigma_data = float(args.sigma_data) if args.sigma_data != "auto" else pixel_std
     sigma_data = ckpt["config"]["sigma_data"] if ckpt is not None else sigma_data
-    torch.manual_seed(args.seed)  # same initial weights on every rank
-    net = Denoiser(args.resolution, shape[0], len(dataset.classes),
-                   null_class=args.label_dropout > 0, sigma_data=sigma_data,
-                   uncertainty=bool(args.uncertainty), channels=args.channels,
-                   channel_mult=args.channel_mult, num_blocks=args.num_blocks,
-                   num_mid_blocks=args.num_mid_blocks, attn_resolutions=args.attn, mp=bool(args.mp),
-                   dropout=args.dropout).to(device).train()
-    net.class_names = list(dataset.classes)
+    net = build_net(args, shape[0], dataset.classes, sigma_data, device)
     ema = PowerEMA(net, args.ema_std)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.9, 0.99), eps=1e-8)
     ctx, scaler = autocast_context(device, args.amp, args.amp_dtype)
@@ -1170,21 +1226,15 @@ def train(args):
         log(f"resuming from {ckpt_path} at {nimg / 1e3:g} kimg")
         del ckpt
     log(f"{len(dataset)} images, {net.num_classes} classes, {args.resolution} px, sigma_data "
-        f"{sigma_data:.4f}, "
-        f"{sum(p.numel() for p in net.parameters()):,} parameters, {world} process(es) x "
-        f"{args.grad_accum} x {micro}")
+        f"{sigma_data:.4f}, {sum(p.numel() for p in net.parameters()):,} parameters, "
+        f"{world} process(es) x {args.grad_accum} x {micro}")
     if rank == 0:
         write_atomic(os.path.join(args.out, "config.json"),
                      json.dumps({**vars(args), "net": net.config, "world_size": world,
-                                 "machine": machine(device)},
-                                indent=1))
+                                 "machine": machine(device)}, indent=1))
     model = nn.parallel.DistributedDataParallel(net) if world > 1 else net
     forward = torch.compile(model, backend=args.compile_backend) if args.compile else model
-    workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
-    loader = iter(torch.utils.data.DataLoader(
-        dataset, batch_sampler=StreamSampler(len(dataset), nimg, micro, args.batch_size,
-                                             args.grad_accum, rank, world, args.seed),
-        num_workers=workers, pin_memory=device.type == "cuda"))
+    loader = stream_loader(dataset, nimg, micro, args, rank, world, device)
 
     fine = args.duration % 1 or args.snapshot_every % 1  # sub-kimg snapshot names (kimg_tag)
 
@@ -1214,18 +1264,7 @@ def train(args):
             gen = torch.Generator(device).manual_seed(seed_for(args.seed, pos))
             # network dropout: a function of the position too
             torch.manual_seed(seed_for(args.seed, pos, 1))
-            try:
-                images, lab = next(loader)
-            except DataError as e:  # from a loader process: the original message is the last line
-                sys.exit(f"error: {str(e).strip().splitlines()[-1].split('DataError: ')[-1]}")
-            y, lab = (to_float(images.to(device, non_blocking=True)),
-                      lab.to(device, non_blocking=True))
-            if args.xflip:
-                flip = torch.rand(micro, generator=gen, device=device) < 0.5
-                y = torch.where(flip[:, None, None, None], y.flip(3), y)
-            if args.label_dropout > 0:
-                drop = torch.rand(micro, generator=gen, device=device) < args.label_dropout
-                lab = torch.where(drop, torch.full_like(lab, net.num_classes), lab)
+            y, lab = next_batch(loader, args, gen, net.num_classes, device)
             sync = world > 1 and r < args.grad_accum - 1
             with model.no_sync() if sync else nullcontext(), ctx:
                 loss = edm_loss(forward, y, lab, args.p_mean, args.p_std, sigma_data, gen,
@@ -1239,13 +1278,7 @@ def train(args):
         if not torch.isfinite(loss_sum):
             sys.exit(f"error: the loss became {loss_sum.item()} at {nimg / 1e3:g} kimg; lower --lr "
                      "or check the data")
-        scaler.unscale_(opt)
-        for p in net.parameters():
-            if p.grad is not None:
-                torch.nan_to_num(p.grad, nan=0, posinf=0, neginf=0, out=p.grad)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
+        apply_gradients(net, opt, scaler)
         before, nimg = nimg, nimg + args.batch_size
         ema.update(net, nimg, args.batch_size)
         losses.append(loss_sum.item())
@@ -1260,11 +1293,7 @@ def train(args):
         if rank == 0 and (crossed(args.checkpoint_every, before)
                           or crossed(args.snapshot_every, before) or nimg >= min(total, stop)):
             check_finite(net, nimg)
-            save_atomic({"net": net.state_dict(), "ema": [e.state_dict() for e in ema.emas],
-                         "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "nimg": nimg,
-                         "config": net.config, "class_names": net.class_names,
-                         "args": {k: getattr(args, k) for k in RECIPE}},
-                        ckpt_path)
+            save_checkpoint(ckpt_path, net, ema, opt, scaler, nimg, args)
     bar.close()
     if world > 1:
         dist.barrier()
