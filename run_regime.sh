@@ -6,7 +6,8 @@
 # run stopped. The generator's 200- and 700-kimg snapshots are committed, so the main table needs no
 # generator training. Tables: python report.py table regime
 #
-#   bash run_regime.sh             # the main rows first (real, ScoreMix distant, Repro; 5 seeds), then all rows
+#   bash run_regime.sh             # the main rows first (real, oracle, ScoreMix distant, Repro; 5 seeds),
+#                                  # then all rows
 #   bash run_regime.sh --generator # also re-train the generator and re-measure its snapshots
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -18,6 +19,6 @@ if [ "${1:-}" = "--generator" ]; then
   "$PY" experiments.py regime-generator --name cpu-amp-d700 --kimg 700 --snapshot-every 50 --measure-every 700 \
     --guide-kimg 200 -- --amp
 fi
-"$PY" experiments.py regime --rows real real+scoremix-dist-emb real+repro
+"$PY" experiments.py regime --rows real oracle real+scoremix-dist-emb real+repro
 "$PY" experiments.py regime
 "$PY" report.py table regime
