@@ -140,6 +140,12 @@ def regime_table(rows):
               f"{paired_interval(runs, real) if row != 'real' else ''} | "
               f"{share} | {tars} | "
               f"{paired_interval(runs, real, allpairs('1e-4')) if row != 'real' else ''} |")
+    machines = {}
+    for r in (r for runs in rows.values() for r in runs):
+        m = r.get("machine")
+        key = f"{m['cpu']}, {m['cpu_capability']}, {m['threads']} threads" if m else "not recorded"
+        machines[key] = machines.get(key, 0) + 1
+    print("\nMachines (runs): " + "; ".join(f"{k} ({n})" for k, n in machines.items()))
     print("\n| claim | row - reference | Toy Avg-H | all-pairs TAR@FAR=1e-4 | all-pairs "
           "TAR@FAR=1e-5 |")
     print("|---" * 5 + "|")

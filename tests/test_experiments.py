@@ -198,3 +198,4 @@ def test_regime_table_shares_and_claims_are_seed_paired(tmp_path, monkeypatch, c
                                                                       "embedding) > real"))
     assert "+1.17 [+0.45, +1.88] (3)" in claim  # t(2) 4.303 x sample std 0.2887 / sqrt 3
     assert "| -0.200 (0.010) | 0.400 |" in out
+    assert "Machines (runs): not recorded (9)" in out
