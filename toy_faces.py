@@ -146,6 +146,55 @@ def paint(img, alpha, colour):
         img[r0:r1] += alpha[r0:r1, :, None] * (np.asarray(colour) - img[r0:r1])
 
 
+def paint_eyes(img, p, n, u, v, px, project, face, hair):
+    """Eyes, brows and glasses: paired features placed on the face sphere by project()."""
+    ey, sy = p["eye_y"], np.sin(n["yaw"])
+    for side in (-1, 1):
+        ex, squash, vis = project(side * p["eye_gap"])
+        r = p["eye_size"]
+        paint(img, vis * soft_ellipse(u, v, ex, ey, r * 1.35 * squash, r * 1.1 * p["eye_aspect"],
+                                      px, angle=side * p["eye_tilt"]), [0.95, 0.95, 0.95])
+        paint(img, vis * soft_ellipse(u, v, ex + 0.1 * r * sy, ey, r * 0.7 * squash, r * 0.7, px),
+              IRIS_COLOURS[p["iris"]])
+        paint(img, vis * soft_ellipse(u, v, ex + 0.1 * r * sy, ey, r * 0.3 * squash, r * 0.3, px),
+              [0.02, 0.02, 0.02])
+        by = ey - r * 1.3 - 0.06 - n["brow_raise"]
+        paint(img, vis * soft_ellipse(u, v, ex, by, r * p["brow_len"] * squash, p["brow_w"], px,
+                                      angle=side * p["brow_tilt"]),
+              hair * 0.8)
+        if p["glasses"]:
+            g = r * 2.0
+            shape = (soft_ring(u, v, ex, ey, g * squash, g * 0.85, 0.035,
+                               px) if p["glasses"] == 1 else
+                     np.clip(soft_box(u, v, ex - g * squash, ey - g * 0.8, ex + g * squash,
+                                      ey + g * 0.8, px)
+                             - soft_box(u, v, ex - g * squash + 0.035, ey - g * 0.8 + 0.035,
+                                        ex + g * squash - 0.035, ey + g * 0.8 - 0.035, px), 0, 1))
+            paint(img, vis * shape, FRAME_COLOURS[p["frame"]])
+    if p["glasses"]:
+        ex0, ex1 = project(-p["eye_gap"])[0], project(p["eye_gap"])[0]
+        paint(img, soft_box(u, v, ex0, ey - 0.015, ex1, ey + 0.015, px) * face,
+              FRAME_COLOURS[p["frame"]])
+
+
+def camera(img, n, gu, gv, resolution, ss):
+    """The capture: lighting, the box filter down from ss-times supersampling, blur, sensor noise
+    and JPEG -> uint8 [R, R, 3]."""
+    # lighting: a directional gradient and a global brightness
+    shade = 1 + n["light"] * (np.cos(n["light_dir"]) * gu + np.sin(n["light_dir"]) * gv)
+    img = img * shade[..., None] * n["brightness"]
+    img = img.reshape(resolution, ss, resolution, ss, 3).mean(axis=(1, 3))  # box filter down
+    out = Image.fromarray((np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8))
+    if n["blur"] > 0.05:
+        out = out.filter(ImageFilter.GaussianBlur(n["blur"] * resolution / 32))
+    arr = np.asarray(out).astype(np.float32)
+    arr += n["noise"] * 255 * n.get("noise_field", 0)
+    out = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8))
+    buf = io.BytesIO()
+    out.save(buf, format="JPEG", quality=n["jpeg"])
+    return np.asarray(Image.open(buf).convert("RGB"))
+
+
 def render(p, n, resolution):
     """Render identity p under nuisance n to a uint8 [R, R, 3] RGB array."""
     ss = max(2, -(-64 // resolution))  # supersampling factor: at least 64 px internally
@@ -223,34 +272,8 @@ def render(p, n, resolution):
             paint(img, (age - 0.4) * 0.8 * soft_box(u, v, cx - fw * 0.45, wy, cx + fw * 0.45,
                                                     wy + 0.012, px) * face,
                   skin * 0.6)
-    # eyes, brows, glasses: paired features placed on the sphere
+    paint_eyes(img, p, n, u, v, px, project, face, hair)
     ey = p["eye_y"]
-    for side in (-1, 1):
-        ex, squash, vis = project(side * p["eye_gap"])
-        r = p["eye_size"]
-        paint(img, vis * soft_ellipse(u, v, ex, ey, r * 1.35 * squash, r * 1.1 * p["eye_aspect"],
-                                      px, angle=side * p["eye_tilt"]), [0.95, 0.95, 0.95])
-        paint(img, vis * soft_ellipse(u, v, ex + 0.1 * r * sy, ey, r * 0.7 * squash, r * 0.7, px),
-              IRIS_COLOURS[p["iris"]])
-        paint(img, vis * soft_ellipse(u, v, ex + 0.1 * r * sy, ey, r * 0.3 * squash, r * 0.3, px),
-              [0.02, 0.02, 0.02])
-        by = ey - r * 1.3 - 0.06 - n["brow_raise"]
-        paint(img, vis * soft_ellipse(u, v, ex, by, r * p["brow_len"] * squash, p["brow_w"], px,
-                                      angle=side * p["brow_tilt"]),
-              hair * 0.8)
-        if p["glasses"]:
-            g = r * 2.0
-            shape = (soft_ring(u, v, ex, ey, g * squash, g * 0.85, 0.035,
-                               px) if p["glasses"] == 1 else
-                     np.clip(soft_box(u, v, ex - g * squash, ey - g * 0.8, ex + g * squash,
-                                      ey + g * 0.8, px)
-                             - soft_box(u, v, ex - g * squash + 0.035, ey - g * 0.8 + 0.035,
-                                        ex + g * squash - 0.035, ey + g * 0.8 - 0.035, px), 0, 1))
-            paint(img, vis * shape, FRAME_COLOURS[p["frame"]])
-    if p["glasses"]:
-        ex0, ex1 = project(-p["eye_gap"])[0], project(p["eye_gap"])[0]
-        paint(img, soft_box(u, v, ex0, ey - 0.015, ex1, ey + 0.015, px) * face,
-              FRAME_COLOURS[p["frame"]])
     # nose: it sticks out, so it moves further than the surface under yaw
     nx, _, _ = project(0.0, depth=1.25)
     nl, nw = p["nose_len"], p["nose_w"]
@@ -274,19 +297,7 @@ def render(p, n, resolution):
         b = np.sort(n["occ_box"].reshape(2, 2), axis=0)
         paint(img, soft_box(gu, gv, b[0, 0], max(b[0, 1], 0.2), b[0, 0] + 0.5, 1.2, pixel),
               n["occ_colour"])
-    # lighting: a directional gradient and a global brightness
-    shade = 1 + n["light"] * (np.cos(n["light_dir"]) * gu + np.sin(n["light_dir"]) * gv)
-    img = img * shade[..., None] * n["brightness"]
-    img = img.reshape(resolution, ss, resolution, ss, 3).mean(axis=(1, 3))  # box filter down
-    out = Image.fromarray((np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8))
-    if n["blur"] > 0.05:
-        out = out.filter(ImageFilter.GaussianBlur(n["blur"] * resolution / 32))
-    arr = np.asarray(out).astype(np.float32)
-    arr += n["noise"] * 255 * n.get("noise_field", 0)
-    out = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8))
-    buf = io.BytesIO()
-    out.save(buf, format="JPEG", quality=n["jpeg"])
-    return np.asarray(Image.open(buf).convert("RGB"))
+    return camera(img, n, gu, gv, resolution, ss)
 
 
 def draw(p, rng, resolution, strength=1.0, **fixed):
