@@ -10,7 +10,7 @@ embeddings, one process (Partial FC on one rank: the sampling, not the sharding)
 select_pairs.select_blockwise ("dist", one pair per class) on random unit vectors; where the whole
 run would take too long, the partner search (C^2 d of the cost) is timed on a share of the rows and
 extrapolated, and the greedy passes are not run (marked). RecordIO: a temporary .rec of small JPEGs
-written with the tests' own writer, read through a DataLoader.
+written with common.RecordWriter, read through a DataLoader.
 
 Usage: python benchmarks/scale.py [--quick] [--dim 128 --batch 64 --sample-rate 0.1 --images 3000]
 """
@@ -30,13 +30,13 @@ import torch
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+sys.path.insert(0, ROOT)
 # noqa: E402
 from select_pairs import (PAIR_PARTNERS, best_partners, cosine_distances, full_path_bytes,
                           select_blockwise, select_tuples)
-from test_train_arcface import header, write_rec  # noqa: E402  (the tests' RecordIO writer)
 from train_arcface import MarginHead, PartialFCHead  # noqa: E402
-from common import RecordIODataset, open_datasets, pack_rec  # noqa: E402
+from common import (RecordIODataset, RecordWriter, open_datasets, pack_rec,  # noqa: E402
+                    record_header)
 
 MiB = 2 ** 20
 
@@ -135,14 +135,13 @@ def write_jpeg_rec(prefix, count, size, classes=100):
     ramp = np.linspace(0, 255, size)
     base = np.stack([ramp[None, :].repeat(size, 0), ramp[:, None].repeat(size, 1),
                      np.full((size, size), 128.0)], 2)
-    records = []
-    for k in range(count):
-        image = np.clip(base + rng.normal(0, 12, base.shape) + rng.integers(-60, 60, 3), 0,
-                        255).astype(np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(image).save(buf, format="JPEG", quality=90)
-        records.append((k, header(0, k % classes) + buf.getvalue()))
-    write_rec(prefix, records)
+    with RecordWriter(prefix + ".rec") as writer:
+        for k in range(count):
+            image = np.clip(base + rng.normal(0, 12, base.shape) + rng.integers(-60, 60, 3), 0,
+                            255).astype(np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(image).save(buf, format="JPEG", quality=90)
+            writer.write(k, record_header(k % classes) + buf.getvalue())
     return prefix + ".rec"
 
 
