@@ -4,6 +4,7 @@
     python report.py table replication    # the replication's main, sensitivity, sets, CKA tables
     python report.py table regime_recipe  # the paper regime's recipe choice on validation
     python report.py table regime         # the paper regime's main table, claims and synthetic sets
+    python report.py table cka            # condition vs embedding space alignment (cka.py outputs)
     python report.py demo runs/demo       # runs/demo/report.md from run_demo.sh's outputs
 
 +- means the population std over seeds in the calibration and replication tables, the sample std
@@ -243,17 +244,22 @@ def replication_table(rows):
                   f"{spread} | {near} | {s['cpu_seconds_per_1000'] or ''} |")
     cka_path = os.path.join(RESULTS, "replication", "cka.json")
     if os.path.exists(cka_path):
-        with open(cka_path) as f:
-            cka = json.load(f)
-        print("\n| space A | space B | CKA (null) | unbiased CKA (null) | CKNNA (null) | mutual "
-              "kNN (null) |")
-        print("|---" * 6 + "|")
-        for p in cka["pairs"]:
-            cells = [f"{p[m]:.3f} ({p['null'][m]['mean']:.3f} +- {p['null'][m]['std']:.3f})"
-                     for m in ("cka", "unbiased_cka", "cknna", "mutual_knn")]
-            print(f"| {p['a']} | {p['b']} | " + " | ".join(cells) + " |")
-        print(f"\n{cka['classes']} classes, k = {cka['k']}, null: {cka['permutations']} row "
-              "permutations")
+        cka_table(cka_path)
+
+
+def cka_table(path):
+    """One cka.py output: every pair of spaces, each metric next to its permutation null."""
+    with open(path) as f:
+        cka = json.load(f)
+    print("\n| space A | space B | CKA (null) | unbiased CKA (null) | CKNNA (null) | mutual "
+          "kNN (null) |")
+    print("|---" * 6 + "|")
+    for p in cka["pairs"]:
+        cells = [f"{p[m]:.3f} ({p['null'][m]['mean']:.3f} +- {p['null'][m]['std']:.3f})"
+                 for m in ("cka", "unbiased_cka", "cknna", "mutual_knn")]
+        print(f"| {p['a']} | {p['b']} | " + " | ".join(cells) + " |")
+    print(f"\n{cka['classes']} classes, k = {cka['k']}, null: {cka['permutations']} row "
+          "permutations (+- the null's std)")
 
 
 def paired_difference(runs, real):
@@ -288,6 +294,14 @@ def generator_table(rows):
 
 
 def table(args):
+    if args.group == "cka":  # cka.py outputs, one table each
+        paths = sorted(glob.glob(os.path.join(RESULTS, "cka", "*.json")))
+        if not paths:
+            sys.exit("error: no results under results/cka")
+        for path in paths:
+            print(f"\n{os.path.relpath(path, RESULTS)}:")
+            cka_table(path)
+        return
     rows = load_results(args.group)
     if not rows:
         sys.exit(f"error: no results under results/{args.group}")

@@ -199,3 +199,19 @@ def test_regime_table_shares_and_claims_are_seed_paired(tmp_path, monkeypatch, c
     assert "+1.17 [+0.45, +1.88] (3)" in claim  # t(2) 4.303 x sample std 0.2887 / sqrt 3
     assert "| -0.200 (0.010) | 0.400 |" in out
     assert "Machines (runs): not recorded (9)" in out
+
+
+def test_table_cka_prints_every_cka_output_and_refuses_none(tmp_path, monkeypatch, capsys):
+    import pytest
+    monkeypatch.setattr(report, "RESULTS", str(tmp_path))
+    with pytest.raises(SystemExit, match="no results under results/cka"):
+        report.table(argparse.Namespace(group="cka"))
+    null = {"mean": 0.1, "std": 0.02}
+    pair = {"a": "gen.pt", "b": "fr-seed0", "cka": 0.5, "unbiased_cka": 0.25, "cknna": 0.3, "mutual_knn": 0.2,
+            "null": {m: null for m in ("cka", "unbiased_cka", "cknna", "mutual_knn")}}
+    (tmp_path / "cka").mkdir()
+    (tmp_path / "cka" / "run.json").write_text(json.dumps({"k": 10, "permutations": 20, "classes": 32,
+                                                            "pairs": [pair]}))
+    report.table(argparse.Namespace(group="cka"))
+    out = capsys.readouterr().out
+    assert "| gen.pt | fr-seed0 | 0.500 (0.100 +- 0.020) | 0.250 (0.100 +- 0.020) |" in out and "32 classes" in out
