@@ -39,6 +39,7 @@ def test_replication_table_gives_the_share_of_the_oracle_gain(tmp_path, monkeypa
         result(tmp_path, "real+scoremix-dist-emb", seed, mix, ["real", "scoremix-dist-emb"])
     result(tmp_path, "real+scoremix-dist-emb-alpha0.3 (=)", 0, 77.0,
            ["real", "scoremix-dist-emb-alpha0.3"])
+    result(tmp_path, "oracle (=)", 0, 80.0, ["oracle"])  # a (=) row's share: of the (=) oracle's gain
     (tmp_path / "replication" / "synthetic").mkdir()
     spread = {"neighbour_ratio": 0.9, "intra_cosine": 0.9, "inter_cosine": 0.0, "consistency": 95.0}
     # a record from before churn / copy measurement
@@ -57,7 +58,8 @@ def test_replication_table_gives_the_share_of_the_oracle_gain(tmp_path, monkeypa
     main, sensitivity = out.split("Sensitivity")  # sensitivity rows print in a table of their own
     assert "alpha0.3" in sensitivity and "alpha0.3" not in main and "| real |" in main
     lines = {line.split(" | ")[0][2:]: line for line in out.splitlines() if line.startswith("| ")}
-    assert lines["real+scoremix-dist-emb-alpha0.3 (=)"].split(" | ")[-2] == "-0.33"
+    assert lines["real+scoremix-dist-emb"].split(" | ")[-2] == "+0.50"  # 1.5 of 3
+    assert lines["real+scoremix-dist-emb-alpha0.3 (=)"].split(" | ")[-2] == "-0.50"  # -1 of 2
     # vs real's seed 0
     assert lines["real+scoremix-dist-emb-alpha0.3 (=)"].split(" | ")[-4] == "-1.00"
     assert "| 79.5 +- 0.5 |" in lines["real+scoremix-dist-emb"]
