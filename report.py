@@ -186,6 +186,29 @@ def regime_table(rows):
                   f"{s['cpu_seconds_per_1000'] or ''} |")
 
 
+REPLICATION_COMPARISONS = [  # (claim, row, reference row), each at 24 epochs and at equal steps (=)
+    ("ScoreMix (distant) > real", "real+scoremix-dist-emb", "real"),
+    ("distant > close pairs", "real+scoremix-dist-emb", "real+scoremix-close-emb"),
+    ("ScoreMix > Repro", "real+scoremix-dist-emb", "real+repro"),
+    ("ScoreMix > condition mixing", "real+scoremix-dist-emb", "real+condmix-dist-emb"),
+    ("a perfect Repro (fresh real renders) > ScoreMix", "real+fresh", "real+scoremix-dist-emb"),
+]
+
+
+def comparisons_table(rows, comparisons, protocols):
+    """Each claim as a seed-paired difference with its 95% t-interval, under each protocol (a row-name
+    suffix: "" for the rows as named, " (=)" for their equal-step twins; real only is the reference
+    of both)."""
+    print("\n| claim | row - reference | " + " | ".join(name for name, _ in protocols) + " |")
+    print("|---" * (2 + len(protocols)) + "|")
+    for claim, a, b in comparisons:
+        refs = [rows.get(b + sfx) or (rows.get(b) if b == "real" else None) for _, sfx in protocols]
+        cells = [paired_interval(rows[a + sfx], ref) if a + sfx in rows and ref else ""
+                 for (_, sfx), ref in zip(protocols, refs)]
+        if any(cells):
+            print(f"| {claim} | {a} - {b} | " + " | ".join(cells) + " |")
+
+
 def replication_table(rows):
     """Main table: mean +- std over seeds; the share of the oracle's Toy Avg-H gain under the row's
     own protocol (a (=) row against the oracle at equal steps); synthetic cost."""
@@ -241,6 +264,8 @@ def replication_table(rows):
                   f"{'' if cons is None else f'{cons:.1f}'} | "
                   f"{sam['neighbour_ratio']:.2f} ({s['real_heldout']['neighbour_ratio']:.2f}) | "
                   f"{spread} | {near} | {s['cpu_seconds_per_1000'] or ''} |")
+    print("\nThe paper's claims, Toy Avg-H, seed-paired differences [95% t-interval] (seeds):")
+    comparisons_table(rows, REPLICATION_COMPARISONS, [("24 epochs", ""), ("equal steps (=)", " (=)")])
     cka_path = os.path.join(RESULTS, "replication", "cka.json")
     if os.path.exists(cka_path):
         cka_table(cka_path)

@@ -59,6 +59,8 @@ def test_replication_table_gives_the_share_of_the_oracle_gain(tmp_path, monkeypa
     assert "alpha0.3" in sensitivity and "alpha0.3" not in main and "| real |" in main
     lines = {line.split(" | ")[0][2:]: line for line in out.splitlines() if line.startswith("| ")}
     assert lines["real+scoremix-dist-emb"].split(" | ")[-2] == "+0.50"  # 1.5 of 3
+    # claims: seed-paired differences +1, +2 -> +1.50, t(1) 12.706 x 0.5
+    assert "| ScoreMix (distant) > real | real+scoremix-dist-emb - real | +1.50 [-4.85, +7.85] (2) |  |" in out
     assert lines["real+scoremix-dist-emb-alpha0.3 (=)"].split(" | ")[-2] == "-0.50"  # -1 of 2
     # vs real's seed 0
     assert lines["real+scoremix-dist-emb-alpha0.3 (=)"].split(" | ")[-4] == "-1.00"
