@@ -5,6 +5,7 @@
     python report.py table regime_recipe  # the paper regime's recipe choice on validation
     python report.py table regime         # the paper regime's main table, claims and synthetic sets
     python report.py table cka            # condition vs embedding space alignment (cka.py outputs)
+    python report.py table repro          # the replication's Repro rows and their controls
     python report.py demo runs/demo       # runs/demo/report.md from run_demo.sh's outputs
 
 +- means the population std over seeds in the calibration and replication tables, the sample std
@@ -196,9 +197,9 @@ REPLICATION_COMPARISONS = [  # (claim, row, reference row), each at 24 epochs an
 
 
 def comparisons_table(rows, comparisons, protocols):
-    """Each claim as a seed-paired difference with its 95% t-interval, under each protocol (a row-name
-    suffix: "" for the rows as named, " (=)" for their equal-step twins; real only is the reference
-    of both)."""
+    """Each claim as a seed-paired difference with its 95% t-interval, under each protocol (a
+    row-name suffix: "" for the rows as named, " (=)" for their equal-step twins; real only is the
+    reference of both)."""
     print("\n| claim | row - reference | " + " | ".join(name for name, _ in protocols) + " |")
     print("|---" * (2 + len(protocols)) + "|")
     for claim, a, b in comparisons:
@@ -265,10 +266,49 @@ def replication_table(rows):
                   f"{sam['neighbour_ratio']:.2f} ({s['real_heldout']['neighbour_ratio']:.2f}) | "
                   f"{spread} | {near} | {s['cpu_seconds_per_1000'] or ''} |")
     print("\nThe paper's claims, Toy Avg-H, seed-paired differences [95% t-interval] (seeds):")
-    comparisons_table(rows, REPLICATION_COMPARISONS, [("24 epochs", ""), ("equal steps (=)", " (=)")])
+    comparisons_table(rows, REPLICATION_COMPARISONS,
+                      [("24 epochs", ""), ("equal steps (=)", " (=)")])
     cka_path = os.path.join(RESULTS, "replication", "cka.json")
     if os.path.exists(cka_path):
         cka_table(cka_path)
+
+
+REPRO_ROWS = [  # (label, synthetic set or None, row at 24 epochs, its equal-step twin)
+    ("real only, 48 epochs", None, "real-48ep", None),
+    ("fresh real renders of the same identities (a perfect Repro)", None, "real+fresh",
+     "real+fresh (=)"),
+    ("deterministic Heun (the paper's sampler)", "repro", "real+repro", "real+repro (=)"),
+    ("guided, w 1.3", "repro-w1.3", "real+repro-w1.3", "real+repro-w1.3 (=)"),
+    ("churn 10", "repro-churn10", "real+repro-churn10", "real+repro-churn10 (=)"),
+    ("churn 40", "repro-churn40", "real+repro-churn40", "real+repro-churn40 (=)"),
+    ("guided w 1.3 + churn 40", "repro-w1.3-churn40", "real+repro-w1.3-churn40",
+     "real+repro-w1.3-churn40 (=)"),
+]
+
+
+def repro_table(rows):
+    """The replication's Repro rows and controls side by side: the set's own-class share,
+    cleanliness and spread, then Toy Avg-H at 24 epochs and at equal steps, each vs real only
+    (seed-paired)."""
+    synth = load_synthetic("replication")
+    real = rows["real"]
+    held = synth["repro"]["real_heldout"]
+    print("| Repro set | own class % | neighbour ratio | intra cosine | 24 epochs | vs real "
+          "| equal steps | vs real |")
+    print("|---" * 8 + "|")
+    print(f"| real only (the baseline) | {held['consistency']:.1f} (held-out renders) | "
+          f"{held['neighbour_ratio']:.2f} | {held['intra_cosine']:.2f} (held-out) | "
+          f"{mean_std([r['avg'] for r in real])} ({real[0]['steps']} steps) | | "
+          f"{mean_std([r['avg'] for r in real])} | |")
+    for label, name, row, twin in REPRO_ROWS:
+        sam = synth.get(name, {}).get("samples")
+        stats = (f"{sam['consistency']:.1f} | {sam['neighbour_ratio']:.2f} | "
+                 f"{sam['intra_cosine']:.2f}" if sam else " | | ")
+        cells = []
+        for r in (row, twin):
+            cells += ([mean_std([x["avg"] for x in rows[r]]), paired_difference(rows[r], real)]
+                      if r in rows else ["", ""])
+        print(f"| {label} | {stats} | " + " | ".join(cells) + " |")
 
 
 def cka_table(path):
@@ -318,6 +358,8 @@ def generator_table(rows):
 
 
 def table(args):
+    if args.group == "repro":  # assembled from the replication's rows
+        return repro_table(load_results("replication"))
     if args.group == "cka":  # cka.py outputs, one table each
         paths = sorted(glob.glob(os.path.join(RESULTS, "cka", "*.json")))
         if not paths:

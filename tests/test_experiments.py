@@ -219,3 +219,21 @@ def test_table_cka_prints_every_cka_output_and_refuses_none(tmp_path, monkeypatc
     report.table(argparse.Namespace(group="cka"))
     out = capsys.readouterr().out
     assert "| gen.pt | fr-seed0 | 0.500 (0.100 +- 0.020) | 0.250 (0.100 +- 0.020) |" in out and "32 classes" in out
+
+
+def test_table_repro_puts_each_repro_set_beside_its_rows(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(report, "RESULTS", str(tmp_path))
+    for seed, (real, repro, repro_eq) in enumerate([(78.0, 76.0, 77.5), (79.0, 76.5, 78.5)]):
+        result(tmp_path, "real", seed, real, ["real"])
+        result(tmp_path, "real+repro", seed, repro, ["real", "repro"])
+        result(tmp_path, "real+repro (=)", seed, repro_eq, ["real", "repro"])
+    (tmp_path / "replication" / "synthetic").mkdir()
+    stats = {"consistency": 95.7, "neighbour_ratio": 0.93, "intra_cosine": 0.87}
+    (tmp_path / "replication" / "synthetic" / "repro.json").write_text(json.dumps(
+        {"name": "repro", "samples": stats, "real_heldout": {**stats, "consistency": 96.9}}))
+    report.table(argparse.Namespace(group="repro"))
+    out = capsys.readouterr().out
+    # population std of (76, 76.5) 0.25; seed-paired -2.0, -2.5: -2.25 +- 0.25 (standard error)
+    assert ("| deterministic Heun (the paper's sampler) | 95.7 | 0.93 | 0.87 | 76.2 +- 0.2 | -2.25 +- 0.25 "
+            "| 78.0 +- 0.5 | -0.50 +- 0.00 |") in out
+    assert "| real only, 48 epochs |  | |  |  |  |  |  |" in out  # a row not run yet stays empty
