@@ -1158,7 +1158,7 @@ def training_set_and_statistics(args):
     return dataset, shape, held, pixel_std, mean_image
 
 
-def next_batch(loader, args, gen, null_class, device):
+def next_batch(loader, xflip, label_dropout, gen, null_class, device):
     """The next micro-batch in [-1, 1], flipped (--xflip) and its labels dropped to the null class
     (--label-dropout) by draws from gen, a function of the batch's place in the stream."""
     try:
@@ -1166,11 +1166,11 @@ def next_batch(loader, args, gen, null_class, device):
     except DataError as e:  # from a loader process: the original message is the last line
         sys.exit(f"error: {str(e).strip().splitlines()[-1].split('DataError: ')[-1]}")
     y, lab = to_float(images.to(device, non_blocking=True)), lab.to(device, non_blocking=True)
-    if args.xflip:
+    if xflip:
         flip = torch.rand(len(y), generator=gen, device=device) < 0.5
         y = torch.where(flip[:, None, None, None], y.flip(3), y)
-    if args.label_dropout > 0:
-        drop = torch.rand(len(y), generator=gen, device=device) < args.label_dropout
+    if label_dropout > 0:
+        drop = torch.rand(len(y), generator=gen, device=device) < label_dropout
         lab = torch.where(drop, torch.full_like(lab, null_class), lab)
     return y, lab
 
@@ -1264,7 +1264,8 @@ def train(args):
             gen = torch.Generator(device).manual_seed(seed_for(args.seed, pos))
             # network dropout: a function of the position too
             torch.manual_seed(seed_for(args.seed, pos, 1))
-            y, lab = next_batch(loader, args, gen, net.num_classes, device)
+            y, lab = next_batch(loader, args.xflip, args.label_dropout, gen, net.num_classes,
+                                device)
             sync = world > 1 and r < args.grad_accum - 1
             with model.no_sync() if sync else nullcontext(), ctx:
                 loss = edm_loss(forward, y, lab, args.p_mean, args.p_std, sigma_data, gen,
