@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The paper's regime on the toy faces: 256 identities x 16 images, the oracle at 512, validation and
 # all-pairs test sets of their own identities (2 CPU cores: the recipe runs about an hour, the generator
-# about 2 h 10 min, each synthetic set about 16 min, each discriminator 4-8 min). Every run writes one
+# about 2 h 10 min, a Repro or condition-mixing set of 4096 images about 15 min, a ScoreMix set about
+# 30 (two network calls per step), each discriminator 3-6 min). Every run writes one
 # JSON file under results/regime*/ and is skipped when it exists, so re-running continues where the last
 # run stopped. The generator's 200- and 700-kimg snapshots are committed, so the main table needs no
 # generator training. Tables: python report.py table regime
