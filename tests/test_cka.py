@@ -53,7 +53,8 @@ def cka_main(argv):
     main([*map(str, argv)])
 
 
-def test_cli_writes_finite_metrics_for_the_generator_and_the_discriminator(tiny_models, tiny_toy, tmp_path):
+def test_cli_writes_finite_metrics_for_the_generator_and_the_discriminator(tiny_models, tiny_toy,
+                                                                           tmp_path):
     import json
     import shutil
     fr, snapshot = tiny_models
@@ -80,7 +81,8 @@ def test_a_model_with_a_nan_weight_writes_nothing(tiny_models, tiny_toy, tmp_pat
     line = one_error_line(cka.main, [*argv, "--data", tiny_toy / "train", "--out",
                                      tmp_path / "cka.json"], capsys)
     assert f"{bad}: 1 non-finite value(s) in {key}" in line
-    assert (tmp_path / "cka.json").read_text() == "{}" and sorted(os.listdir(tmp_path)) == ["bad.pt", "cka.json"]
+    assert ((tmp_path / "cka.json").read_text() == "{}"
+            and sorted(os.listdir(tmp_path)) == ["bad.pt", "cka.json"])
 
 
 @pytest.mark.parametrize("argv,needle", [

@@ -91,7 +91,8 @@ def test_verification_reproduces_golden_folds():
 def test_folds_are_contiguous_like_kfold():
     sizes = [s.stop - s.start for s in evaluate.fold_slices(23, 10)]
     assert sizes == [3, 3, 3, 2, 2, 2, 2, 2, 2, 2]
-    assert evaluate.fold_slices(23, 10)[0].start == 0 and evaluate.fold_slices(23, 10)[-1].stop == 23
+    assert (evaluate.fold_slices(23, 10)[0].start == 0
+            and evaluate.fold_slices(23, 10)[-1].stop == 23)
 
 
 @pytest.mark.parametrize("n_pairs,dim,seed", [(1003, 16, 0), (400, 128, 1), (57, 4, 2)])
@@ -294,7 +295,8 @@ def test_neighbour_difference_counts_grey_levels():
 def test_nearest_distance_is_the_rms_to_the_closest_reference():
     reference = np.stack([np.full((4, 4, 3), v, np.uint8) for v in (0, 100, 200)])
     images = np.stack([np.full((4, 4, 3), v, np.uint8) for v in (90, 200, 255)])
-    assert evaluate.nearest_distance(images, reference, chunk=2) == pytest.approx((10 + 0 + 55) / 3, rel=1e-6)
+    assert (evaluate.nearest_distance(images, reference, chunk=2)
+            == pytest.approx((10 + 0 + 55) / 3, rel=1e-6))
 
 
 def test_consistency_counts_own_class_nearest_centres(tmp_path, monkeypatch):
@@ -504,7 +506,8 @@ def test_cli_writes_results_json_and_table(trained_model, tiny_toy, tmp_path):
     assert set(res["baseline"]["IJBC"]) == {f"tar_at_far_1e-{k}" for k in range(1, 7)}
     assert 0 <= res["baseline"]["ident"]["rank1"] <= 100
     table = [ln for ln in r.stdout.splitlines() if ln.startswith("|")]
-    assert table[0].split("|")[1:-1][:len(stems) + 2] == [" Model "] + [f" {s} " for s in stems] + [" Avg "]
+    assert (table[0].split("|")[1:-1][:len(stems) + 2]
+            == [" Model "] + [f" {s} " for s in stems] + [" Avg "])
     assert table[2].startswith("| baseline |") and " +- " in table[2] and len(table) == 4
 
 
@@ -541,7 +544,8 @@ def test_cli_consistency_reports_real_reference(trained_model, tiny_toy, tmp_pat
     # itself
     assert rows[str(tiny_toy / "train")]["nearest_real_distance"] == pytest.approx(0, abs=1e-2)
     assert rows[str(tiny_toy / "heldout")]["nearest_real_distance"] > 1
-    assert rows[str(tiny_toy / "train")]["intra_cosine"] == pytest.approx(res["real_intra_cosine"], abs=1e-5)
+    assert (rows[str(tiny_toy / "train")]["intra_cosine"]
+            == pytest.approx(res["real_intra_cosine"], abs=1e-5))
     assert -1 <= res["real_inter_cosine"] < res["real_intra_cosine"] <= 1
     assert "| Samples |" in r.stdout
 
@@ -579,7 +583,8 @@ def test_cli_takes_an_insightface_backbone_file_and_refuses_a_training_checkpoin
                    "--bin", tiny_toy / "bench" / "toy_lfw.bin")
     lines = r.stderr.strip().splitlines()
     assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert lines[-1].startswith("error: ") and "is not a train_arcface.py model.pt" in lines[-1], r.stderr
+    assert (lines[-1].startswith("error: ")
+            and "is not a train_arcface.py model.pt" in lines[-1]), r.stderr
 
 
 def test_pack_bin_cli_round_trips_through_load_bin(tmp_path):

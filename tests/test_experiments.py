@@ -53,7 +53,8 @@ def test_replication_table_gives_the_share_of_the_oracle_gain(tmp_path, monkeypa
              "real_train": {"intra_cosine": 0.9, "inter_cosine": 0.0}}))
     report.table(argparse.Namespace(group="replication"))
     out = capsys.readouterr().out
-    assert "| new | repro |  | 0.5 | 1 | 32 | 40 | 32 x 32 | 95.0 |" in out and "| 36.5 (39.2) | 500 |" in out
+    assert ("| new | repro |  | 0.5 | 1 | 32 | 40 | 32 x 32 | 95.0 |" in out
+            and "| 36.5 (39.2) | 500 |" in out)
     assert "| old | repro |  | 0.5 | 1 | 32 | 0 | 32 x 32 |" in out
     main, sensitivity = out.split("Sensitivity")  # sensitivity rows print in a table of their own
     assert "alpha0.3" in sensitivity and "alpha0.3" not in main and "| real |" in main
@@ -91,14 +92,17 @@ def test_figure_shows_one_row_per_set_and_rejects_a_missing_set(tmp_path, monkey
 
 def test_paired_interval_is_a_t_interval_of_seed_paired_differences():
     ref = [{"seed": s, "avg": a} for s, a in enumerate([70.0, 71.0, 72.0])]
-    runs = [{"seed": s, "avg": a} for s, a in enumerate([71.0, 73.0, 72.0])] + [{"seed": 9, "avg": 0.0}]
+    runs = ([{"seed": s, "avg": a} for s, a in enumerate([71.0, 73.0, 72.0])]
+            + [{"seed": 9, "avg": 0.0}])
     # differences 1, 2, 0: mean 1, sample std 1, t(0.975, 2) = 4.303 -> half width 4.303 / sqrt(3) =
     # 2.484
     assert report.paired_interval(runs, ref) == "+1.00 [-1.48, +3.48] (3)"
     assert report.paired_interval(runs[:1], ref) == "+1.00 (1 seed)"
 
 
-def test_regime_recipe_table_flags_recipes_whose_2x_run_moves_by_more_than_a_std(tmp_path, monkeypatch, capsys):
+def test_regime_recipe_table_flags_recipes_whose_2x_run_moves_by_more_than_a_std(tmp_path,
+                                                                                 monkeypatch,
+                                                                                 capsys):
     monkeypatch.setattr(report, "RESULTS", str(tmp_path))
     (tmp_path / "regime_recipe").mkdir()
     values = {"e24": (80.0, 81.0, 82.0), "e24-2x": (80.5, 81.5, 82.5), "e12": (75.0, 75.5, 76.0),
@@ -137,7 +141,8 @@ def test_pixel_average_set_is_the_mean_of_the_parents_images(tmp_path):
                                                                    "avg_b_a,average,b;a"]
 
 
-def test_regime_gives_odd_seeds_the_second_draw_and_the_equal_steps_row_the_real_steps(tmp_path, monkeypatch):
+def test_regime_gives_odd_seeds_the_second_draw_and_the_equal_steps_row_the_real_steps(tmp_path,
+                                                                                       monkeypatch):
     calls, sets = [], []
     monkeypatch.setattr(experiments, "RESULTS", str(tmp_path))
     monkeypatch.setattr(experiments, "regime_data", lambda n, p: f"data{n}")
@@ -218,7 +223,8 @@ def test_table_cka_prints_every_cka_output_and_refuses_none(tmp_path, monkeypatc
                                                             "pairs": [pair]}))
     report.table(argparse.Namespace(group="cka"))
     out = capsys.readouterr().out
-    assert "| gen.pt | fr-seed0 | 0.500 (0.100 +- 0.020) | 0.250 (0.100 +- 0.020) |" in out and "32 classes" in out
+    assert ("| gen.pt | fr-seed0 | 0.500 (0.100 +- 0.020) | 0.250 (0.100 +- 0.020) |" in out
+            and "32 classes" in out)
 
 
 def test_table_repro_puts_each_repro_set_beside_its_rows(tmp_path, monkeypatch, capsys):

@@ -300,7 +300,8 @@ def toy_faces_cases(rng):
 
 def training_cases(stage, base, flags, rng):
     """A trainer: bad numbers, damaged data, outputs it cannot write."""
-    return flag_cases(stage, base, flags, rng) + data_cases(stage, base) + out_cases(stage, base, is_dir=True)
+    return (flag_cases(stage, base, flags, rng) + data_cases(stage, base)
+            + out_cases(stage, base, is_dir=True))
 
 
 def train_arcface_cases(rng):

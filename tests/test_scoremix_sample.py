@@ -39,7 +39,8 @@ class GaussianClasses(nn.Module):
         if labels is None:
             mu = torch.tensor(self.mu_null, dtype=x.dtype)
         else:
-            mu = labels.to(x.dtype) @ self.mus.to(x.dtype) if labels.is_floating_point() else self.mus[labels]
+            mu = (labels.to(x.dtype) @ self.mus.to(x.dtype) if labels.is_floating_point()
+                  else self.mus[labels])
         mu, sigma = mu.to(x.dtype).reshape(shape), torch.as_tensor(sigma, dtype=x.dtype).reshape(shape)
         return mu + self.s0 ** 2 / (self.s0 ** 2 + sigma ** 2) * (x - mu)
 
@@ -262,7 +263,8 @@ def test_two_processes_give_the_same_images(mixed):
     assert sorted(one) == sorted(two)
     for name in one:
         assert np.abs(one[name].astype(int) - two[name].astype(int)).max() <= 1, name
-    assert (mixed / "one" / "manifest.csv").read_text() == (mixed / "two" / "manifest.csv").read_text()
+    assert ((mixed / "one" / "manifest.csv").read_text()
+            == (mixed / "two" / "manifest.csv").read_text())
 
 
 def test_resume_redoes_only_missing_or_half_written_identities(mixed, gen, tmp_path):
@@ -298,7 +300,8 @@ def test_repro_and_condmix_modes(gen, tiny_toy, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(read_folder(tmp_path / "repro")) == sorted(names)
     merged = open_datasets([tiny_toy / "train", tmp_path / "repro"], merge_by_name=True)
-    assert merged.classes == sorted(names) and len(merged) == len(open_datasets([tiny_toy / "train"])) + 3 * len(names)
+    assert (merged.classes == sorted(names)
+            and len(merged) == len(open_datasets([tiny_toy / "train"])) + 3 * len(names))
     r = run_script("scoremix_sample.py", "--net", snapshot, "--mode", "condmix", "--pairs", pairs,
                    *SAMPLE, "--out", tmp_path / "condmix", env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -391,7 +394,8 @@ def assert_one_error_line(text, *needles):
     ("unet.out_conv.weight", 3.4e38,
      "non-finite value(s) in its output"),  # finite weights, inf output
 ])
-def test_a_generator_with_non_finite_weights_or_output_is_refused(gen, tmp_path, key, value, needle):
+def test_a_generator_with_non_finite_weights_or_output_is_refused(gen, tmp_path, key, value,
+                                                                  needle):
     from conftest import poisoned_copy
     snapshot, pairs, _ = gen
     bad, _ = poisoned_copy(snapshot, tmp_path / "bad.pt", key, value)
@@ -574,11 +578,13 @@ def wait_for(condition, process, timeout=120):
 
 
 def visible_folders(out):
-    return [d for d in os.listdir(out) if not d.startswith(".") and os.path.isdir(out / d)] if out.exists() else []
+    return ([d for d in os.listdir(out) if not d.startswith(".") and os.path.isdir(out / d)]
+            if out.exists() else [])
 
 
 def partial_images(out):
-    return sum(len(os.listdir(out / d)) for d in os.listdir(out) if d.endswith(".partial")) if out.exists() else 0
+    return (sum(len(os.listdir(out / d)) for d in os.listdir(out) if d.endswith(".partial"))
+            if out.exists() else 0)
 
 
 @pytest.fixture(scope="module")
@@ -632,7 +638,8 @@ def test_two_writers_on_one_out_give_one_complete_result(gen, slow_reference, tm
     assert all(np.array_equal(result[n], images[n]) for n in images)
 
 
-def test_a_full_disk_leaves_complete_identities_and_nothing_half_written(gen, tmp_path, monkeypatch):
+def test_a_full_disk_leaves_complete_identities_and_nothing_half_written(gen, tmp_path,
+                                                                         monkeypatch):
     import errno
     import scoremix_sample
     snapshot, pairs, _ = gen

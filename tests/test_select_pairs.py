@@ -216,7 +216,8 @@ def test_cli_embedding_space_writes_named_pairs(models, tiny_toy, tmp_path):
     names = sorted(os.listdir(tiny_toy / "train"))
     rows = read_csv(tmp_path / "pairs.csv")
     assert list(rows[0]) == ["class_a", "class_b", "distance", "rank"]
-    assert len(rows) == len(names) and [int(x["rank"]) for x in rows] == list(range(1, len(names) + 1))
+    assert (len(rows) == len(names)
+            and [int(x["rank"]) for x in rows] == list(range(1, len(names) + 1)))
     centres = class_centres(load_backbone(fr), open_datasets([str(tiny_toy / "train")]))
     d = cosine_distances(centres)
     index = {n: i for i, n in enumerate(names)}
@@ -252,7 +253,8 @@ def test_cli_blockwise_path_writes_the_same_pairs(models, tiny_toy, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "block by block" in r.stdout and "all 15 pairs" in r.stdout
     full, blocks = read_csv(tmp_path / "full.csv"), read_csv(tmp_path / "blocks.csv")
-    assert [(x["class_a"], x["class_b"]) for x in blocks] == [(x["class_a"], x["class_b"]) for x in full]
+    assert ([(x["class_a"], x["class_b"]) for x in blocks]
+            == [(x["class_a"], x["class_b"]) for x in full])
     np.testing.assert_allclose([float(x["distance"]) for x in blocks],
                                [float(x["distance"]) for x in full], atol=2e-6)
 
@@ -305,7 +307,8 @@ def test_bad_input_gives_one_error_line(models, tiny_toy, tmp_path, capsys, args
     argv = [str(subst.get(a, a)) for a in args] + ["--out", str(tmp_path / "p.csv")]
     with pytest.raises(SystemExit) as e:  # nothing else escapes
         main(argv)
-    message = e.value.code if isinstance(e.value.code, str) else capsys.readouterr().err.strip().splitlines()[-1]
+    message = (e.value.code if isinstance(e.value.code, str)
+               else capsys.readouterr().err.strip().splitlines()[-1])
     assert e.value.code != 0 and needle in message and "\n" not in message and "error:" in message
     assert not (tmp_path / "p.csv").exists()
 
@@ -373,7 +376,8 @@ def test_numeric_flags_are_checked_at_the_door(models, tiny_toy, tmp_path, capsy
     assert os.listdir(tmp_path) == []
 
 
-def test_an_out_that_is_a_folder_or_locked_is_refused_before_any_work(models, tiny_toy, tmp_path, capsys):
+def test_an_out_that_is_a_folder_or_locked_is_refused_before_any_work(models, tiny_toy, tmp_path,
+                                                                      capsys):
     from common import output_lock
     argv = ["--fr", models[0], "--data", tiny_toy / "train"]
     (tmp_path / "dir.csv").mkdir()

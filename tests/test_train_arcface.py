@@ -502,7 +502,8 @@ def test_packed_rec_reads_back_with_counts_labels_and_pixels(tmp_path, fmt):
                    "--pack-format", fmt, env=ENV)
     assert r.returncode == 0 and "10 images of 4 identities" in r.stdout, r.stderr
     ds = RecordIODataset(str(tmp_path / "rec" / "train.rec"))
-    assert len(ds) == 10 and ds.classes == ["0", "1", "2", "3"] and ds.targets == list(merged.targets)
+    assert (len(ds) == 10 and ds.classes == ["0", "1", "2", "3"]
+            and ds.targets == list(merged.targets))
     assert (tmp_path / "rec" / "property").read_text() == "4,32,32\n"
     flag, labels, image = ds.read_header(0)
     assert (flag, labels, image) == (2, [11.0, 15.0], b"")  # images 1..10, identity records 11..14
@@ -671,7 +672,8 @@ def test_steps_stopping_mid_epoch_leave_the_epoch_open_for_more_steps(tmp_path):
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert (ckpt["step"], ckpt["epoch"]) == (4, 1)
     r = run_script("train_arcface.py", *args, "--steps", "8", env=ENV)
-    assert r.returncode == 0 and "resuming" in r.stdout and "already finished" not in r.stdout, r.stderr
+    assert (r.returncode == 0 and "resuming" in r.stdout
+            and "already finished" not in r.stdout), r.stderr
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 8
 
 

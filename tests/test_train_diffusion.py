@@ -100,7 +100,8 @@ def test_churn_sampler_draws_the_gaussian_with_fresh_noise():
     z = torch.randn(20000, 1, 1, 1, generator=g, dtype=torch.float64)
     x = heun_sample(GaussianDenoiser(mu, s0), z, karras_sigmas(256), S_churn=40,
                     randn_like=lambda v: torch.randn(v.shape, generator=g, dtype=v.dtype))
-    assert x.mean().item() == pytest.approx(mu, abs=0.012) and x.std().item() == pytest.approx(s0, rel=0.015)
+    assert (x.mean().item() == pytest.approx(mu, abs=0.012)
+            and x.std().item() == pytest.approx(s0, rel=0.015))
     # deterministic: exactly 1
     assert torch.corrcoef(torch.stack([x.flatten(), z.flatten()]))[0, 1] < 0.95
 
@@ -200,7 +201,8 @@ def test_cli_run_writes_a_loadable_snapshot_and_samples(runs, tiny_toy):
         load_generator(run / "checkpoint.pt")
     assert net.class_names == sorted(os.listdir(tiny_toy / "train"))
     config = json.loads((run / "config.json").read_text())
-    assert net.sigma_data == pytest.approx(config["net"]["sigma_data"]) and 0.2 < net.sigma_data < 0.8
+    assert (net.sigma_data == pytest.approx(config["net"]["sigma_data"])
+            and 0.2 < net.sigma_data < 0.8)
     # what its bits depend on
     assert config["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     with Image.open(sorted(run.glob("samples-*.png"))[-1]) as im:
@@ -219,7 +221,8 @@ def test_resumed_run_is_bit_identical(runs):
                        weights_only=True) for r in ("straight", "resumed"))
     assert a["nimg"] == b["nimg"] == 64
     for key in a["net"]:
-        assert torch.equal(a["net"][key], b["net"][key]) and torch.equal(a["ema"][0][key], b["ema"][0][key]), key
+        assert (torch.equal(a["net"][key], b["net"][key])
+                and torch.equal(a["ema"][0][key], b["ema"][0][key])), key
     assert any(not torch.equal(v, w) for v, w in zip(a["net"].values(), torch.load(
         last_snapshot(runs / "straight"), weights_only=True)["ema"].values()))  # EMA != net
 
@@ -284,7 +287,8 @@ def test_edm2_unet_layout_and_names():
     assert list(net.unet.dec) == ["8x8_in0", "8x8_in1", "8x8_block0", "8x8_block1", "16x16_up",
                                   "16x16_block0",
                                   "16x16_block1"]  # num_blocks + 1 decoder blocks per level
-    assert net.unet.enc["8x8_down"].resample_mode == "down" and net.unet.dec["16x16_up"].resample_mode == "up"
+    assert (net.unet.enc["8x8_down"].resample_mode == "down"
+            and net.unet.dec["16x16_up"].resample_mode == "up")
     heads = {name: block.num_heads for name, block in net.unet.dec.items()}
     assert heads == {"8x8_in0": 4, "8x8_in1": 0, "8x8_block0": 4, "8x8_block1": 4, "16x16_up": 0,
                      "16x16_block0": 0, "16x16_block1": 0}
@@ -315,7 +319,8 @@ def test_cpu_guide_is_a_fraction_of_the_cpu_net():
         return sum(q.numel() for q in Denoiser(32, 3, 32, channels=p["channels"],
                                                channel_mult=p["channel_mult"],
                                                num_blocks=p["num_blocks"]).parameters())
-    assert count("cpu") == pytest.approx(2.6e6, rel=0.05) and count("cpu-guide") < count("cpu") / 3.5
+    assert (count("cpu") == pytest.approx(2.6e6, rel=0.05)
+            and count("cpu-guide") < count("cpu") / 3.5)
 
 
 def test_isqrt_lr_matches_edm2_schedule_in_batches():
@@ -337,7 +342,8 @@ def test_isqrt_lr_matches_edm2_schedule_in_batches():
 def test_posthoc_ema_solver_matches_edm2():
     """EDM2's phema.solve_posthoc_coefficients / power_function_correlation, evaluated with EDM2's
     code."""
-    assert profile_inner_product(3.0, 0.05, 5.0, 0.1) == pytest.approx(0.03310742573981591, rel=1e-12)
+    assert (profile_inner_product(3.0, 0.05, 5.0, 0.1)
+            == pytest.approx(0.03310742573981591, rel=1e-12))
     nimg, std = [100000, 200000, 300000, 400000] * 2, [0.05] * 4 + [0.10] * 4
     golden = [6.4121507127724e-08, 0.0013421340681085492, 0.6794188503302134, 0,
               -3.5112875832693634e-06, -0.012405097659733978, 0.3316475604274883, 0]
@@ -436,12 +442,14 @@ def test_import_edm2_command_writes_a_snapshot_the_sampler_reads(tmp_path):
             main(["import-edm2", tmp_path / "state.pt", *args, "--out", tmp_path / "bad.pt"])
     r = run_script("train_diffusion.py", "import-edm2", tmp_path / "missing.pt", "--edm2-kwargs",
                    "{}", "--out", tmp_path / "bad.pt", env=ENV)
-    assert r.returncode != 0 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+    assert (r.returncode != 0 and r.stderr.startswith("error: ")
+            and len(r.stderr.strip().splitlines()) == 1)
 
 # ----------------------------------------------------------------------------- real-data path fixes
 
 
-def test_fp16_amp_resumes_from_a_checkpoint_written_without_a_scaler(runs, tiny_toy, tmp_path, monkeypatch):
+def test_fp16_amp_resumes_from_a_checkpoint_written_without_a_scaler(runs, tiny_toy, tmp_path,
+                                                                     monkeypatch):
     shutil.copytree(runs / "straight", tmp_path / "run")
     loads = []
     real_load = torch.load
@@ -488,7 +496,8 @@ def test_training_images_stream_with_bounded_decoding(tiny_toy, tmp_path, monkey
     assert (last_snapshot(tmp_path / "run")).exists()
 
 
-def test_guide_of_another_architecture_is_accepted_and_another_resolution_refused(runs, tiny_toy, tmp_path):
+def test_guide_of_another_architecture_is_accepted_and_another_resolution_refused(runs, tiny_toy,
+                                                                                  tmp_path):
     import scoremix_sample
     net = last_snapshot(runs / "straight")
     guide = tmp_path / "guide"
@@ -511,7 +520,8 @@ def test_guide_of_another_architecture_is_accepted_and_another_resolution_refuse
                               "--out", str(tmp_path / "s2")])
 
 
-def test_a_corrupt_image_met_by_a_loader_process_gives_one_error_line(tiny_toy, tmp_path, monkeypatch):
+def test_a_corrupt_image_met_by_a_loader_process_gives_one_error_line(tiny_toy, tmp_path,
+                                                                      monkeypatch):
     data = tmp_path / "train"
     shutil.copytree(tiny_toy / "train", data)
     monkeypatch.setattr(td, "STATS_IMAGES", 1)
@@ -537,4 +547,5 @@ def test_a_resumed_run_rewrites_the_log_up_to_its_checkpoint(tmp_path):
     (tmp_path / "log.jsonl").write_text(
         "".join(json.dumps(r) + "\n" for r in records) + '{"kimg": 0.1')
     td.truncate_log(tmp_path, 64)
-    assert [json.loads(line)["kimg"] for line in open(tmp_path / "log.jsonl")] == [0.032, 0.064, 0.064]
+    assert ([json.loads(line)["kimg"] for line in open(tmp_path / "log.jsonl")]
+            == [0.032, 0.064, 0.064])
