@@ -26,9 +26,9 @@ def test_sensitivity_rows_skip_the_main_setting():
 def result(tmp_path, row, seed, avg, sources):
     acc = {b: avg for b in BENCH}
     (tmp_path / "replication").mkdir(exist_ok=True)
-    (tmp_path / "replication" / f"{experiments.row_file(row)}-seed{seed}.json").write_text(json.dumps(
-        {"row": row, "seed": seed, "steps": 192, "accuracy": acc, "avg": avg, "sources": sources,
-         "tar_at_far_1e-3": {b: 10.0 for b in BENCH}}))
+    path = tmp_path / "replication" / f"{experiments.row_file(row)}-seed{seed}.json"
+    path.write_text(json.dumps({"row": row, "seed": seed, "steps": 192, "accuracy": acc, "avg": avg,
+                                "sources": sources, "tar_at_far_1e-3": {b: 10.0 for b in BENCH}}))
 
 
 def test_replication_table_gives_the_share_of_the_oracle_gain(tmp_path, monkeypatch, capsys):
@@ -39,7 +39,7 @@ def test_replication_table_gives_the_share_of_the_oracle_gain(tmp_path, monkeypa
         result(tmp_path, "real+scoremix-dist-emb", seed, mix, ["real", "scoremix-dist-emb"])
     result(tmp_path, "real+scoremix-dist-emb-alpha0.3 (=)", 0, 77.0,
            ["real", "scoremix-dist-emb-alpha0.3"])
-    result(tmp_path, "oracle (=)", 0, 80.0, ["oracle"])  # a (=) row's share: of the (=) oracle's gain
+    result(tmp_path, "oracle (=)", 0, 80.0, ["oracle"])  # a (=) row's share: of the (=) oracle's
     (tmp_path / "replication" / "synthetic").mkdir()
     spread = {"neighbour_ratio": 0.9, "intra_cosine": 0.9, "inter_cosine": 0.0, "consistency": 95.0}
     # a record from before churn / copy measurement
@@ -61,7 +61,8 @@ def test_replication_table_gives_the_share_of_the_oracle_gain(tmp_path, monkeypa
     lines = {line.split(" | ")[0][2:]: line for line in out.splitlines() if line.startswith("| ")}
     assert lines["real+scoremix-dist-emb"].split(" | ")[-2] == "+0.50"  # 1.5 of 3
     # claims: seed-paired differences +1, +2 -> +1.50, t(1) 12.706 x 0.5
-    assert "| ScoreMix (distant) > real | real+scoremix-dist-emb - real | +1.50 [-4.85, +7.85] (2) |  |" in out
+    assert ("| ScoreMix (distant) > real | real+scoremix-dist-emb - real | +1.50 [-4.85, +7.85] (2) "
+            "|  |") in out
     assert lines["real+scoremix-dist-emb-alpha0.3 (=)"].split(" | ")[-2] == "-0.50"  # -1 of 2
     # vs real's seed 0
     assert lines["real+scoremix-dist-emb-alpha0.3 (=)"].split(" | ")[-4] == "-1.00"
@@ -78,7 +79,8 @@ def test_figure_shows_one_row_per_set_and_rejects_a_missing_set(tmp_path, monkey
     for folder in ("real/train", "runs/replication/synthetic/mix"):
         for ident in ("a", "b"):
             (tmp_path / folder / ident).mkdir(parents=True)
-            Image.fromarray(np.full((8, 8, 3), 100, np.uint8)).save(tmp_path / folder / ident / "0.png")
+            Image.fromarray(np.full((8, 8, 3), 100, np.uint8)).save(
+                tmp_path / folder / ident / "0.png")
     (tmp_path / "runs/replication/synthetic/mix/manifest.csv").write_text("not a folder\n")
     monkeypatch.setattr(experiments, "toy_data", lambda n: str(tmp_path / "real"))
     monkeypatch.setattr(experiments, "RUNS", str(tmp_path / "runs"))
@@ -112,8 +114,8 @@ def test_regime_recipe_table_flags_recipes_whose_2x_run_moves_by_more_than_a_std
             (tmp_path / "regime_recipe" / f"{row}-seed{seed}.json").write_text(json.dumps(
                 {"row": row, "seed": seed, "epochs": 24, "avg": avg, "accuracy": {"val_lfw": avg}}))
     report.table(argparse.Namespace(group="regime_recipe"))
-    lines = {line.split(" | ")[0][2:]: line.split(" | ") for line in capsys.readouterr().out.splitlines()
-             if line.startswith("| e")}
+    lines = {line.split(" | ")[0][2:]: line.split(" | ")
+             for line in capsys.readouterr().out.splitlines() if line.startswith("| e")}
     assert lines["e24"][3:7] == ["81.00 +- 1.00", "81.50 +- 1.00", "+0.50 [+0.50, +0.50] (3)",
                                  "yes"]
     assert lines["e12"][6] == "no" and lines["e12"][7].startswith("+1.50 [")  # 3.0 apart, std 0.5
@@ -216,11 +218,11 @@ def test_table_cka_prints_every_cka_output_and_refuses_none(tmp_path, monkeypatc
     with pytest.raises(SystemExit, match="no results under results/cka"):
         report.table(argparse.Namespace(group="cka"))
     null = {"mean": 0.1, "std": 0.02}
-    pair = {"a": "gen.pt", "b": "fr-seed0", "cka": 0.5, "unbiased_cka": 0.25, "cknna": 0.3, "mutual_knn": 0.2,
-            "null": {m: null for m in ("cka", "unbiased_cka", "cknna", "mutual_knn")}}
+    pair = {"a": "gen.pt", "b": "fr-seed0", "cka": 0.5, "unbiased_cka": 0.25, "cknna": 0.3,
+            "mutual_knn": 0.2, "null": {m: null for m in ("cka", "unbiased_cka", "cknna", "mutual_knn")}}
     (tmp_path / "cka").mkdir()
-    (tmp_path / "cka" / "run.json").write_text(json.dumps({"k": 10, "permutations": 20, "classes": 32,
-                                                            "pairs": [pair]}))
+    (tmp_path / "cka" / "run.json").write_text(
+        json.dumps({"k": 10, "permutations": 20, "classes": 32, "pairs": [pair]}))
     report.table(argparse.Namespace(group="cka"))
     out = capsys.readouterr().out
     assert ("| gen.pt | fr-seed0 | 0.500 (0.100 +- 0.020) | 0.250 (0.100 +- 0.020) |" in out
@@ -240,6 +242,6 @@ def test_table_repro_puts_each_repro_set_beside_its_rows(tmp_path, monkeypatch, 
     report.table(argparse.Namespace(group="repro"))
     out = capsys.readouterr().out
     # population std of (76, 76.5) 0.25; seed-paired -2.0, -2.5: -2.25 +- 0.25 (standard error)
-    assert ("| deterministic Heun (the paper's sampler) | 95.7 | 0.93 | 0.87 | 76.2 +- 0.2 | -2.25 +- 0.25 "
-            "| 78.0 +- 0.5 | -0.50 +- 0.00 |") in out
+    assert ("| deterministic Heun (the paper's sampler) | 95.7 | 0.93 | 0.87 | 76.2 +- 0.2 | "
+            "-2.25 +- 0.25 | 78.0 +- 0.5 | -0.50 +- 0.00 |") in out
     assert "| real only, 48 epochs |  | |  |  |  |  |  |" in out  # a row not run yet stays empty
