@@ -61,8 +61,8 @@ def test_replication_table_gives_the_share_of_the_oracle_gain(tmp_path, monkeypa
     lines = {line.split(" | ")[0][2:]: line for line in out.splitlines() if line.startswith("| ")}
     assert lines["real+scoremix-dist-emb"].split(" | ")[-2] == "+0.50"  # 1.5 of 3
     # claims: seed-paired differences +1, +2 -> +1.50, t(1) 12.706 x 0.5
-    assert ("| ScoreMix (distant) > real | real+scoremix-dist-emb - real | +1.50 [-4.85, +7.85] (2) "
-            "|  |") in out
+    assert ("| ScoreMix (distant) > real | real+scoremix-dist-emb - real "
+            "| +1.50 [-4.85, +7.85] (2) |  |") in out
     assert lines["real+scoremix-dist-emb-alpha0.3 (=)"].split(" | ")[-2] == "-0.50"  # -1 of 2
     # vs real's seed 0
     assert lines["real+scoremix-dist-emb-alpha0.3 (=)"].split(" | ")[-4] == "-1.00"
@@ -219,7 +219,8 @@ def test_table_cka_prints_every_cka_output_and_refuses_none(tmp_path, monkeypatc
         report.table(argparse.Namespace(group="cka"))
     null = {"mean": 0.1, "std": 0.02}
     pair = {"a": "gen.pt", "b": "fr-seed0", "cka": 0.5, "unbiased_cka": 0.25, "cknna": 0.3,
-            "mutual_knn": 0.2, "null": {m: null for m in ("cka", "unbiased_cka", "cknna", "mutual_knn")}}
+            "mutual_knn": 0.2,
+            "null": {m: null for m in ("cka", "unbiased_cka", "cknna", "mutual_knn")}}
     (tmp_path / "cka").mkdir()
     (tmp_path / "cka" / "run.json").write_text(
         json.dumps({"k": 10, "permutations": 20, "classes": 32, "pairs": [pair]}))
