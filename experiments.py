@@ -364,7 +364,10 @@ def regime(args):
                                                          draw=2 if name.endswith("-draw2") else 1,
                                                          flags=["--amp"]))
             if "=" in flags:
-                with open(os.path.join(RESULTS, "regime", "real-seed0.json")) as f:
+                real = os.path.join(RESULTS, "regime", "real-seed0.json")
+                if not os.path.exists(real):
+                    sys.exit(f"error: {row} trains for the real row's steps: run the real row first")
+                with open(real) as f:
                     flags = [f for f in flags if f != "="] + ["--steps", str(json.load(f)["steps"])]
             discriminator_run("regime", row, seed, dirs, os.path.join(data, "bench"),
                               extra=["--epochs", epochs, "--val-every", epochs, *flags], val=val,

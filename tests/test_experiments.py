@@ -246,3 +246,16 @@ def test_table_repro_puts_each_repro_set_beside_its_rows(tmp_path, monkeypatch, 
     assert ("| deterministic Heun (the paper's sampler) | 95.7 | 0.93 | 0.87 | 76.2 +- 0.2 | "
             "-2.25 +- 0.25 | 78.0 +- 0.5 | -0.50 +- 0.00 |") in out
     assert "| real only, 48 epochs |  | |  |  |  |  |  |" in out  # a row not run yet stays empty
+
+
+def test_regime_equal_steps_row_without_the_real_row_is_refused(tmp_path, monkeypatch):
+    import pytest
+    monkeypatch.setattr(experiments, "RESULTS", str(tmp_path))
+    monkeypatch.setattr(experiments, "regime_data", lambda n, p: f"data{n}")
+    monkeypatch.setattr(experiments, "recipe_run", lambda *a, **k: "baseline.pt")
+    monkeypatch.setattr(experiments, "sample_set", lambda *a, **k: "synthetic")
+    monkeypatch.setattr(experiments, "discriminator_run", lambda *a, **k: pytest.fail("trained"))
+    args = argparse.Namespace(identities=256, per_identity=16, kimg=700, guide_kimg=200, guidance=1.0,
+                              steps=32, seeds=[0], rows=["real+scoremix-dist-emb (=)"])
+    with pytest.raises(SystemExit, match="run the real row first"):
+        experiments.regime(args)
