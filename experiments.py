@@ -366,7 +366,8 @@ def regime(args):
             if "=" in flags:
                 real = os.path.join(RESULTS, "regime", "real-seed0.json")
                 if not os.path.exists(real):
-                    sys.exit(f"error: {row} trains for the real row's steps: run the real row first")
+                    sys.exit(f"error: {row} trains for the real row's steps: "
+                             "run the real row first")
                 with open(real) as f:
                     flags = [f for f in flags if f != "="] + ["--steps", str(json.load(f)["steps"])]
             discriminator_run("regime", row, seed, dirs, os.path.join(data, "bench"),

@@ -221,9 +221,10 @@ def py2_pickle(bins, issame, array_first=False):
     for j, b in enumerate(bins):
         # ndarray of the encoded bytes, as numpy 1.x under py2 pickles it
         if array_first and j == 0:
-            out.append(b"cnumpy.core.multiarray\n_reconstruct\nq\x01cnumpy\nndarray\nq\x02K\x00\x85U\x01b\x87R"
-                       b"(K\x01" + b"J" + struct.pack("<i", len(b)) + b"\x85cnumpy\ndtype\nU\x02u1K\x00K\x01\x87R"
-                       b"(K\x03U\x01|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb\x89" + binstring(b) + b"tb")
+            out.append(b"cnumpy.core.multiarray\n_reconstruct\nq\x01cnumpy\nndarray\nq\x02K\x00"
+                       b"\x85U\x01b\x87R(K\x01" + b"J" + struct.pack("<i", len(b))
+                       + b"\x85cnumpy\ndtype\nU\x02u1K\x00K\x01\x87R(K\x03U\x01|NNNJ\xff\xff\xff"
+                       b"\xffJ\xff\xff\xff\xffK\x00tb\x89" + binstring(b) + b"tb")
         else:
             out.append(binstring(b))
     out.append(b"e]q\x03(" + b"".join(b"\x88" if s else b"\x89" for s in issame) + b"e\x86q\x04.")
@@ -370,7 +371,7 @@ def test_umeyama_is_the_least_squares_similarity_for_noisy_and_mirrored_points()
     src = evaluate.ARCFACE_TEMPLATE
     for dst in (
         src @ similarity(1.5, 0.4, 3, 7)[:, :2].T + rng.normal(0, 4, (5, 2)),
-        src * [-1, 1] + rng.normal(0, 1, (5, 2))):  # a mirror image: the best fit is still no reflection
+        src * [-1, 1] + rng.normal(0, 1, (5, 2))):  # a mirror image: the best fit is no reflection
         A = np.zeros((10, 4))
         A[0::2] = np.c_[src[:, 0], -src[:, 1], np.ones(5), np.zeros(5)]
         A[1::2] = np.c_[src[:, 1], src[:, 0], np.zeros(5), np.ones(5)]

@@ -255,7 +255,8 @@ def test_regime_equal_steps_row_without_the_real_row_is_refused(tmp_path, monkey
     monkeypatch.setattr(experiments, "recipe_run", lambda *a, **k: "baseline.pt")
     monkeypatch.setattr(experiments, "sample_set", lambda *a, **k: "synthetic")
     monkeypatch.setattr(experiments, "discriminator_run", lambda *a, **k: pytest.fail("trained"))
-    args = argparse.Namespace(identities=256, per_identity=16, kimg=700, guide_kimg=200, guidance=1.0,
-                              steps=32, seeds=[0], rows=["real+scoremix-dist-emb (=)"])
+    args = argparse.Namespace(identities=256, per_identity=16, kimg=700, guide_kimg=200,
+                              guidance=1.0, steps=32, seeds=[0],
+                              rows=["real+scoremix-dist-emb (=)"])
     with pytest.raises(SystemExit, match="run the real row first"):
         experiments.regime(args)

@@ -402,7 +402,8 @@ def tree(folder):
             path = os.path.join(root, name)
             if not name.endswith(".lock"):
                 out[os.path.relpath(path, folder)] = (
-                    hashlib.sha1(open(path, "rb").read()).hexdigest() if os.path.isfile(path) else "dir")
+                    hashlib.sha1(open(path, "rb").read()).hexdigest() if os.path.isfile(path)
+                    else "dir")
     return out
 
 

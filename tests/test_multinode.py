@@ -59,5 +59,6 @@ def test_two_nodes_train_the_same_weights_as_one_node_with_two_processes(tmp_pat
     assert momentum[0].keys() == momentum[1].keys()
     for k in momentum[0]:
         assert torch.equal(momentum[0][k]["momentum_buffer"], momentum[1][k]["momentum_buffer"]), k
-    a, b = (torch.load(run / "model.pt", weights_only=True)["state_dict"] for run in (two_nodes, one_node))
+    a, b = (torch.load(run / "model.pt", weights_only=True)["state_dict"]
+            for run in (two_nodes, one_node))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

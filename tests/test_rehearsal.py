@@ -2,10 +2,11 @@
 train.rec packed by --pack-rec, IResNet-50 at width 1 with 512-d embeddings (plain and Partial FC)
 under torchrun with 2 processes, mixed precision on both branches (bf16 autocast, then fp16 with a
 GradScaler on resume), the EDM2 generator (edm2-s layout, narrow, 64 px) under torchrun with
---grad-accum, interrupted and resumed with --compile, post-hoc EMA, an edm2-xs guide; pairs from the
-.rec, ScoreMix with autoguidance, retraining on real + synthetic identities (64-px samples resized to
-112), .bin and IJB-C evaluation, CKA. The full-width edm2-s at 112 px (attention at 28 and 14 px)
-takes one bf16 training step in-process. Every command is the README's, with small sizes."""
+--grad-accum, interrupted and resumed with --compile, post-hoc EMA, an edm2-xs guide; pairs from
+the .rec, ScoreMix with autoguidance, retraining on real + synthetic identities (64-px samples
+resized to 112), .bin and IJB-C evaluation, CKA. The full-width edm2-s at 112 px (attention at 28
+and 14 px) takes one bf16 training step in-process. Every command is the README's, with small
+sizes."""
 import os
 import subprocess
 import sys
@@ -56,7 +57,8 @@ def test_discriminator_r50_on_two_processes_resumes_across_precisions(rec):
     ckpt = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert ckpt["step"] == 2
     model = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
-    assert all(torch.isfinite(v).all() for v in model["state_dict"].values() if v.is_floating_point())
+    assert all(torch.isfinite(v).all() for v in model["state_dict"].values()
+               if v.is_floating_point())
     pfc = rec / "r50-pfc"
     ok(torchrun("train_arcface.py", "--data", rec / "rec" / "train.rec", "--out", pfc, *R50,
                 "--amp", "--partial-fc", "--sample-rate", "0.5", "--steps", 1), "r50 Partial FC")
@@ -70,7 +72,8 @@ def test_full_width_edm2_s_at_112_px_has_attention_and_takes_a_bf16_training_ste
     net = Denoiser(112, 3, 6, sigma_data=float(args.sigma_data), uncertainty=True,
                    channels=args.channels, channel_mult=args.channel_mult,
                    num_blocks=args.num_blocks, attn_resolutions=args.attn, mp=True)
-    with_attention = {n.split(".")[-1] for n, m in net.named_modules() if getattr(m, "num_heads", 0)}
+    with_attention = {n.split(".")[-1] for n, m in net.named_modules()
+                      if getattr(m, "num_heads", 0)}
     assert {"28x28_block0", "14x14_block0", "14x14_in0", "28x28_block3"} <= with_attention
     y = torch.rand(1, 3, 112, 112) * 2 - 1
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -41,7 +41,8 @@ class GaussianClasses(nn.Module):
         else:
             mu = (labels.to(x.dtype) @ self.mus.to(x.dtype) if labels.is_floating_point()
                   else self.mus[labels])
-        mu, sigma = mu.to(x.dtype).reshape(shape), torch.as_tensor(sigma, dtype=x.dtype).reshape(shape)
+        mu, sigma = (mu.to(x.dtype).reshape(shape),
+                     torch.as_tensor(sigma, dtype=x.dtype).reshape(shape))
         return mu + self.s0 ** 2 / (self.s0 ** 2 + sigma ** 2) * (x - mu)
 
 
@@ -97,7 +98,8 @@ def test_a_guide_identical_to_the_net_gives_the_net_for_any_weight():
 
 def test_guidance_is_applied_per_class_then_mixed():
     net, guide = GaussianClasses([0.8, -0.2], 0.5, mu_null=0.05), GaussianClasses([0.1, 0.9], 0.7)
-    x, sigma, w, a = torch.randn(3, 1, 2, 2, dtype=torch.float64), torch.tensor(0.7, dtype=torch.float64), 1.7, 0.3
+    x, sigma, w, a = (torch.randn(3, 1, 2, 2, dtype=torch.float64),
+                      torch.tensor(0.7, dtype=torch.float64), 1.7, 0.3)
     D = [net(x, sigma, torch.full([3], k)) for k in (0, 1)]
     G = [guide(x, sigma, torch.full([3], k)) for k in (0, 1)]
     auto = sum(wk * (g + w * (d - g)) for wk, d, g in zip((a, 1 - a), D, G))
@@ -130,7 +132,8 @@ def test_weights_within_tolerance_are_accepted():
 
 @pytest.mark.parametrize("guide", ["none", "auto", "cfg"])
 def test_all_classes_go_through_one_batched_forward_pass(guide):
-    net, other = GaussianClasses([0.8, -0.2, 0.1], 0.5, mu_null=0.0), GaussianClasses([0.1, 0.9, 0.0], 0.7)
+    net, other = (GaussianClasses([0.8, -0.2, 0.1], 0.5, mu_null=0.0),
+                  GaussianClasses([0.1, 0.9, 0.0], 0.7))
     kw = {"none": {}, "auto": dict(guide=other, guidance=1.3), "cfg": dict(guidance=1.3)}[guide]
     steps, batch = 6, 5
     heun_sample(mix_denoisers(net, [0, 1, 2], [0.2, 0.3, 0.5], **kw),
@@ -222,7 +225,8 @@ SAMPLE = ["--per-pair", 3, "--steps", 4, "--batch-size", 4]
 def read_folder(root):
     """{identity: uint8 array [n, H, W, 3]} of every identity folder (hidden ones too)."""
     folders = [d for d in sorted(os.listdir(root)) if os.path.isdir(os.path.join(root, d))]
-    return {d: np.stack([np.asarray(Image.open(os.path.join(root, d, f))) for f in sorted(os.listdir(root / d))])
+    return {d: np.stack([np.asarray(Image.open(os.path.join(root, d, f)))
+                         for f in sorted(os.listdir(root / d))])
             for d in folders}
 
 
@@ -272,7 +276,8 @@ def test_resume_redoes_only_missing_or_half_written_identities(mixed, gen, tmp_p
     out = tmp_path / "resume"
     shutil.copytree(mixed / "one", out)
     before = read_folder(out)
-    keep, gone, half = f"mix_{names[0]}_{names[3]}", f"mix_{names[1]}_{names[4]}", f"mix_{names[0]}_{names[3]}_2"
+    keep, gone, half = (f"mix_{names[0]}_{names[3]}", f"mix_{names[1]}_{names[4]}",
+                        f"mix_{names[0]}_{names[3]}_2")
     mtimes = {f: os.stat(out / keep / f).st_mtime_ns for f in os.listdir(out / keep)}
     shutil.rmtree(out / gone)
     os.rename(out / half, out / f".{half}.partial")  # as if killed before the rename
@@ -340,7 +345,8 @@ def test_grid_figures(gen, tmp_path):
     r = run_script("scoremix_sample.py", "--net", snapshot, "--grid", tmp_path / "fig.png",
                    "--classes", names[0], names[2], "--steps", 4, "--grid-seeds", 2, env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
-    with Image.open(tmp_path / "fig.png") as grid, Image.open(tmp_path / "fig-triplets.png") as triplets:
+    with (Image.open(tmp_path / "fig.png") as grid,
+          Image.open(tmp_path / "fig-triplets.png") as triplets):
         # 5 x 5 cells of 16 px drawn at 4x, plus labels
         assert grid.width > 5 * 64 and grid.height > 5 * 64
         assert triplets.width > 3 * 64 and 2 * 64 < triplets.height < 5 * 64

@@ -136,7 +136,8 @@ def test_triplets_are_ranked_by_the_distance_sum():
     assert all(sorted((t[1] - t[0], t[2] - t[1])) in ([1, 1], [1, 4]) for t in tuples)
     d = cosine_distances(circle([0, 0.2, 0.5, 1.4, 2.2, 3.0, 4.1, 5.0]))
     tuples, _ = select_tuples(d, "dist", 8, 3)
-    every = [sum(d[a, b] for a, b in itertools.combinations(t, 2)) for t in itertools.combinations(range(8), 3)]
+    every = [sum(d[a, b] for a, b in itertools.combinations(t, 2))
+             for t in itertools.combinations(range(8), 3)]
     assert tuple_distances(d, tuples).sum(1)[0] == pytest.approx(max(every))
 
 
@@ -385,7 +386,8 @@ def test_an_out_that_is_a_folder_or_locked_is_refused_before_any_work(models, ti
                                                        capsys)
     with output_lock(str(tmp_path / "p.csv"), is_dir=False):
         line = one_error_line(main, [*argv, "--out", tmp_path / "p.csv"], capsys)
-        assert f"--out {tmp_path / 'p.csv'} is in use by another process (pid {os.getpid()})" in line
+        assert (f"--out {tmp_path / 'p.csv'} is in use by another process (pid {os.getpid()})"
+                in line)
     assert os.listdir(tmp_path) == ["dir.csv"]
 
 

@@ -94,7 +94,8 @@ def test_validation_and_all_pairs_sets_change_nothing_else_and_a_set_made_withou
     # same protocol, other faces
     assert val_issame == test_issame and not set(val_bins) & set(test_bins)
     assert sorted(os.listdir(tmp_path / "allpairs")) == ["id00000", "id00001", "id00002"]
-    assert all(len(os.listdir(tmp_path / "allpairs" / i)) == 2 for i in os.listdir(tmp_path / "allpairs"))
+    assert all(len(os.listdir(tmp_path / "allpairs" / i)) == 2
+               for i in os.listdir(tmp_path / "allpairs"))
     # the tiny set was made without the new flags: re-running it with their defaults does nothing
     r = run_script("toy_faces.py", "--out", tiny_toy, *common)
     assert r.returncode == 0 and "already complete" in r.stdout, r.stderr

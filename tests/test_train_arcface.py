@@ -46,7 +46,8 @@ def make_folder(root, names, per=6, size=32, seed=0):
     for label, name in enumerate(names):
         os.makedirs(os.path.join(root, name))
         for k in range(per):
-            Image.fromarray(random_image(rng, label, size)).save(os.path.join(root, name, f"{k}.png"))
+            Image.fromarray(random_image(rng, label, size)).save(
+                os.path.join(root, name, f"{k}.png"))
     return str(root)
 
 
@@ -352,7 +353,8 @@ x, labels = torch.randn(12, 8), torch.randint(0, 11, (12,))
 ddp, b = nn.parallel.DistributedDataParallel(backbone), len(x) // world
 loss = head(ddp(x[rank * b:(rank + 1) * b]), labels[rank * b:(rank + 1) * b])
 loss.backward()
-torch.save({{"loss": loss.detach(), "backbone": {{n: p.grad for n, p in backbone.named_parameters()}},
+torch.save({{"loss": loss.detach(),
+            "backbone": {{n: p.grad for n, p in backbone.named_parameters()}},
             "head": head.gather(head.weight.grad)}}, f"{{sys.argv[1]}}/rank{{rank}}.pt")
 del ddp
 gc.collect()  # the DDP object before its process group
@@ -487,9 +489,10 @@ def test_record_framing_follows_the_recordio_specification():
     assert record_chunks(b"abcd") == magic + bytes([4, 0, 0, 0]) + b"abcd"
     # magic at 4 and 16 (aligned), 10 (not)
     payload = b"ABCD" + magic + b"EF" + magic + b"GH" + magic + b"xyz"
-    expected = (magic + bytes([4, 0, 0, 0x20]) + b"ABCD"  # cflag 1 = 0x20 in the top byte, 4 bytes
-                + magic + bytes([8, 0, 0, 0x40]) + b"EF" + magic + b"GH"  # cflag 2, the unaligned magic kept
-                + magic + bytes([3, 0, 0, 0x60]) + b"xyz" + bytes(1))  # cflag 3, padded
+    # cflag 1 = 0x20 in the top byte, 4 bytes; cflag 2, the unaligned magic kept; cflag 3, padded
+    expected = (magic + bytes([4, 0, 0, 0x20]) + b"ABCD"
+                + magic + bytes([8, 0, 0, 0x40]) + b"EF" + magic + b"GH"
+                + magic + bytes([3, 0, 0, 0x60]) + b"xyz" + bytes(1))
     assert record_chunks(payload) == expected
 
 
@@ -525,7 +528,8 @@ def test_packed_rec_reads_back_with_counts_labels_and_pixels(tmp_path, fmt):
 
 def test_pack_rec_copies_jpeg_bytes_and_resizes_when_asked(tmp_path):
     os.makedirs(tmp_path / "src" / "a")
-    Image.fromarray(random_image(np.random.default_rng(0), 0, 48)).save(tmp_path / "src" / "a" / "0.jpg")
+    Image.fromarray(random_image(np.random.default_rng(0), 0, 48)).save(
+        tmp_path / "src" / "a" / "0.jpg")
     raw = (tmp_path / "src" / "a" / "0.jpg").read_bytes()
     assert pack_rec(open_datasets([str(tmp_path / "src")]), str(tmp_path / "same"),
                     progress=False) == (1, 1)
@@ -659,7 +663,8 @@ def test_killed_mid_epoch_and_resumed_from_a_step_checkpoint_gives_bit_identical
     assert a["step"] == b["step"] == 9
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
-    logs = [[json.loads(line) for line in open(tmp_path / run / "log.jsonl")] for run in ("straight", "killed")]
+    logs = [[json.loads(line) for line in open(tmp_path / run / "log.jsonl")]
+            for run in ("straight", "killed")]
     # epoch 2 too
     assert [(e["step"], e["loss"]) for e in logs[0]] == [(e["step"], e["loss"]) for e in logs[1]]
 
@@ -705,7 +710,8 @@ def test_cuda_settings_turn_on_tf32_and_cudnn_autotuning():
         cuda_settings(tf32=False)
         assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+         torch.backends.cudnn.benchmark) = saved
 
 
 def test_flip_batch_mirrors_the_chosen_images_after_the_copy():
@@ -777,7 +783,8 @@ def test_scale_benchmark_quick_run_prints_its_four_tables():
     r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "scale.py"), "--quick"],
                        capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr
-    rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and not line.startswith("| classes")
+    rows = [line for line in r.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| classes")
             and not line.startswith(("| workers", "| source files"))]
     # heads, selections, workers, packs
     assert len(rows) == 2 + 4 + 3 + 3 and "failed" not in r.stdout, r.stdout
