@@ -6,6 +6,7 @@
     python report.py table regime         # the paper regime's main table, claims and synthetic sets
     python report.py table cka            # condition vs embedding space alignment (cka.py outputs)
     python report.py table repro          # the replication's Repro rows and their controls
+    python report.py table regime --into docs/results.md  # and replace the block it owns there
     python report.py demo runs/demo       # runs/demo/report.md from run_demo.sh's outputs
 
 +- means the population std over seeds in the calibration and replication tables, the sample std
@@ -13,7 +14,9 @@
 differences, and [a, b] a 95% t-interval of them.
 """
 import argparse
+import contextlib
 import glob
+import io
 import json
 import os
 import sys
@@ -401,6 +404,28 @@ def table(args):
               + " | ".join(f"{np.mean([c[i] for c in curves]):.1f}" for i in range(length)) + " |")
 
 
+def table_command(args):
+    """`table GROUP [--into FILE.md]`: print the tables; with --into, replace the block they own."""
+    if not args.into:
+        return table(args)
+    begin = f"<!-- report.py table {args.group} -->"
+    end = f"<!-- end report.py table {args.group} -->"
+    try:
+        with open(args.into) as f:
+            page = f.read()
+    except OSError as e:
+        sys.exit(f"error: --into {args.into}: {e.strerror}")
+    if page.count(begin) != 1 or page.count(end) != 1 or page.index(begin) > page.index(end):
+        sys.exit(f"error: --into {args.into} needs one line {begin} and, after it, one line {end}")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        table(args)
+    head, rest = page.split(begin, 1)
+    write_atomic(args.into, head + begin + "\n" + out.getvalue().strip("\n") + "\n" + end
+                 + rest.split(end, 1)[1])
+    print(f"wrote the {args.group} tables into {args.into}")
+
+
 def demo_report(args):
     """runs/demo/report.md from the demo's JSON outputs: the results table first."""
     out = args.run
@@ -459,7 +484,11 @@ def main():
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("table", help="print the markdown tables of one results group")
     p.add_argument("group", help="results/<group>")
-    p.set_defaults(func=table)
+    p.add_argument("--into", metavar="FILE.md",
+                   help="also write them into FILE.md between the lines "
+                        "<!-- report.py table GROUP --> and <!-- end report.py table GROUP --> "
+                        "(the generated part of a page)")
+    p.set_defaults(func=table_command)
     p = sub.add_parser("demo", help="write RUN/report.md from run_demo.sh's outputs")
     p.add_argument("run", help="the demo's output folder (runs/demo)")
     p.add_argument("--settings", default="",

@@ -260,3 +260,26 @@ def test_regime_equal_steps_row_without_the_real_row_is_refused(tmp_path, monkey
                               rows=["real+scoremix-dist-emb (=)"])
     with pytest.raises(SystemExit, match="run the real row first"):
         experiments.regime(args)
+
+
+def test_table_into_replaces_only_the_block_it_owns_and_refuses_a_page_without_one(tmp_path,
+                                                                                   monkeypatch,
+                                                                                   capsys):
+    import pytest
+    monkeypatch.setattr(report, "RESULTS", str(tmp_path))
+    (tmp_path / "cka").mkdir()
+    (tmp_path / "cka" / "a.json").write_text(json.dumps({"k": 1, "permutations": 2, "classes": 3,
+                                                          "pairs": []}))
+    page = tmp_path / "page.md"
+    page.write_text(
+        "intro\n<!-- report.py table cka -->\nold table\n<!-- end report.py table cka -->\nend\n")
+    report.table_command(argparse.Namespace(group="cka", into=str(page)))
+    text = page.read_text()
+    assert text.startswith("intro\n<!-- report.py table cka -->\ncka/a.json:") and text.endswith(
+        "3 classes, k = 1, null: 2 row permutations (+- the null's std)\n<!-- end report.py table "
+        "cka -->\nend\n")
+    assert "old table" not in text
+    page.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="needs one line <!-- report.py table cka -->"):
+        report.table_command(argparse.Namespace(group="cka", into=str(page)))
+    assert page.read_text() == "no markers\n"
