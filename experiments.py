@@ -307,16 +307,25 @@ def regime_generator(args):
 # have a second draw (sampler seed 2), used by the odd discriminator seeds, so seed-paired intervals
 # include the set's own variance.
 
-REGIME_SNAPSHOTS = os.path.join(RESULTS, "regime_generator", "snapshots")
-REGIME_SETS = {  # name -> (mode, pair selection (space, strategy, tuple size) or None)
+# synthetic sets of both regimes: name -> (sampler mode, pair selection (space, strategy, tuple size)
+# or None)
+SYNTHETIC = {
     "repro": ("repro", None),
+    "condmix-dist-emb": ("condmix", ("embedding", "dist", 2)),
+    "scoremix-random": ("scoremix", ("embedding", "random", 2)),
     "scoremix-dist-emb": ("scoremix", ("embedding", "dist", 2)),
     "scoremix-close-emb": ("scoremix", ("embedding", "close", 2)),
-    "scoremix-random-emb": ("scoremix", ("embedding", "random", 2)),
     "scoremix-dist-cond": ("scoremix", ("condition", "dist", 2)),
-    "condmix-dist-emb": ("condmix", ("embedding", "dist", 2)),
-    "average-dist-emb": ("average", ("embedding", "dist", 2)),  # parents' pixel mean, no generator
+    "scoremix-close-cond": ("scoremix", ("condition", "close", 2)),
+    "scoremix-summax-emb": ("scoremix", ("embedding", "dist", 3)),
+    "scoremix-summin-emb": ("scoremix", ("embedding", "close", 3)),
 }
+REGIME_SNAPSHOTS = os.path.join(RESULTS, "regime_generator", "snapshots")
+REGIME_SETS = {name: SYNTHETIC[name] for name in ("repro", "scoremix-dist-emb",
+                                                  "scoremix-close-emb", "scoremix-dist-cond",
+                                                  "condmix-dist-emb")}
+REGIME_SETS["scoremix-random-emb"] = SYNTHETIC["scoremix-random"]
+REGIME_SETS["average-dist-emb"] = ("average", ("embedding", "dist", 2))  # parents' pixel mean
 TWO_DRAWS = ("repro", "scoremix-dist-emb")
 # (row, training sources, epochs, train_arcface.py flags); "=" in flags: the real row's number of
 # steps
@@ -382,18 +391,6 @@ def regime(args):
 # (24 epochs over its own set, as the paper), the (=) rows again at the baseline's number of steps.
 # Every synthetic set has as many identities as the real set, with as many images each.
 
-# synthetic sets: name -> (sampler mode, pair selection (space, strategy, tuple size) or None)
-SYNTHETIC = {
-    "repro": ("repro", None),
-    "condmix-dist-emb": ("condmix", ("embedding", "dist", 2)),
-    "scoremix-random": ("scoremix", ("embedding", "random", 2)),
-    "scoremix-dist-emb": ("scoremix", ("embedding", "dist", 2)),
-    "scoremix-close-emb": ("scoremix", ("embedding", "close", 2)),
-    "scoremix-dist-cond": ("scoremix", ("condition", "dist", 2)),
-    "scoremix-close-cond": ("scoremix", ("condition", "close", 2)),
-    "scoremix-summax-emb": ("scoremix", ("embedding", "dist", 3)),
-    "scoremix-summin-emb": ("scoremix", ("embedding", "close", 3)),
-}
 # rows in table order: (row, training sources, train_arcface.py flags, main row: all seeds, else the
 # first) sources: "real", "oracle" (2N real identities), "fresh" (the real set with twice the images
 # per identity, what a perfect Repro generator would add), or a synthetic set; "=" in flags: the
