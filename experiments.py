@@ -307,8 +307,8 @@ def regime_generator(args):
 # have a second draw (sampler seed 2), used by the odd discriminator seeds, so seed-paired intervals
 # include the set's own variance.
 
-# synthetic sets of both regimes: name -> (sampler mode, pair selection (space, strategy, tuple size)
-# or None)
+# synthetic sets of both regimes: name -> (sampler mode, pair selection (space, strategy,
+# tuple size) or None)
 SYNTHETIC = {
     "repro": ("repro", None),
     "condmix-dist-emb": ("condmix", ("embedding", "dist", 2)),
