@@ -36,15 +36,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import common
 from common import (PROGRESS, ArgumentParser, DataError, InputError, autocast_context,
                     check_compile, check_same_recipe, cuda_settings, epoch_order, fail,
                     jpeg_quality, load_images, machine, non_negative_float, non_negative_int,
                     open_datasets, pack_rec, positive_float, positive_int, probability,
                     run_folder_guard, save_atomic, seed_for, setup_distributed, write_atomic)
-from common import RecordIODataset as _RecordIODataset
 
-# the discriminator's data reader, bound here by its contract name
-RecordIODataset = _RecordIODataset
+
+class RecordIODataset(common.RecordIODataset):
+    """The discriminator's data reader under its contract name: an insightface train.rec (train.idx
+    beside it); len(ds), ds[i] -> (image, int label). The reader itself lives in common.py."""
+
 
 # ----------------------------------------------------------------------------- model
 
