@@ -45,7 +45,11 @@ def mean_std(values):
 T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
 
 
-def paired_interval(runs, reference, value=lambda r: r["avg"]):
+def toy_avg(run):
+    return run["avg"]
+
+
+def paired_interval(runs, reference, value=toy_avg):
     """Seed-paired differences of value(run) (runs minus reference, same seeds): 'mean [95%
     t-interval] (n)'."""
     ref = {r["seed"]: value(r) for r in reference}
@@ -151,14 +155,9 @@ def regime_table(rows):
         key = f"{m['cpu']}, {m['cpu_capability']}, {m['threads']} threads" if m else "not recorded"
         machines[key] = machines.get(key, 0) + 1
     print("\nMachines (runs): " + "; ".join(f"{k} ({n})" for k, n in machines.items()))
-    print("\n| claim | row - reference | Toy Avg-H | all-pairs TAR@FAR=1e-4 | all-pairs "
-          "TAR@FAR=1e-5 |")
-    print("|---" * 5 + "|")
-    for claim, a, b in REGIME_COMPARISONS:
-        if a in rows and b in rows:
-            print(f"| {claim} | {a} - {b} | {paired_interval(rows[a], rows[b])} | "
-                  f"{paired_interval(rows[a], rows[b], allpairs('1e-4'))} | "
-                  f"{paired_interval(rows[a], rows[b], allpairs('1e-5'))} |")
+    comparisons_table(rows, REGIME_COMPARISONS,
+                      [("Toy Avg-H", "", toy_avg)]
+                      + [(f"all-pairs TAR@FAR={far}", "", allpairs(far)) for far in ("1e-4", "1e-5")])
     synth = load_synthetic("regime")
     if synth:
         print("\nSynthetic sets under the seed-0 baseline (real in parentheses): consistency = "
@@ -199,16 +198,17 @@ REPLICATION_COMPARISONS = [  # (claim, row, reference row), each at 24 epochs an
 ]
 
 
-def comparisons_table(rows, comparisons, protocols):
-    """Each claim as a seed-paired difference with its 95% t-interval, under each protocol (a
-    row-name suffix: "" for the rows as named, " (=)" for their equal-step twins; real only is the
-    reference of both)."""
-    print("\n| claim | row - reference | " + " | ".join(name for name, _ in protocols) + " |")
-    print("|---" * (2 + len(protocols)) + "|")
+def comparisons_table(rows, comparisons, columns):
+    """Each claim as a seed-paired difference with its 95% t-interval, one column per (header,
+    row-name suffix, measure): suffix "" for the rows as named, " (=)" for their equal-step twins
+    (real only is the reference of both)."""
+    print("\n| claim | row - reference | " + " | ".join(c[0] for c in columns) + " |")
+    print("|---" * (2 + len(columns)) + "|")
     for claim, a, b in comparisons:
-        refs = [rows.get(b + sfx) or (rows.get(b) if b == "real" else None) for _, sfx in protocols]
-        cells = [paired_interval(rows[a + sfx], ref) if a + sfx in rows and ref else ""
-                 for (_, sfx), ref in zip(protocols, refs)]
+        refs = [rows.get(b + sfx) or (rows.get(b) if b == "real" else None)
+                for _, sfx, _ in columns]
+        cells = [paired_interval(rows[a + sfx], ref, value) if a + sfx in rows and ref else ""
+                 for (_, sfx, value), ref in zip(columns, refs)]
         if any(cells):
             print(f"| {claim} | {a} - {b} | " + " | ".join(cells) + " |")
 
@@ -270,7 +270,7 @@ def replication_table(rows):
                   f"{spread} | {near} | {s['cpu_seconds_per_1000'] or ''} |")
     print("\nThe paper's claims, Toy Avg-H, seed-paired differences [95% t-interval] (seeds):")
     comparisons_table(rows, REPLICATION_COMPARISONS,
-                      [("24 epochs", ""), ("equal steps (=)", " (=)")])
+                      [("24 epochs", "", toy_avg), ("equal steps (=)", " (=)", toy_avg)])
     cka_path = os.path.join(RESULTS, "replication", "cka.json")
     if os.path.exists(cka_path):
         cka_table(cka_path)
