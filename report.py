@@ -157,7 +157,8 @@ def regime_table(rows):
     print("\nMachines (runs): " + "; ".join(f"{k} ({n})" for k, n in machines.items()))
     comparisons_table(rows, REGIME_COMPARISONS,
                       [("Toy Avg-H", "", toy_avg)]
-                      + [(f"all-pairs TAR@FAR={far}", "", allpairs(far)) for far in ("1e-4", "1e-5")])
+                      + [(f"all-pairs TAR@FAR={far}", "", allpairs(far))
+                         for far in ("1e-4", "1e-5")])
     synth = load_synthetic("regime")
     if synth:
         print("\nSynthetic sets under the seed-0 baseline (real in parentheses): consistency = "
