@@ -34,14 +34,14 @@ VARIANTS = {  # name -> environment on top of one thread each
 def run_all(work, env):
     """Every stage once under `env` in `work` (always the same path: files record their paths), then
     removed -> {stage: digest}."""
-    kill_trials.ENV = {**os.environ, "OMP_NUM_THREADS": "1", **env}
-    stages = kill_trials.stages(work)  # makes the toy data and the generator the sampler uses
+    env = {**kill_trials.ENV, **env}
+    stages = kill_trials.stages(work, env)  # makes the toy data and the generator the sampler uses
     out = {"toy_faces.py": digest(os.path.join(work, "toy"))}
     for name, cmd in stages:
         if name == "train_diffusion.py":
             out[name] = digest(os.path.join(work, "gen"))  # stages() already trained it under env
             continue
-        kill_trials.run(cmd(os.path.join(work, name)))
+        kill_trials.run(cmd(os.path.join(work, name)), env)
         out[name] = digest(os.path.join(work, name))
     shutil.rmtree(work)
     return out

@@ -33,8 +33,8 @@ def command(script, *args):
     return [sys.executable, os.path.join(ROOT, script), *map(str, args)]
 
 
-def run(cmd):
-    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True)
+def run(cmd, env=ENV):
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if r.returncode:
         sys.exit(f"error: {' '.join(cmd[1:3])} failed: {r.stderr.strip().splitlines()[-1:]}")
 
@@ -110,20 +110,18 @@ def two_writers(cmd, seconds, rng):
     return codes, errs[codes.index(max(codes))]
 
 
-def stages(work):
+def stages(work, env=ENV):
     """(name, command writing `out`) of each stage, after the shared inputs are made."""
     toy = os.path.join(work, "toy")
     run(command("toy_faces.py", "--out", toy, "--identities", 6, "--per-identity", 6,
-                "--test-identities", 4, "--pairs", 4, "--heldout", 0))
+                "--test-identities", 4, "--pairs", 4, "--heldout", 0), env)
     data = os.path.join(toy, "train")
     gen = os.path.join(work, "gen")
     diffusion = lambda out: command(  # noqa: E731
         "train_diffusion.py", "--data", data, "--out", out, "--resolution", 16, "--channels", 8,
-                                    "--channel-mult",
-        1, 2, "--batch-size", 8, "--duration", 0.4, "--checkpoint-every", 0.04, "--snapshot-every",
-                                    0.1,
-        "--status-every", 0.04, "--label-dropout", 0.2, "--grid-steps", 4)
-    run(diffusion(gen))
+        "--channel-mult", 1, 2, "--batch-size", 8, "--duration", 0.4, "--checkpoint-every", 0.04,
+        "--snapshot-every", 0.1, "--status-every", 0.04, "--label-dropout", 0.2, "--grid-steps", 4)
+    run(diffusion(gen), env)
     snapshot = sorted(glob.glob(os.path.join(gen, "network-snapshot-*.pt")))[-1]
     pairs = os.path.join(work, "pairs.csv")
     with open(pairs, "w") as f:
