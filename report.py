@@ -6,12 +6,16 @@
     python report.py table regime         # the paper regime's main table, claims and synthetic sets
     python report.py table cka            # condition vs embedding space alignment (cka.py outputs)
     python report.py table repro          # the replication's Repro rows and their controls
+    python report.py table brief          # the README's summary of the replication
     python report.py table regime --into docs/results.md  # and replace the block it owns there
+    python report.py table all --into docs/results.md     # every block the page has
     python report.py demo runs/demo       # runs/demo/report.md from run_demo.sh's outputs
 
-+- means the population std over seeds in the calibration and replication tables, the sample std
-(ddof 1) in the regime tables; "vs real, same seeds" is a mean +- standard error of seed-paired
-differences, and [a, b] a 95% t-interval of them.
+One meaning of +- in every table of seeded runs: mean +- the sample standard deviation (ddof 1)
+over seeds. (In the CKA tables +- is the std of the permutation null, as cka.py records it; in the
+demo's .bin accuracies, the std over the 10 folds, as insightface prints it.) A comparison of two
+rows is the mean of their seed-paired differences (same seed: same initialisation and batch order)
+with its 95% t-interval in brackets and the number of seeds: +1.23 [+0.09, +2.37] (5).
 """
 import argparse
 import contextlib
@@ -19,6 +23,7 @@ import glob
 import io
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -36,9 +41,10 @@ def load_results(group):
     return rows
 
 
-def mean_std(values):
-    return (f"{np.mean(values):.1f} +- {np.std(values):.1f}" if len(values) > 1
-            else f"{values[0]:.1f}")
+def mean_std(values, digits=1):
+    """'mean +- sample std (ddof 1)', the one meaning of +- in every table."""
+    return (f"{np.mean(values):.{digits}f} +- {np.std(values, ddof=1):.{digits}f}"
+            if len(values) > 1 else f"{values[0]:.{digits}f}")
 
 
 # t quantile 0.975, df 1..10
@@ -60,12 +66,6 @@ def paired_interval(runs, reference, value=toy_avg):
     return f"{d.mean():+.2f} [{d.mean() - half:+.2f}, {d.mean() + half:+.2f}] ({len(d)})"
 
 
-def sample_std(values):
-    """'mean +- sample std (ddof 1)': the regime tables' one meaning of +-."""
-    return (f"{np.mean(values):.2f} +- {np.std(values, ddof=1):.2f}" if len(values) > 1
-            else f"{values[0]:.2f}")
-
-
 def regime_recipe_table(rows):
     """Per recipe: validation Avg at 1x and 2x epochs, their seed-paired difference, the oracle's
     gain."""
@@ -80,8 +80,8 @@ def regime_recipe_table(rows):
         gap = (np.mean([r["avg"] for r in two]) - np.mean([r["avg"] for r in one]) if two
                else float("nan"))
         print(f"| {name} | {one[0]['epochs']} | {len(one)} | "
-              f"{sample_std([r['avg'] for r in one])} | "
-              f"{sample_std([r['avg'] for r in two]) if two else ''} | "
+              f"{mean_std([r['avg'] for r in one], 2)} | "
+              f"{mean_std([r['avg'] for r in two], 2) if two else ''} | "
               f"{paired_interval(two, one)} | "
               f"{'' if np.isnan(gap * sd) else ('yes' if abs(gap) <= sd else 'no')} | "
               f"{paired_interval(oracle, one)} |")
@@ -143,9 +143,9 @@ def regime_table(rows):
                 gain = np.mean([r["avg"] - ref[r["seed"]] for r in runs if r["seed"] in seeds])
                 gap = np.mean([top[k] - ref[k] for k in seeds])
                 share = f"{gain / gap:+.2f} ({gain:+.2f} / {gap:+.2f}, {len(seeds)})"
-        tars = " | ".join(sample_std([allpairs(f)(r) for r in runs]) for f in fars)
+        tars = " | ".join(mean_std([allpairs(f)(r) for r in runs], 2) for f in fars)
         print(f"| {row} | {len(runs)} | {runs[0]['epochs']} | {runs[0]['steps']} | "
-              f"{sample_std([r['avg'] for r in runs])} | "
+              f"{mean_std([r['avg'] for r in runs], 2)} | "
               f"{paired_interval(runs, real) if row != 'real' else ''} | "
               f"{share} | {tars} | "
               f"{paired_interval(runs, real, allpairs('1e-4')) if row != 'real' else ''} |")
@@ -243,7 +243,7 @@ def replication_table(rows):
                               if synth[s]["cpu_seconds_per_1000"])
             print(f"| {row} | {len(runs)} | {runs[0]['steps']} | " + " | ".join(cells) +
                   f" | {mean_std([r['avg'] for r in runs])} | "
-                  f"{paired_difference(runs, rows.get('real', []))} | "
+                  f"{paired_interval(runs, rows['real']) if row != 'real' else ''} | "
                   f"{mean_std([r['tar_at_far_1e-3']['toy_cplfw'] for r in runs])} | {share} | "
                   f"{cost} |")
     if synth:
@@ -308,11 +308,37 @@ def repro_table(rows):
         sam = synth.get(name, {}).get("samples")
         stats = (f"{sam['consistency']:.1f} | {sam['neighbour_ratio']:.2f} | "
                  f"{sam['intra_cosine']:.2f}" if sam else " | | ")
-        cells = []
-        for r in (row, twin):
-            cells += ([mean_std([x["avg"] for x in rows[r]]), paired_difference(rows[r], real)]
-                      if r in rows else ["", ""])
-        print(f"| {label} | {stats} | " + " | ".join(cells) + " |")
+        print(f"| {label} | {stats} | " + " | ".join(both_protocols(rows, row, twin)) + " |")
+
+
+def both_protocols(rows, row, twin):
+    """Toy Avg-H of `row` (24 epochs) and of `twin` (equal steps), each with its seed-paired
+    difference to real only: four cells."""
+    cells = []
+    for r in (row, twin):
+        cells += ([mean_std([x["avg"] for x in rows[r]]), paired_interval(rows[r], rows["real"])]
+                  if r in rows else ["", ""])
+    return cells
+
+
+BRIEF_ROWS = [  # (label, row at 24 epochs, its equal-step twin)
+    ("+ 32 more real identities (the oracle)", "oracle", "oracle (=)"),
+    ("+ Repro (samples of the existing classes)", "real+repro", "real+repro (=)"),
+    ("+ condition mixing of distant pairs", "real+condmix-dist-emb", "real+condmix-dist-emb (=)"),
+    ("+ ScoreMix, distant pairs", "real+scoremix-dist-emb", "real+scoremix-dist-emb (=)"),
+    ("+ ScoreMix, close pairs", "real+scoremix-close-emb", "real+scoremix-close-emb (=)"),
+]
+
+
+def brief_table(rows):
+    """The README's summary of the replication: the main rows under both protocols."""
+    real = mean_std([r["avg"] for r in rows["real"]])
+    print("| training set | Toy Avg-H, 24 epochs | vs real only | Toy Avg-H, equal steps "
+          "| vs real only |")
+    print("|---" * 5 + "|")
+    print(f"| real only (32 identities) | {real} | | {real} | |")
+    for label, row, twin in BRIEF_ROWS:
+        print(f"| {label} | " + " | ".join(both_protocols(rows, row, twin)) + " |")
 
 
 def cka_table(path):
@@ -328,17 +354,6 @@ def cka_table(path):
         print(f"| {p['a']} | {p['b']} | " + " | ".join(cells) + " |")
     print(f"\n{cka['classes']} classes, k = {cka['k']}, null: {cka['permutations']} row "
           "permutations (+- the null's std)")
-
-
-def paired_difference(runs, real):
-    """Toy Avg-H minus real only's, seed by seed (the seed fixes initialisation and batch order):
-    mean +- standard error over the shared seeds."""
-    real = {r["seed"]: r["avg"] for r in real}
-    d = [r["avg"] - real[r["seed"]] for r in runs if r["seed"] in real]
-    if not d:
-        return ""
-    return f"{np.mean(d):+.2f}" + (
-        f" +- {np.std(d, ddof=1) / np.sqrt(len(d)):.2f}" if len(d) > 1 else "")
 
 
 def generator_table(rows):
@@ -364,6 +379,8 @@ def generator_table(rows):
 def table(args):
     if args.group == "repro":  # assembled from the replication's rows
         return repro_table(load_results("replication"))
+    if args.group == "brief":  # the README's summary of the replication
+        return brief_table(load_results("replication"))
     if args.group == "cka":  # cka.py outputs, one table each
         paths = sorted(glob.glob(os.path.join(RESULTS, "cka", "*.json")))
         if not paths:
@@ -393,9 +410,18 @@ def table(args):
         print(f"| {row} | {len(runs)} | {runs[0]['epochs']} | {runs[0]['steps']} | "
               f"{np.mean([r.get('train_loop_seconds', np.nan) for r in runs]):.0f} | "
               + " | ".join(cells) + f" | {mean_std([r['avg'] for r in runs])} |"
-              + (f" {paired_difference(runs, real)} |" if real else ""))
-    print("\nToy Avg-H over epochs (mean over seeds):\n")
+              + (f" {paired_interval(runs, real)} |" if real else ""))
+    if args.group == "calibration":  # the oracle's gain: real-n2N - real-nN, same tag and seeds
+        print()
+        for row, runs in rows.items():
+            n, _, tag = row[len("real-n"):].partition("-")
+            base = f"real-n{int(n) // 2}" + (f"-{tag}" if tag else "")
+            if base in rows:
+                print(f"Oracle gap {row} - {base}: {paired_interval(runs, rows[base])}  ")
     epochs = [c["epoch"] for c in next(iter(rows.values()))[0]["curve"]]
+    if len(epochs) < 2:  # validation only at the end: no curve
+        return
+    print("\nToy Avg-H over epochs (mean over seeds):\n")
     print("| row | " + " | ".join(f"ep {e}" for e in epochs) + " |")
     print("|---" * (len(epochs) + 1) + "|")
     for row, runs in rows.items():
@@ -406,9 +432,21 @@ def table(args):
 
 
 def table_command(args):
-    """`table GROUP [--into FILE.md]`: print the tables; with --into, replace the block they own."""
+    """`table GROUP [--into FILE.md]`: print the tables; with --into, replace the block they own
+    (GROUP all: every block FILE.md has)."""
     if not args.into:
+        if args.group == "all":
+            sys.exit("error: table all needs --into FILE.md (it fills the blocks that page has)")
         return table(args)
+    if args.group == "all":
+        try:
+            with open(args.into) as f:
+                groups = re.findall(r"^<!-- report\.py table (\S+) -->$", f.read(), re.M)
+        except OSError as e:
+            sys.exit(f"error: --into {args.into}: {e.strerror}")
+        for group in groups:
+            table_command(argparse.Namespace(group=group, into=args.into))
+        return
     begin = f"<!-- report.py table {args.group} -->"
     end = f"<!-- end report.py table {args.group} -->"
     try:
@@ -484,7 +522,7 @@ def main():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("table", help="print the markdown tables of one results group")
-    p.add_argument("group", help="results/<group>")
+    p.add_argument("group", help="results/<group> (or all, with --into: every block of the page)")
     p.add_argument("--into", metavar="FILE.md",
                    help="also write them into FILE.md between the lines "
                         "<!-- report.py table GROUP --> and <!-- end report.py table GROUP --> "

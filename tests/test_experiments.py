@@ -65,9 +65,10 @@ def test_replication_table_gives_the_share_of_the_oracle_gain(tmp_path, monkeypa
             "| +1.50 [-4.85, +7.85] (2) |  |") in out
     assert lines["real+scoremix-dist-emb-alpha0.3 (=)"].split(" | ")[-2] == "-0.50"  # -1 of 2
     # vs real's seed 0
-    assert lines["real+scoremix-dist-emb-alpha0.3 (=)"].split(" | ")[-4] == "-1.00"
-    assert "| 79.5 +- 0.5 |" in lines["real+scoremix-dist-emb"]
-    assert lines["real+scoremix-dist-emb"].split(" | ")[-4] == "+1.50 +- 0.50"  # seed-paired: 1, 2
+    assert lines["real+scoremix-dist-emb-alpha0.3 (=)"].split(" | ")[-4] == "-1.00 (1 seed)"
+    assert "| 79.5 +- 0.7 |" in lines["real+scoremix-dist-emb"]  # sample std of 79, 80
+    assert lines["real+scoremix-dist-emb"].split(" | ")[-4] == "+1.50 [-4.85, +7.85] (2)"
+    assert lines["real"].split(" | ")[-4] == ""  # no difference of real only to itself
     assert lines["real+scoremix-dist-emb"].split(" | ")[-2] == "+0.50"  # (79.5 - 78) / (81 - 78)
     assert lines["oracle"].split(" | ")[-2] == "+1.00" and lines["real"].split(" | ")[-2] == "+0.00"
 
@@ -242,9 +243,9 @@ def test_table_repro_puts_each_repro_set_beside_its_rows(tmp_path, monkeypatch, 
         {"name": "repro", "samples": stats, "real_heldout": {**stats, "consistency": 96.9}}))
     report.table(argparse.Namespace(group="repro"))
     out = capsys.readouterr().out
-    # population std of (76, 76.5) 0.25; seed-paired -2.0, -2.5: -2.25 +- 0.25 (standard error)
-    assert ("| deterministic Heun (the paper's sampler) | 95.7 | 0.93 | 0.87 | 76.2 +- 0.2 | "
-            "-2.25 +- 0.25 | 78.0 +- 0.5 | -0.50 +- 0.00 |") in out
+    # sample std of (76, 76.5) 0.354; seed-paired -2.0, -2.5: -2.25, t(1) 12.706 x 0.354 / sqrt 2
+    assert ("| deterministic Heun (the paper's sampler) | 95.7 | 0.93 | 0.87 | 76.2 +- 0.4 | "
+            "-2.25 [-5.43, +0.93] (2) | 78.0 +- 0.7 | -0.50 [-0.50, -0.50] (2) |") in out
     assert "| real only, 48 epochs |  | |  |  |  |  |  |" in out  # a row not run yet stays empty
 
 
@@ -279,7 +280,54 @@ def test_table_into_replaces_only_the_block_it_owns_and_refuses_a_page_without_o
         "3 classes, k = 1, null: 2 row permutations (+- the null's std)\n<!-- end report.py table "
         "cka -->\nend\n")
     assert "old table" not in text
+    page.write_text("a\n<!-- report.py table cka -->\nold\n<!-- end report.py table cka -->\nb\n")
+    report.table_command(argparse.Namespace(group="all", into=str(page)))  # every block
+    assert page.read_text() == text.replace("intro", "a").replace("\nend\n", "\nb\n")
     page.write_text("no markers\n")
     with pytest.raises(SystemExit, match="needs one line <!-- report.py table cka -->"):
         report.table_command(argparse.Namespace(group="cka", into=str(page)))
     assert page.read_text() == "no markers\n"
+
+
+def test_mean_std_is_the_sample_std():
+    assert report.mean_std([1.0, 2.0, 3.0]) == "2.0 +- 1.0"  # ddof 1 (population std: 0.8)
+    assert report.mean_std([1.0, 2.0], 2) == "1.50 +- 0.71" and report.mean_std([4.0]) == "4.0"
+
+
+def test_table_brief_and_the_calibration_gap_are_seed_paired(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(report, "RESULTS", str(tmp_path))
+    for seed, (real, oracle, mix) in enumerate([(78.0, 81.0, 79.0), (79.0, 81.0, 81.0)]):
+        result(tmp_path, "real", seed, real, ["real"])
+        result(tmp_path, "oracle", seed, oracle, ["oracle"])
+        result(tmp_path, "real+scoremix-dist-emb (=)", seed, mix, ["real", "scoremix-dist-emb"])
+    report.table(argparse.Namespace(group="brief"))
+    lines = {line.split(" | ")[0][2:]: line for line in capsys.readouterr().out.splitlines()}
+    # oracle - real: 3, 2; (=) mix - real: 1, 2; no (=) oracle run: empty cells
+    assert lines["+ 32 more real identities (the oracle)"] == (
+        "| + 32 more real identities (the oracle) | 81.0 +- 0.0 | +2.50 [-3.85, +8.85] (2) |  |  |")
+    assert lines["+ ScoreMix, distant pairs"].endswith("| 80.0 +- 1.4 | +1.50 [-4.85, +7.85] (2) |")
+    assert lines["real only (32 identities)"] == ("| real only (32 identities) | 78.5 +- 0.7 | | "
+                                                  "78.5 +- 0.7 | |")
+    for seed, (base, oracle) in enumerate([(78.0, 81.0), (78.0, 82.0)]):
+        for row, avg in (("real-n32-straight", base), ("real-n64-straight", oracle)):
+            path = tmp_path / "calibration" / f"{row}-seed{seed}.json"
+            path.parent.mkdir(exist_ok=True)
+            path.write_text(json.dumps({"row": row, "seed": seed, "avg": avg, "epochs": 24,
+                                        "steps": 192, "accuracy": {b: avg for b in BENCH},
+                                        "curve": [{"epoch": 24, **{b: avg for b in BENCH}}]}))
+    report.table(argparse.Namespace(group="calibration"))
+    assert ("Oracle gap real-n64-straight - real-n32-straight: +3.50 [-2.85, +9.85] (2)"
+            in capsys.readouterr().out)
+
+
+def test_the_small_regime_pins_the_arcface_gradient_it_was_trained_with(tmp_path, monkeypatch):
+    """Its committed results were trained with the 2022 gradient: its commands must reproduce
+    them under today's default; --train-args comes after the pin, so it can override it."""
+    extras = []
+    monkeypatch.setattr(experiments, "toy_data", lambda n: str(tmp_path / f"toy{n}"))
+    monkeypatch.setattr(experiments, "discriminator_run",
+                        lambda group, row, seed, dirs, bench, extra, **k: extras.append(extra))
+    experiments.calibration(argparse.Namespace(identities=32, tag="", seeds=[0],
+                                               train_args="--margin-grad straight"))
+    assert extras and all(e[:2] == ["--margin-grad", "textbook"] for e in extras)
+    assert all(e[-2:] == ["--margin-grad", "straight"] for e in extras)
