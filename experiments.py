@@ -390,6 +390,11 @@ def regime(args):
                               allpairs=os.path.join(data, "allpairs"), result_name=row_file(row),
                               sources=srcs,
                               draw=2 if seed % 2 and set(srcs) & set(TWO_DRAWS) else 1)
+    # the paper's Sec. 5 on this set: the sampling snapshot and an early one vs two real-only seeds
+    # and the oracle (its centres of the same 256 classes)
+    alignment("regime", [os.path.join(REGIME_SNAPSHOTS, f"network-snapshot-{k:06d}.pt")
+                         for k in (200, args.kimg)],
+              [("real", 0), ("real", 1), ("oracle", 0)], sources["real"])
 
 
 # ----------------------------------------------------------------------------- replication
@@ -561,17 +566,20 @@ def replication(args):
                               extra=[*SMALL_REGIME, *flags, "--val-every", "24"],
                               result_name=row_file(row),
                               need_model=row in ("real", "real-r50"), sources=srcs)
-    # condition space vs embedding space, discriminator vs discriminator (seeds, backbones),
-    # permutation null
-    cka_path = os.path.join(RESULTS, "replication", "cka.json")
-    models = [m for m in (os.path.join(RUNS, "replication", f"{r}-seed{k}", "model.pt")
-                          for r, k in (("real", 0), ("real", 1),
-                                       ("real-r50", 0))) if os.path.exists(m)]
-    if not os.path.exists(cka_path) and len(models) == 3:
-        gen = os.path.join(RUNS, "generator", args.name)
-        sh("cka.py", "--generator",
-           sorted(glob.glob(os.path.join(gen, "network-snapshot-*.pt")))[-1], "--fr", *models,
-           "--data", sources["real"], "--permutations", 100, "--out", cka_path)
+    gen = os.path.join(RUNS, "generator", args.name)
+    alignment("replication", sorted(glob.glob(os.path.join(gen, "network-snapshot-*.pt")))[-1:],
+              [("real", 0), ("real", 1), ("real-r50", 0)], sources["real"])
+
+
+def alignment(group, snapshots, runs, data):
+    """results/GROUP/cka.json (cka.py): the generator's condition space vs the discriminators'
+    class centres, discriminator vs discriminator (seeds, backbones), each against a permutation
+    null; once every run (row, seed) of the group has its model."""
+    path = os.path.join(RESULTS, group, "cka.json")
+    models = [os.path.join(RUNS, group, f"{row}-seed{seed}", "model.pt") for row, seed in runs]
+    if not os.path.exists(path) and all(map(os.path.exists, models)):
+        sh("cka.py", "--generator", *snapshots, "--fr", *models, "--data", data, "--permutations",
+           100, "--out", path)
 
 
 # sensitivity on the dist-embedding row: name -> (mode, selection, sampler overrides); the Repro

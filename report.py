@@ -188,6 +188,7 @@ def regime_table(rows):
                   f"{parents} | {to_parent} | {sam['nearest_real_distance']:.1f} "
                   f"({s['real_heldout']['nearest_real_distance']:.1f}) | "
                   f"{s['cpu_seconds_per_1000'] or ''} |")
+    cka_table(os.path.join(RESULTS, "regime", "cka.json"))
 
 
 REPLICATION_COMPARISONS = [  # (claim, row, reference row), each at 24 epochs and at equal steps (=)
@@ -272,9 +273,7 @@ def replication_table(rows):
     print("\nThe paper's claims, Toy Avg-H, seed-paired differences [95% t-interval] (seeds):")
     comparisons_table(rows, REPLICATION_COMPARISONS,
                       [("24 epochs", "", toy_avg), ("equal steps (=)", " (=)", toy_avg)])
-    cka_path = os.path.join(RESULTS, "replication", "cka.json")
-    if os.path.exists(cka_path):
-        cka_table(cka_path)
+    cka_table(os.path.join(RESULTS, "replication", "cka.json"))
 
 
 REPRO_ROWS = [  # (label, synthetic set or None, row at 24 epochs, its equal-step twin)
@@ -342,7 +341,10 @@ def brief_table(rows):
 
 
 def cka_table(path):
-    """One cka.py output: every pair of spaces, each metric next to its permutation null."""
+    """One cka.py output (none yet: nothing): every pair of spaces, each metric next to its
+    permutation null."""
+    if not os.path.exists(path):
+        return
     with open(path) as f:
         cka = json.load(f)
     print("\n| space A | space B | CKA (null) | unbiased CKA (null) | CKNNA (null) | mutual "

@@ -1,6 +1,7 @@
 """experiments.py's bookkeeping (which sensitivity rows run) and report.py's table arithmetic."""
 import argparse
 import json
+import os
 
 import numpy as np
 
@@ -160,6 +161,8 @@ def test_regime_gives_odd_seeds_the_second_draw_and_the_equal_steps_row_the_real
             (tmp_path / "regime").mkdir(exist_ok=True)
             (tmp_path / "regime" / f"real-seed{seed}.json").write_text(json.dumps({"steps": 768}))
     monkeypatch.setattr(experiments, "discriminator_run", run)
+    aligned = []
+    monkeypatch.setattr(experiments, "alignment", lambda *a: aligned.append(a))
     args = argparse.Namespace(identities=256, per_identity=16, kimg=700, guide_kimg=200,
                               guidance=1.0, steps=32,
                               seeds=[0, 1], rows=["real", "real+repro",
@@ -179,6 +182,11 @@ def test_regime_gives_odd_seeds_the_second_draw_and_the_equal_steps_row_the_real
     # seed-major, table order
     assert [c[:2] for c in calls] == [(r, 0) for r in order] + [(r, 1) for r in order]
     assert ("repro-draw2", "repro", 2) in [s[:3] for s in sets]
+    # CKA after the rows: both kept snapshots vs two real-only seeds and the oracle, real classes
+    (group, snapshots, runs, data), = aligned
+    assert group == "regime" and [os.path.basename(p) for p in snapshots] == [
+        "network-snapshot-000200.pt", "network-snapshot-000700.pt"]
+    assert runs == [("real", 0), ("real", 1), ("oracle", 0)] and data == "data256/train"
     assert all(s[3].endswith("network-snapshot-000700.pt") and s[4] == "baseline.pt" for s in sets)
 
 
@@ -331,3 +339,24 @@ def test_the_small_regime_pins_the_arcface_gradient_it_was_trained_with(tmp_path
                                                train_args="--margin-grad straight"))
     assert extras and all(e[:2] == ["--margin-grad", "textbook"] for e in extras)
     assert all(e[-2:] == ["--margin-grad", "straight"] for e in extras)
+
+
+def test_alignment_waits_for_every_model_and_runs_once(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(experiments, "RUNS", str(tmp_path / "runs"))
+    monkeypatch.setattr(experiments, "RESULTS", str(tmp_path / "results"))
+    monkeypatch.setattr(experiments, "sh", lambda *cmd: calls.append(cmd))
+    runs = [("real", 0), ("oracle", 0)]
+    experiments.alignment("regime", ["g.pt"], runs, "train")
+    assert calls == []  # no model yet
+    for row, seed in runs:
+        (tmp_path / "runs" / "regime" / f"{row}-seed{seed}").mkdir(parents=True)
+        (tmp_path / "runs" / "regime" / f"{row}-seed{seed}" / "model.pt").write_text("")
+    experiments.alignment("regime", ["g.pt"], runs, "train")
+    (cmd,) = calls
+    assert cmd[:2] == ("cka.py", "--generator") and cmd[-2:] == ("--out", str(
+        tmp_path / "results" / "regime" / "cka.json"))
+    (tmp_path / "results" / "regime").mkdir(parents=True)
+    (tmp_path / "results" / "regime" / "cka.json").write_text("{}")
+    experiments.alignment("regime", ["g.pt"], runs, "train")
+    assert len(calls) == 1  # recorded: skipped
