@@ -370,6 +370,10 @@ def regime(args):
     rows = [r for r in REGIME_ROWS if not args.rows or r[0] in args.rows]
     for seed in args.seeds:
         for row, srcs, epochs, flags in rows:
+            recorded = os.path.join(RESULTS, "regime", f"{row_file(row)}-seed{seed}.json")
+            if os.path.exists(recorded):  # before sampling: a new checkout has no synthetic images
+                print(f"skip {recorded} (exists)")
+                continue
             dirs = []
             for s in srcs:
                 name = s + ("-draw2" if s in TWO_DRAWS and seed % 2 else "")

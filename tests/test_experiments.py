@@ -190,6 +190,24 @@ def test_regime_gives_odd_seeds_the_second_draw_and_the_equal_steps_row_the_real
     assert all(s[3].endswith("network-snapshot-000700.pt") and s[4] == "baseline.pt" for s in sets)
 
 
+def test_regime_skips_a_recorded_row_before_sampling_its_sets(tmp_path, monkeypatch):
+    monkeypatch.setattr(experiments, "RESULTS", str(tmp_path))
+    monkeypatch.setattr(experiments, "regime_data", lambda n, p: f"data{n}")
+    monkeypatch.setattr(experiments, "recipe_run", lambda *a, **k: "baseline.pt")
+    sampled, trained = [], []
+    monkeypatch.setattr(experiments, "sample_set", lambda group, name, *a, **k:
+                        sampled.append(name) or f"synthetic/{name}")
+    monkeypatch.setattr(experiments, "discriminator_run", lambda g, row, seed, *a, **k:
+                        trained.append((row, seed)))
+    monkeypatch.setattr(experiments, "alignment", lambda *a: None)
+    (tmp_path / "regime").mkdir()
+    (tmp_path / "regime" / "real+repro-seed0.json").write_text("{}")
+    experiments.regime(argparse.Namespace(identities=256, per_identity=16, kimg=700, guide_kimg=200,
+                                          guidance=1.0, steps=32, seeds=[0, 1],
+                                          rows=["real+repro"]))
+    assert trained == [("real+repro", 1)] and sampled == ["repro-draw2"]
+
+
 def test_regime_table_shares_and_claims_are_seed_paired(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(report, "RESULTS", str(tmp_path))
     (tmp_path / "regime" / "synthetic").mkdir(parents=True)
