@@ -1,12 +1,12 @@
 """The real-data path rehearsed at the paper's configuration, tiny sizes: a 112-px insightface
-train.rec packed by --pack-rec, IResNet-50 at width 1 with 512-d embeddings (plain and Partial FC)
-under torchrun with 2 processes, mixed precision on both branches (bf16 autocast, then fp16 with a
-GradScaler on resume), the EDM2 generator (edm2-s layout, narrow, 64 px) under torchrun with
---grad-accum, interrupted and resumed with --compile, post-hoc EMA, an edm2-xs guide; pairs from
-the .rec, ScoreMix with autoguidance, retraining on real + synthetic identities (64-px samples
-resized to 112), .bin and IJB-C evaluation, CKA. The full-width edm2-s at 112 px (attention at 28
-and 14 px) takes one bf16 training step in-process. Every command is the README's, with small
-sizes."""
+train.rec packed by --pack-rec, IResNet-50 at width 1 with 512-d embeddings (plain; Partial FC
+when retraining) under torchrun with 2 processes, mixed precision on both branches (bf16 autocast,
+then fp16 with a GradScaler on resume), the EDM2 generator (edm2-s layout, narrow, 64 px) under
+torchrun with --grad-accum, interrupted and resumed with --compile, post-hoc EMA, an edm2-xs guide;
+pairs from the .rec, ScoreMix with autoguidance, retraining on real + synthetic identities (64-px
+samples resized to 112), .bin and IJB-C evaluation, CKA. The full-width edm2-s at 112 px
+(attention at 28 and 14 px) takes one bf16 training step in-process. Every command is the
+README's, with small sizes."""
 import os
 import subprocess
 import sys
@@ -59,9 +59,6 @@ def test_discriminator_r50_on_two_processes_resumes_across_precisions(rec):
     model = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
     assert all(torch.isfinite(v).all() for v in model["state_dict"].values()
                if v.is_floating_point())
-    pfc = rec / "r50-pfc"
-    ok(torchrun("train_arcface.py", "--data", rec / "rec" / "train.rec", "--out", pfc, *R50,
-                "--amp", "--partial-fc", "--sample-rate", "0.5", "--steps", 1), "r50 Partial FC")
 
 
 def test_full_width_edm2_s_at_112_px_has_attention_and_takes_a_bf16_training_step():
@@ -113,7 +110,9 @@ def test_pairs_scoremix_retraining_evaluation_and_cka(rec):
                   env=ENV), "ScoreMix sampling")
     assert len([d for d in os.listdir(mixed) if (mixed / d).is_dir()]) == 2
     ok(torchrun("train_arcface.py", "--data", rec / "rec" / "train.rec", mixed, "--out",
-                rec / "r50-mix", *R50, "--amp", "--steps", 1), "retraining on real + ScoreMix")
+                rec / "r50-mix", *R50, "--amp", "--partial-fc", "--sample-rate", "0.5",
+                "--steps", 1),
+       "retraining on real + ScoreMix with Partial FC")
     make_ijb(str(rec / "IJBC"), identities=2)
     ok(run_script("evaluate.py", "--model", rec / "r50-mix" / "model.pt", "--bin",
                   rec / "toy" / "bench" / "toy_lfw.bin", "--ijb", rec / "IJBC", "--ijb-name",
