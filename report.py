@@ -113,6 +113,7 @@ REGIME_COMPARISONS = [  # (claim, row, reference row)
     ("ScoreMix at equal steps > real", "real+scoremix-dist-emb (=)", "real"),
     ("real at the (=) row's real exposure vs real", "real-12ep", "real"),
     ("real 2x epochs vs real", "real-2x", "real"),
+    ("ScoreMix > real at the same steps (2x epochs)", "real+scoremix-dist-emb", "real-2x"),
     ("oracle > real", "oracle", "real"),
 ]
 
