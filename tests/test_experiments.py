@@ -239,6 +239,29 @@ def test_regime_table_shares_and_claims_are_seed_paired(tmp_path, monkeypatch, c
     assert "Machines (runs): not recorded (9)" in out
 
 
+def test_table_regimes_pairs_each_claim_within_each_regime(tmp_path, monkeypatch, capsys):
+    """Both regimes' claims side by side; the small regime's real-48ep stands for real-2x."""
+    monkeypatch.setattr(report, "RESULTS", str(tmp_path))
+    rows = {"replication": {"real": (78.0, 79.0), "real-48ep": (77.0, 77.5)},
+            "regime": {"real": (84.0, 83.0), "real-2x": (83.0, 83.5),
+                       "real+scoremix-dist-emb": (82.0, 82.0)}}
+    for group, values in rows.items():
+        (tmp_path / group).mkdir()
+        for row, avgs in values.items():
+            for seed, avg in enumerate(avgs):
+                (tmp_path / group / f"{row}-seed{seed}.json").write_text(json.dumps(
+                    {"row": row, "seed": seed, "avg": avg,
+                     "allpairs": {"tar_at_far_1e-4": avg - 60 - seed}}))
+    report.table(argparse.Namespace(group="regimes"))
+    lines = capsys.readouterr().out.splitlines()
+    longer = next(line for line in lines if line.startswith("| real trained as long"))
+    # 32: -1.0, -1.5 (mean -1.25); 256: -1.0, +0.5 (mean -0.25), TAR the same differences;
+    # ScoreMix -2, -1: -1.5 +- t(1) 12.706 x 0.7071 / sqrt 2, no small-regime row
+    assert "| -1.25 [" in longer and longer.count("| -0.25 [") == 2
+    scoremix = next(line for line in lines if line.startswith("| ScoreMix (distant) > real"))
+    assert scoremix.endswith("|  | -1.50 [-7.85, +4.85] (2) | -1.50 [-7.85, +4.85] (2) |")
+
+
 def test_table_cka_prints_every_cka_output_and_refuses_none(tmp_path, monkeypatch, capsys):
     import pytest
     monkeypatch.setattr(report, "RESULTS", str(tmp_path))
