@@ -113,6 +113,8 @@ REGIME_COMPARISONS = [  # (claim, row, reference row)
     ("Repro samples as new classes > real", "real+repro-as-new", "real"),
     ("ScoreMix at equal steps > real", "real+scoremix-dist-emb (=)", "real"),
     ("real at the (=) row's real exposure vs real", "real-12ep", "real"),
+    ("ScoreMix at equal steps > real at the same real exposure", "real+scoremix-dist-emb (=)",
+     "real-12ep"),
     ("real 2x epochs vs real", "real-2x", "real"),
     ("ScoreMix > real at the same steps (2x epochs)", "real+scoremix-dist-emb", "real-2x"),
     ("oracle > real", "oracle", "real"),
