@@ -404,6 +404,15 @@ class DataError(Exception):
     """Bad input data; the CLI prints the message as one line."""
 
 
+def load_weights(path, **kwargs):
+    """torch.load(path, weights_only=True): tensors and plain containers only, so an untrusted file
+    that would run code is refused. torch's note on pickle protocols other than 2 (insightface's
+    files, any pickle) is dropped: it would print before our own result or error line."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        return torch.load(path, weights_only=True, **kwargs)
+
+
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 
 

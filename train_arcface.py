@@ -39,9 +39,10 @@ from tqdm import tqdm
 import common
 from common import (PROGRESS, ArgumentParser, DataError, InputError, autocast_context,
                     check_compile, check_same_recipe, cuda_settings, epoch_order, fail,
-                    jpeg_quality, load_images, machine, non_negative_float, non_negative_int,
-                    open_datasets, pack_rec, positive_float, positive_int, probability,
-                    run_folder_guard, save_atomic, seed_for, setup_distributed, write_atomic)
+                    jpeg_quality, load_images, load_weights, machine, non_negative_float,
+                    non_negative_int, open_datasets, pack_rec, positive_float, positive_int,
+                    probability, run_folder_guard, save_atomic, seed_for, setup_distributed,
+                    write_atomic)
 
 
 class RecordIODataset(common.RecordIODataset):
@@ -346,7 +347,7 @@ def load_backbone(path, device="cpu", depth=None, input_size=None):
     what = (f"{path} is not a train_arcface.py model.pt or an insightface IResNet state dict "
             "(backbone.pth)")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        ckpt = load_weights(path, map_location=device)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
         raise BackboneError(f"{what}: not a torch checkpoint ({type(e).__name__})") from None
     if isinstance(ckpt, dict) and "config" in ckpt and "state_dict" in ckpt:
@@ -592,7 +593,7 @@ RECIPE = ("network", "width", "embedding_size", "input_size", "dropout", "batch_
 def resume(ckpt_path, args, classes, trainer, opt, scaler, partial_fc, head_index, device):
     """Load checkpoint.pt into the trainer, optimiser and scaler -> (step, elapsed seconds); a
     checkpoint of another recipe or class list is refused."""
-    ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+    ckpt = load_weights(ckpt_path, map_location=device)
     check_same_recipe(ckpt["args"], args, RECIPE, ckpt_path)
     if ckpt["class_names"] != classes:
         raise DataError(f"{ckpt_path} was trained on other classes; use another --out for new data")

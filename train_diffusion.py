@@ -64,8 +64,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from common import (ArgumentParser, DataError, InputError, autocast_context, check_compile,
-                    check_same_recipe, epoch_order, fail, finite_float, load_images, machine,
-                    non_negative_float, non_negative_int, open_datasets, positive_float,
+                    check_same_recipe, epoch_order, fail, finite_float, load_images, load_weights,
+                    machine, non_negative_float, non_negative_int, open_datasets, positive_float,
                     positive_int, probability, run_folder_guard, save_atomic, seed_for,
                     setup_distributed, write_atomic)
 
@@ -481,7 +481,7 @@ def condition_vectors(net):
 def load_generator(path, device="cpu", ema_std=None):
     """A network-snapshot .pt -> the EMA denoiser in eval mode (`ema_std` picks another stored
     EMA)."""
-    snap = torch.load(path, map_location="cpu", weights_only=True)
+    snap = load_weights(path, map_location="cpu")
     if not (isinstance(snap, dict) and {"config", "ema", "class_names", "kimg"} <= snap.keys()):
         raise ValueError(f"{path} is not a network snapshot of train_diffusion.py")
     net = Denoiser(**snap["config"])
@@ -601,7 +601,7 @@ def snapshot_profiles(paths):
     """-> [(path, nimg, std, key)] for every EMA profile stored in these snapshots."""
     out = []
     for path in paths:
-        snap = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        snap = load_weights(path, map_location="cpu", mmap=True)
         if not (isinstance(snap, dict) and "ema_stds" in snap):
             raise ValueError(
                 f"{path} holds no EMA profiles (a post-hoc output or an older snapshot?)")
@@ -629,7 +629,7 @@ def reconstruct_ema(paths, std, out_kimg=None):
     total, snap, last = None, None, None
     for (path, nimg, _, key), c in zip(profiles, coefs):
         if path != last:
-            snap, last = torch.load(path, map_location="cpu", weights_only=True, mmap=True), path
+            snap, last = load_weights(path, map_location="cpu", mmap=True), path
         if total is None:
             config, names, sigma_data = snap["config"], snap["class_names"], snap.get("sigma_data")
             with torch.device("meta"):
@@ -1210,7 +1210,7 @@ def train(args):
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     ckpt = None  # mapped, not read whole by every rank
     if os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+        ckpt = load_weights(ckpt_path, map_location="cpu", mmap=True)
 
     sigma_data = float(args.sigma_data) if args.sigma_data != "auto" else pixel_std
     sigma_data = ckpt["config"]["sigma_data"] if ckpt is not None else sigma_data
@@ -1327,7 +1327,7 @@ def import_edm2(argv):
             raise ValueError("--edm2-kwargs must be a JSON object")
         if not os.path.isfile(args.state):
             raise ValueError(f"state dict not found: {args.state}")
-        state = torch.load(args.state, map_location="cpu", weights_only=True, mmap=True)
+        state = load_weights(args.state, map_location="cpu", mmap=True)
         if not isinstance(state, dict):
             raise ValueError(f"{args.state} is not a state dict")
         net = from_edm2(state, **kwargs)

@@ -21,6 +21,7 @@ import re
 import shutil
 import sys
 import traceback
+import warnings
 from dataclasses import dataclass
 
 import pytest
@@ -411,7 +412,9 @@ def run_in_process(stage, argv):
     """main(argv) of the stage in this process -> (exit status, stderr with the exit message)."""
     module = __import__(stage[:-3])
     err, code = io.StringIO(), 0
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()), \
+            warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # as a user's shell shows them (pytest would hide them)
         try:
             module.main(argv)
         except SystemExit as e:
@@ -421,7 +424,7 @@ def run_in_process(stage, argv):
         except Exception:  # an escaped exception is what a user would see as a traceback
             code = 1
             print(traceback.format_exc(), file=sys.stderr)
-    return code, err.getvalue()
+    return code, "".join(f"warning: {w.message}\n" for w in caught) + err.getvalue()
 
 
 def verdict(stage, code, stderr, needle):
@@ -431,6 +434,8 @@ def verdict(stage, code, stderr, needle):
         problems.append("exit status 0")
     if "Traceback" in stderr:
         problems.append("a traceback")
+    if "warning: " in stderr:
+        problems.append("a warning before the error line")
     lines = [s for s in stderr.splitlines() if ERROR_LINE.match(s)]
     if len(lines) != 1:
         problems.append(f"{len(lines)} error lines")
