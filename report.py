@@ -7,6 +7,7 @@
     python report.py table cka            # condition vs embedding space alignment (cka.py outputs)
     python report.py table repro          # the replication's Repro rows and their controls
     python report.py table brief          # the README's summary of the replication
+    python report.py table regime_brief   # the README's summary of the paper regime
     python report.py table regimes        # the claims both regimes test, side by side
     python report.py table regime --into docs/results.md  # and replace the block it owns there
     python report.py table all --into docs/results.md     # every block the page has
@@ -344,6 +345,36 @@ def brief_table(rows):
         print(f"| {label} | " + " | ".join(both_protocols(rows, row, twin)) + " |")
 
 
+REGIME_BRIEF_ROWS = [  # (label, row), the 256-identity regime, 24 epochs over each row's own set
+    ("+ 256 more real identities (the oracle)", "oracle"),
+    ("real only, 48 epochs (as long as the merged rows)", "real-2x"),
+    ("+ Repro (samples of the existing classes)", "real+repro"),
+    ("+ condition mixing of distant pairs", "real+condmix-dist-emb"),
+    ("+ ScoreMix, distant pairs", "real+scoremix-dist-emb"),
+    ("+ ScoreMix, close pairs", "real+scoremix-close-emb"),
+    ("+ ScoreMix, random pairs", "real+scoremix-random-emb"),
+    ("+ ScoreMix, distant pairs in condition space", "real+scoremix-dist-cond"),
+    ("+ pixel average of the distant parents (control)", "real+average-dist-emb"),
+]
+
+
+def regime_brief_table(rows):
+    """The README's summary of the 256-identity regime: Toy Avg-H and all-pairs TAR at FAR 1e-4,
+    each with its seed-paired difference to real only."""
+    real = rows["real"]
+    tar = allpairs("1e-4")
+    print("| training set | Toy Avg-H | vs real only | all-pairs TAR@FAR=1e-4 | vs real only |")
+    print("|---" * 5 + "|")
+    print(f"| real only (256 identities x 16) | {mean_std([r['avg'] for r in real], 2)} | | "
+          f"{mean_std([tar(r) for r in real], 2)} | |")
+    for label, row in REGIME_BRIEF_ROWS:
+        if row in rows:
+            runs = rows[row]
+            print(f"| {label} | {mean_std([r['avg'] for r in runs], 2)} | "
+                  f"{paired_interval(runs, real)} | {mean_std([tar(r) for r in runs], 2)} | "
+                  f"{paired_interval(runs, real, tar)} |")
+
+
 def cka_table(path):
     """One cka.py output (none yet: nothing): every pair of spaces, each metric next to its
     permutation null."""
@@ -417,6 +448,8 @@ def table(args):
         return repro_table(load_results("replication"))
     if args.group == "brief":  # the README's summary of the replication
         return brief_table(load_results("replication"))
+    if args.group == "regime_brief":  # the README's summary of the 256-identity regime
+        return regime_brief_table(load_results("regime"))
     if args.group == "cka":  # cka.py outputs, one table each
         paths = sorted(glob.glob(os.path.join(RESULTS, "cka", "*.json")))
         if not paths:

@@ -262,6 +262,26 @@ def test_table_regimes_pairs_each_claim_within_each_regime(tmp_path, monkeypatch
     assert scoremix.endswith("|  | -1.50 [-7.85, +4.85] (2) | -1.50 [-7.85, +4.85] (2) |")
 
 
+def test_table_regime_brief_pairs_both_measures_by_seed(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(report, "RESULTS", str(tmp_path))
+    (tmp_path / "regime").mkdir()
+    for row, avgs in {"real": (84.0, 83.0), "oracle": (86.0, 86.0),
+                      "real+scoremix-dist-emb": (83.0, 82.5)}.items():
+        for seed, avg in enumerate(avgs):
+            (tmp_path / "regime" / f"{row}-seed{seed}.json").write_text(json.dumps(
+                {"row": row, "seed": seed, "avg": avg,
+                 "allpairs": {"tar_at_far_1e-4": 2 * avg - 150}}))
+    report.table(argparse.Namespace(group="regime_brief"))
+    lines = {line.split(" | ")[0][2:]: line for line in capsys.readouterr().out.splitlines()}
+    # oracle - real: +2, +3; its TAR differences twice those; rows without runs are left out
+    assert lines["+ 256 more real identities (the oracle)"] == (
+        "| + 256 more real identities (the oracle) | 86.00 +- 0.00 | +2.50 [-3.85, +8.85] (2) | "
+        "22.00 +- 0.00 | +5.00 [-7.71, +17.71] (2) |")
+    assert lines["+ ScoreMix, distant pairs"].startswith(
+        "| + ScoreMix, distant pairs | 82.75 +- 0.35 | -0.75 [-3.93, +2.43] (2) |")
+    assert "+ ScoreMix, close pairs" not in lines
+
+
 def test_table_cka_prints_every_cka_output_and_refuses_none(tmp_path, monkeypatch, capsys):
     import pytest
     monkeypatch.setattr(report, "RESULTS", str(tmp_path))
