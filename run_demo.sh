@@ -42,7 +42,7 @@ STEPS=16; TOY=(); FR=(); GEN=(); GUIDE_GEN=(); GRID=()
 if [ "$SMOKE" = 1 ]; then  # tiny everything: checks the plumbing, not the method
     GEN_KIMG=0.128; PER_PAIR=2; REPRO_PER_CLASS=2; STEPS=4
     TOY=(--identities 6 --per-identity 6 --test-identities 12 --pairs 40 --heldout 2)
-    FR=(--steps 4); GEN=(--channels 8); GUIDE_GEN=(--channels 4); GRID=(--grid-seeds 2)
+    FR=(--steps 4); GEN=(--channels 8 --grid-steps 4); GUIDE_GEN=(--channels 4 --grid-steps 4); GRID=(--grid-seeds 2)
 fi
 # autoguidance: a small guide (cpu-guide preset) trained a third as long as the generator
 GUIDED=$("$PY" -c "print(int($GUIDANCE != 1))")

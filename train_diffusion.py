@@ -880,8 +880,6 @@ def save_grid(net, path, device, num_steps=32):
                  lambda tmp: Image.fromarray(grid.squeeze(-1).numpy()).save(tmp, format="PNG"))
 
 
-
-
 def attention_levels(args, preset, error):
     """--attn given: check it names level resolutions. Not given: the preset's attention levels (its
     resolutions at its own image size) at this --resolution, e.g. edm2's 16 and 8 px at 64 px become

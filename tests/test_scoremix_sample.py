@@ -206,7 +206,7 @@ def gen(tiny_toy, tmp_path_factory):
     r = run_script("train_diffusion.py", "--data", tiny_toy / "train", "--out", out / "run",
                    "--resolution", 16, "--channels", 8, "--batch-size", 8, "--duration", 0.064,
                    "--rampup-kimg", 0, "--lr", 1e-2, "--snapshot-every", 0, "--label-dropout", 0.25,
-                   env=ENV)
+                   "--grid-steps", 2, env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
     snapshot = last_snapshot(out / "run")
     names = load_generator(snapshot).class_names

@@ -797,7 +797,7 @@ def test_scoremix_sample_packs_its_identities_after_the_real_set(tiny_toy, tmp_p
     """scoremix_sample.py --rec: real classes first, then one new class per sampled identity."""
     r = run_script("train_diffusion.py", "--data", tiny_toy / "train", "--out", tmp_path / "gen",
                    "--resolution", 16, "--channels", 8, "--batch-size", 8, "--duration", 0.016,
-                   "--rampup-kimg", 0, "--snapshot-every", 0, env=ENV)
+                   "--rampup-kimg", 0, "--snapshot-every", 0, "--grid-steps", 2, env=ENV)
     assert r.returncode == 0, r.stderr[-2000:]
     snapshot = last_snapshot(tmp_path / "gen")
     names = sorted(os.listdir(tiny_toy / "train"))

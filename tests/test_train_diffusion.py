@@ -29,7 +29,7 @@ FIXTURE = os.path.join(ROOT, "tests", "fixtures", "edm2", "tiny_precond.pt")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TINY = ["--resolution", 16, "--channels", 8, "--batch-size", 8, "--duration", 0.064,
         "--rampup-kimg", 0, "--lr", 1e-2, "--snapshot-every", 0, "--status-every", 0.016,
-        "--label-dropout", 0.25, "--ema-std", 0.05, 0.1]
+        "--label-dropout", 0.25, "--ema-std", 0.05, 0.1, "--grid-steps", 2]
 
 
 def tiny_net(**kw):
@@ -389,7 +389,7 @@ def edm2_tiny(*extra):
     return ["--preset", "edm2-xs", "--resolution", 16, "--channels", 8, "--channel-mult", 1, 2,
             "--num-blocks", 1,
             "--attn", 8, "--batch-size", 4, "--rampup-kimg", 0.004, "--ref-batches", 2,
-            "--status-every", 0.004, *extra]
+            "--status-every", 0.004, "--grid-steps", 2, *extra]
 
 
 def test_edm2_run_posthoc_ema_and_sampling(tiny_toy, tmp_path):
@@ -492,7 +492,7 @@ def test_training_images_stream_with_bounded_decoding(tiny_toy, tmp_path, monkey
     monkeypatch.setattr(td, "HELD_IMAGES", 8)
     main(["--data", tiny_toy / "train", "--out", tmp_path / "run", "--resolution", "16",
           "--channels", "8", "--batch-size", "8", "--duration", "0.016", "--snapshot-every", "0",
-          "--workers", "1"])
+          "--workers", "1", "--grid-steps", "2"])
     assert (last_snapshot(tmp_path / "run")).exists()
 
 
@@ -503,7 +503,7 @@ def test_guide_of_another_architecture_is_accepted_and_another_resolution_refuse
     guide = tmp_path / "guide"
     main(["--data", tiny_toy / "train", "--out", guide, "--preset", "cpu-guide", "--resolution",
           "16", "--channels", "4", "--channel-mult", "1", "2", "--batch-size", "8", "--duration",
-          "0.008", "--snapshot-every", "0", "--label-dropout", "0.25"])
+          "0.008", "--snapshot-every", "0", "--label-dropout", "0.25", "--grid-steps", "2"])
     names = load_generator(net).class_names
     pairs = tmp_path / "pairs.csv"
     pairs.write_text(f"class_a,class_b,distance,rank\n{names[0]},{names[1]},1,0\n")
@@ -514,7 +514,7 @@ def test_guide_of_another_architecture_is_accepted_and_another_resolution_refuse
     other = tmp_path / "other"
     main(["--data", tiny_toy / "train", "--out", other, "--preset", "cpu-guide", "--resolution",
           "8", "--channels", "4", "--channel-mult", "1", "2", "--batch-size", "8", "--duration",
-          "0.008", "--snapshot-every", "0", "--label-dropout", "0.25"])
+          "0.008", "--snapshot-every", "0", "--label-dropout", "0.25", "--grid-steps", "2"])
     with pytest.raises(SystemExit, match="error: --guide .* 8 px"):
         scoremix_sample.main([*common, "--guide", str(last_snapshot(other)),
                               "--out", str(tmp_path / "s2")])
