@@ -56,8 +56,8 @@ def tiny_models(tiny_toy, tmp_path_factory):
     assert r.returncode == 0, r.stderr
     r = run_script("train_diffusion.py", "--data", tiny_toy / "train", "--out", out / "gen",
                    "--resolution", 16, "--channels", 8, "--channel-mult", 1, 2, "--batch-size", 8,
-                   "--duration", 0.05, "--snapshot-every", 0, "--label-dropout", 0.25, "--grid-steps", 2,
-                   env=env)
+                   "--duration", 0.05, "--snapshot-every", 0, "--label-dropout", 0.25,
+                   "--grid-steps", 2, env=env)
     assert r.returncode == 0, r.stderr
     return out / "fr" / "model.pt", last_snapshot(out / "gen")
 

@@ -5,8 +5,8 @@ then fp16 with a GradScaler on resume), the EDM2 generator (edm2-s layout, narro
 torchrun with --grad-accum, interrupted and resumed with --compile, post-hoc EMA, an edm2-xs guide;
 pairs from the .rec, ScoreMix with autoguidance, retraining on real + synthetic identities (64-px
 samples resized to 112), .bin and IJB-C evaluation, CKA. The edm2-s layout at 112 px (attention
-at 28 and 14 px) takes one bf16 training step in-process, at a sixth of its width. Every command is the
-README's, with small sizes."""
+at 28 and 14 px) takes one bf16 training step in-process, at a sixth of its width. Every command is
+the README's, with small sizes."""
 import os
 import subprocess
 import sys
@@ -77,7 +77,7 @@ def test_edm2_s_at_112_px_has_attention_at_28_and_14_px_and_takes_a_bf16_trainin
     with_attention = {n.split(".")[-1] for n, m in full.named_modules()
                       if getattr(m, "num_heads", 0)}
     assert {"28x28_block0", "14x14_block0", "14x14_in0", "28x28_block3"} <= with_attention
-    net = edm2_s(32)  # the same layout at a sixth of the width takes the step (seconds, not a minute)
+    net = edm2_s(32)  # the same layout at a sixth of the width: seconds per step, not a minute
     y = torch.rand(1, 3, 112, 112) * 2 - 1
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = edm_loss(net, y, torch.tensor([3]), args.p_mean, args.p_std, 0.5,
