@@ -441,15 +441,22 @@ def regimes_table():
         print(f"| {claim} | {row} - {reference} | " + " | ".join(cells) + " |")
 
 
+SUMMARIES = {  # table name -> (the results group it reads, its table)
+    "repro": ("replication", repro_table),  # the replication's Repro rows and their controls
+    "brief": ("replication", brief_table),  # the README's summary of the replication
+    "regime_brief": ("regime", regime_brief_table),  # ... and of the 256-identity regime
+}
+
+
 def table(args):
     if args.group == "regimes":  # the claims both regimes test
         return regimes_table()
-    if args.group == "repro":  # assembled from the replication's rows
-        return repro_table(load_results("replication"))
-    if args.group == "brief":  # the README's summary of the replication
-        return brief_table(load_results("replication"))
-    if args.group == "regime_brief":  # the README's summary of the 256-identity regime
-        return regime_brief_table(load_results("regime"))
+    if args.group in SUMMARIES:  # tables assembled from another group's rows, each against real
+        group, summary = SUMMARIES[args.group]
+        rows = load_results(group)
+        if "real" not in rows:
+            sys.exit(f"error: no real-only results under results/{group}")
+        return summary(rows)
     if args.group == "cka":  # cka.py outputs, one table each
         paths = sorted(glob.glob(os.path.join(RESULTS, "cka", "*.json")))
         if not paths:

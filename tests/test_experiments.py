@@ -263,8 +263,12 @@ def test_table_regimes_pairs_each_claim_within_each_regime(tmp_path, monkeypatch
 
 
 def test_table_regime_brief_pairs_both_measures_by_seed(tmp_path, monkeypatch, capsys):
+    import pytest
     monkeypatch.setattr(report, "RESULTS", str(tmp_path))
     (tmp_path / "regime").mkdir()
+    for group in ("regime_brief", "brief", "repro"):  # one error line, not a KeyError
+        with pytest.raises(SystemExit, match="^error: no real-only results under results/"):
+            report.table(argparse.Namespace(group=group))
     for row, avgs in {"real": (84.0, 83.0), "oracle": (86.0, 86.0),
                       "real+scoremix-dist-emb": (83.0, 82.5)}.items():
         for seed, avg in enumerate(avgs):
